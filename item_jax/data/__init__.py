@@ -1,0 +1,1 @@
+"""Catalogue files → sharded TFRecords → tf.data host batches."""

@@ -1,0 +1,188 @@
+"""Reading a user's catalogue (CSV or JSONL, local or gs://) into listings.
+
+Owns the catalogue columns and their renaming, and the text-level checks that
+decide whether a row is usable (the image checks live in `images`).
+"""
+
+from collections.abc import Iterator
+import csv
+import dataclasses
+import io
+import json
+
+from etils import epath
+
+CATALOGUE_COLUMNS = ("item_id", "title", "image", "product_id", "category")
+# The image is required too: a listing without one can never be kept.
+REQUIRED_COLUMNS = ("item_id", "title", "image")
+CATEGORY_SEPARATOR = " > "
+
+# Reasons a row is skipped, as written to dataset.json.
+NOT_UTF8 = "non-UTF-8 text"
+MISSING_ITEM_ID = "missing item_id"
+DUPLICATE_ITEM_ID = "duplicate item_id"
+EMPTY_TITLE = "empty title"
+MALFORMED_ROW = "malformed row"
+
+
+@dataclasses.dataclass(frozen=True)
+class Listing:
+  """One catalogue row, with columns under their canonical names.
+
+  `row` is the line of the catalogue file where the row starts (1-based; a CSV
+  header is line 1). Absent optional fields are empty strings.
+  """
+
+  row: int
+  item_id: str
+  title: str
+  image: str
+  product_id: str = ""
+  category: str = ""
+
+
+def parse_column_mapping(text: str) -> dict[str, str]:
+  """Parses `item_id=posting_id,product_id=label_group` into a column mapping."""
+  mapping = {}
+  for entry in filter(None, (part.strip() for part in text.split(","))):
+    canonical, separator, source = (side.strip() for side in entry.partition("="))
+    if not separator or not canonical or not source:
+      raise ValueError(f"column mapping entry {entry!r} is not of the form name=column")
+    if canonical not in CATALOGUE_COLUMNS:
+      raise ValueError(
+          f"unknown catalogue column {canonical!r} in {text!r}; "
+          f"known: {', '.join(CATALOGUE_COLUMNS)}"
+      )
+    mapping[canonical] = source
+  return mapping
+
+
+def resolve_columns(columns: dict[str, str] | None) -> dict[str, str]:
+  """The full canonical → file column mapping: unnamed columns keep their names."""
+  unknown = set(columns or {}) - set(CATALOGUE_COLUMNS)
+  if unknown:
+    raise ValueError(f"unknown catalogue columns {sorted(unknown)}; known: {CATALOGUE_COLUMNS}")
+  return {name: (columns or {}).get(name, name) for name in CATALOGUE_COLUMNS}
+
+
+def normalise_category(category: str) -> str:
+  """`"Home>Kitchen >  Knives"` → `"Home > Kitchen > Knives"`: one spelling per path."""
+  levels = (level.strip() for level in category.split(">"))
+  return CATEGORY_SEPARATOR.join(level for level in levels if level)
+
+
+def read_catalogue(
+    path: str, columns: dict[str, str] | None = None
+) -> Iterator[tuple[Listing, str | None]]:
+  """Yields every row as `(listing, reason)`, reason None when the text is usable.
+
+  `columns` maps canonical names to the file's column names. A missing
+  required (or explicitly mapped) column raises ValueError at once, naming the
+  column and the file. The first row carrying an item id claims it; later rows
+  with that id are duplicates even if the first is skipped for another reason.
+  """
+  columns = resolve_columns(columns)
+  # Required columns must exist, and so must any the user named explicitly.
+  expected = {
+      name: source for name, source in columns.items()
+      if name in REQUIRED_COLUMNS or source != name
+  }
+  suffix = epath.Path(path).suffix.lower()
+  if suffix == ".csv":
+    records = _read_csv(path, expected)
+  elif suffix in (".jsonl", ".ndjson", ".json"):
+    records = _read_jsonl(path, expected)
+  else:
+    raise ValueError(f"catalogue {path} must end in .csv or .jsonl")
+  seen_item_ids = set()
+  for row, record in records:
+    if record is None:
+      yield Listing(row=row, item_id="", title="", image=""), MALFORMED_ROW
+      continue
+    fields = {name: _as_text(record.get(source)) for name, source in columns.items()}
+    fields["category"] = normalise_category(fields["category"])
+    listing = Listing(row=row, **fields)
+    yield listing, _text_problem(listing, seen_item_ids)
+
+
+def printable_item_id(item_id: str) -> str:
+  """The item id with undecodable bytes shown as `\\xNN`, safe to write as JSON."""
+  return item_id.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def _text_problem(listing: Listing, seen_item_ids: set[str]) -> str | None:
+  fields = (listing.item_id, listing.title, listing.image, listing.product_id, listing.category)
+  if any(_has_undecodable_bytes(field) for field in fields):
+    return NOT_UTF8
+  if not listing.item_id.strip():
+    return MISSING_ITEM_ID
+  if listing.item_id in seen_item_ids:
+    return DUPLICATE_ITEM_ID
+  seen_item_ids.add(listing.item_id)
+  if not listing.title.strip():
+    return EMPTY_TITLE
+  return None
+
+
+def _has_undecodable_bytes(text: str) -> bool:
+  # Files are decoded with "surrogateescape", so a byte that is not UTF-8
+  # survives as a lone surrogate, which refuses to encode back.
+  try:
+    text.encode("utf-8")
+  except UnicodeEncodeError:
+    return True
+  return False
+
+
+def _as_text(value) -> str:
+  if value is None:
+    return ""
+  if isinstance(value, list):  # JSONL may give a category as its levels.
+    return CATEGORY_SEPARATOR.join(str(level) for level in value)
+  return str(value)
+
+
+def _open_text(path: str) -> io.TextIOWrapper:
+  # Decoding leniently keeps one bad row from failing the whole file: the row
+  # is skipped later with reason NOT_UTF8. "-sig" drops a spreadsheet's BOM.
+  return io.TextIOWrapper(
+      epath.Path(path).open("rb"), encoding="utf-8-sig", errors="surrogateescape", newline=""
+  )
+
+
+def _check_columns(path: str, found: list[str], expected: dict[str, str]):
+  for name, source in expected.items():
+    if source not in found:
+      renamed = f" (the {name} column)" if source != name else ""
+      raise ValueError(f"catalogue {path} has no column {source!r}{renamed}; its columns are {found}")
+
+
+def _read_csv(path: str, expected: dict[str, str]) -> Iterator[tuple[int, dict | None]]:
+  with _open_text(path) as file:
+    reader = csv.DictReader(file)
+    _check_columns(path, list(reader.fieldnames or []), expected)
+    row_start = reader.line_num + 1
+    for record in reader:
+      yield row_start, record
+      row_start = reader.line_num + 1
+
+
+def _read_jsonl(path: str, expected: dict[str, str]) -> Iterator[tuple[int, dict | None]]:
+  # JSONL has no header: the first record shows which columns the file has;
+  # a later record lacking a required key is skipped by the usual checks.
+  checked = False
+  with _open_text(path) as file:
+    for line_number, line in enumerate(file, start=1):
+      if not line.strip():
+        continue
+      try:
+        record = json.loads(line)
+      except json.JSONDecodeError:
+        record = None
+      if not isinstance(record, dict):
+        yield line_number, None
+        continue
+      if not checked:
+        _check_columns(path, list(record), expected)
+        checked = True
+      yield line_number, record

@@ -1,0 +1,307 @@
+"""tf.data input: a prepared split → fixed-shape numpy batches for one JAX process.
+
+Owns which shards each process reads, skipping (and counting) corrupt
+records, image decode/resize/normalise, batch tokenisation and the tf.data
+options a TPU host needs. Iterate the result with `ds.as_numpy_iterator()`.
+"""
+
+import json
+import logging
+import math
+import os
+
+from etils import epath
+import tensorflow as tf
+
+from item_jax.data import prepare as prepare_lib
+from item_jax.data import tokenizer as tokenizer_lib
+
+_log = logging.getLogger(__name__)
+
+RESIZE_MODES = ("pad", "crop")
+_JPEG_RATIOS = (1, 2, 4, 8)  # the scales libjpeg can decode at directly.
+_MAX_FILES_READ_AT_ONCE = 16
+_READ_BUFFER_BYTES = 1 << 20  # Fewer, larger reads: what cloud storage wants.
+def _configure_tensorflow_for_input():
+  # Both take effect only if TensorFlow has not run an op yet in this process.
+  # Batches of float images exceed malloc's mmap threshold, so with the
+  # default allocator every batch page-faults fresh memory; a pooling
+  # allocator nearly doubles throughput.
+  os.environ.setdefault("TF_CPU_ALLOCATOR_USE_BFC", "true")
+  # tf.data must never claim GPU/TPU memory that JAX needs.
+  for device_type in ("GPU", "TPU"):
+    try:
+      tf.config.set_visible_devices([], device_type)
+    except (RuntimeError, ValueError) as error:  # already initialised, or unknown type
+      _log.warning("could not hide %s devices from TensorFlow: %s", device_type, error)
+
+
+_configure_tensorflow_for_input()
+
+
+def load_dataset_info(data_dir: str) -> dict:
+  """The dataset.json that `prepare` wrote into `data_dir`."""
+  return json.loads((epath.Path(data_dir) / prepare_lib.DATASET_INFO_FILE).read_text())
+
+
+def process_shards(
+    data_dir: str,
+    split: str,
+    process_index: int | None = None,
+    process_count: int | None = None,
+) -> list[tuple[str, int]]:
+  """`(path, record_count)` of the shards this process reads: every process_count-th."""
+  files, counts = _split_shards(load_dataset_info(data_dir), data_dir, split)
+  process_index, process_count = _process_position(process_index, process_count)
+  _check_file_count(data_dir, split, len(files), process_count)
+  return list(zip(files, counts))[process_index::process_count]
+
+
+def parse_record(serialized: tf.Tensor) -> dict[str, tf.Tensor]:
+  """One serialized tf.train.Example → its raw features (see prepare.RECORD_FEATURES)."""
+  return tf.io.parse_single_example(serialized, prepare_lib.RECORD_FEATURES)
+
+
+def preprocess_image(
+    jpeg: tf.Tensor,
+    image_size: int,
+    resize: str,
+    image_mean: tuple[float, float, float],
+    image_std: tuple[float, float, float],
+) -> tf.Tensor:
+  """JPEG bytes → float32 (image_size, image_size, 3), normalised (x/255 - mean)/std.
+
+  "pad" fits the whole image (larger side = image_size) and centres it on
+  zeros, the mean colour after normalising; "crop" fills the square (smaller
+  side = image_size) and keeps the centre.
+  """
+  if resize not in RESIZE_MODES:
+    raise ValueError(f"resize must be one of {RESIZE_MODES}, got {resize!r}")
+  image = _decode_jpeg_covering(jpeg, image_size, resize)
+  height, width = tf.unstack(tf.shape(image)[:2])
+  if resize == "crop":
+    side = tf.minimum(height, width)
+    top, left = (height - side) // 2, (width - side) // 2
+    image = tf.image.resize(image[top:top + side, left:left + side], [image_size, image_size])
+  else:
+    fit = image_size / tf.cast(tf.maximum(height, width), tf.float32)
+    fitted_shape = tf.cast(tf.round(tf.cast(tf.stack([height, width]), tf.float32) * fit), tf.int32)
+    image = tf.image.resize(image, tf.maximum(fitted_shape, 1))
+  image = _normalise(image, image_mean, image_std)
+  if resize == "pad":
+    fitted_height, fitted_width = tf.unstack(tf.shape(image)[:2])
+    image = tf.image.pad_to_bounding_box(
+        image, (image_size - fitted_height) // 2, (image_size - fitted_width) // 2,
+        image_size, image_size,
+    )
+  return tf.ensure_shape(image, [image_size, image_size, 3])
+
+
+def _normalise(image: tf.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> tf.Tensor:
+  # Per-channel constants tiled along the width make the broadcast run over
+  # rows only, which vectorises; broadcasting a (3,) vector is several times slower.
+  width = tf.shape(image)[1]
+  scale = tf.constant([[1 / (255 * channel_std) for channel_std in std]])
+  offset = tf.constant([[m / s for m, s in zip(mean, std)]])
+  return image * tf.tile(scale, [width, 1]) - tf.tile(offset, [width, 1])
+
+
+def _decode_jpeg_covering(jpeg: tf.Tensor, image_size: int, resize: str) -> tf.Tensor:
+  # libjpeg decodes at 1/2, 1/4 or 1/8 scale for a fraction of the cost; take
+  # the smallest scale that still covers the target, which also keeps the
+  # bilinear resize from shrinking by 2x or more (where it would alias).
+  source_shape = tf.image.extract_jpeg_shape(jpeg)[:2]
+  covering_side = tf.reduce_max(source_shape) if resize == "pad" else tf.reduce_min(source_shape)
+  ratio_index = tf.add_n([
+      tf.cast(covering_side >= image_size * ratio, tf.int32) for ratio in _JPEG_RATIOS[1:]
+  ])
+  return tf.switch_case(ratio_index, [
+      lambda ratio=ratio: tf.io.decode_jpeg(jpeg, channels=3, ratio=ratio)
+      for ratio in _JPEG_RATIOS
+  ])
+
+
+def make_dataset(
+    data_dir: str,
+    split: str,
+    batch_size: int,
+    image_size: int,
+    max_title_len: int,
+    *,
+    training: bool,
+    seed: int | None = 0,
+    process_index: int | None = None,
+    process_count: int | None = None,
+    resize: str = "pad",
+    image_mean: tuple[float, float, float] = (0.5, 0.5, 0.5),
+    image_std: tuple[float, float, float] = (0.5, 0.5, 0.5),
+    shuffle_buffer: int = 10_000,
+    skipped_records: tf.Variable | None = None,
+    num_threads: int | None = None,
+    ram_budget_bytes: int | None = None,
+) -> tf.data.Dataset:
+  """Batches of this process's shards of `split`; `batch_size` is per process.
+
+  Each batch is a dict of fixed shapes: title_ids int32 (b, max_title_len),
+  image float32 (b, image_size, image_size, 3) (see `preprocess_image`), index int64 (b,), category_id int32 (b,) and valid
+  bool (b,). Training repeats forever, shuffled from `seed` (None: faster,
+  not reproducible), and every example is valid. Evaluation makes one pass
+  and adds item_id and product_id (bytes); the last batches are padded with
+  invalid zero examples up to the batch count of the busiest process, so
+  every process yields the same number of batches.
+
+  Corrupt records (bad framing/CRC, unparsable, not a JPEG) are skipped and
+  added to `skipped_records` (an int64 tf.Variable) when their shard has been
+  read to its end. A record whose JPEG passes those checks but still fails
+  to decode is skipped with a logged warning, uncounted: `prepare` writes
+  only images that decoded in full, so that needs a record from elsewhere.
+  """
+  info = load_dataset_info(data_dir)
+  process_index, process_count = _process_position(process_index, process_count)
+  files, counts = _split_shards(info, data_dir, split)
+  _check_file_count(data_dir, split, len(files), process_count)
+  if len(files) % process_count:
+    _log.warning("%s: %d %s files do not divide among %d processes; some read more",
+                 data_dir, len(files), split, process_count)
+  my_files = files[process_index::process_count]
+  my_counts = counts[process_index::process_count]
+  if training and not sum(my_counts):
+    raise ValueError(f"{data_dir}: process {process_index} has no {split} records to train on")
+  if skipped_records is None:
+    skipped_records = tf.Variable(0, dtype=tf.int64, trainable=False)
+  tokenizer = tokenizer_lib.Tokenizer(str(epath.Path(data_dir) / info["tokenizer"]))
+  deterministic = seed is not None or not training
+
+  shards = tf.data.Dataset.from_tensor_slices((my_files, tf.constant(my_counts, tf.int64)))
+  if training:
+    shard_seed = None if seed is None else seed + process_index
+    shards = shards.shuffle(len(my_files), seed=shard_seed, reshuffle_each_iteration=True)
+  records = shards.interleave(
+      lambda path, count: _read_shard(path, count, skipped_records),
+      cycle_length=min(len(my_files), _MAX_FILES_READ_AT_ONCE),
+      num_parallel_calls=tf.data.AUTOTUNE,
+      deterministic=deterministic,
+  )
+  if training:
+    # Repeating after the interleave ends (rather than spins) if every record is corrupt.
+    records = records.repeat().shuffle(shuffle_buffer, seed=shard_seed)
+
+  def to_example(record):
+    example = {
+        "title": record["title"],
+        "image": preprocess_image(record["image"], image_size, resize, image_mean, image_std),
+        "index": record["index"],
+        "category_id": tf.cast(record["category_id"], tf.int32),
+        "valid": tf.constant(True),
+    }
+    if not training:
+      example.update(item_id=record["item_id"], product_id=record["product_id"])
+    return example
+
+  examples = records.map(to_example, num_parallel_calls=tf.data.AUTOTUNE, deterministic=deterministic)
+  examples = examples.ignore_errors(log_warning=True)
+  if training:
+    batches = examples.batch(batch_size, drop_remainder=True)
+  else:
+    busiest = max(sum(counts[p::process_count]) for p in range(process_count))
+    padding = tf.data.Dataset.from_tensors(
+        tf.nest.map_structure(lambda spec: tf.zeros(spec.shape, spec.dtype), examples.element_spec)
+    )
+    batches = examples.concatenate(padding.repeat()).batch(batch_size, drop_remainder=True)
+    batches = batches.take(math.ceil(busiest / batch_size))
+
+  def tokenise(batch):
+    batch = dict(batch)
+    title_ids = tf.numpy_function(
+        lambda titles: tokenizer.encode_batch(list(titles), max_title_len),
+        [batch.pop("title")], tf.int32, stateful=False,
+    )
+    batch["title_ids"] = tf.ensure_shape(title_ids, [batch_size, max_title_len])
+    return batch
+
+  batches = batches.map(tokenise, num_parallel_calls=tf.data.AUTOTUNE, deterministic=deterministic)
+  batches = batches.prefetch(tf.data.AUTOTUNE)
+  return batches.with_options(_host_options(deterministic, num_threads, ram_budget_bytes))
+
+
+def _read_shard(path: tf.Tensor, expected_count: tf.Tensor, skipped_records: tf.Variable):
+  """One shard's parsed records; what went missing is added to `skipped_records`.
+
+  ignore_errors per shard: a framing error ends the shard (TensorFlow moves
+  on to the next file), a bad record is dropped. The survivors are counted
+  and compared with dataset.json at an end marker, which is then removed.
+  """
+  # Stands in for the records that never arrived, so they can be counted.
+  end_of_shard = {
+      name: tf.constant(-1 if spec.dtype == tf.int64 else b"", spec.dtype)
+      for name, spec in prepare_lib.RECORD_FEATURES.items()
+  }
+  records = (
+      tf.data.TFRecordDataset(path, buffer_size=_READ_BUFFER_BYTES)
+      .map(parse_record)
+      .filter(lambda record: _looks_like_jpeg(record["image"]))
+      .ignore_errors(log_warning=True)
+      .concatenate(tf.data.Dataset.from_tensors(end_of_shard))
+  )
+
+  def count_survivors(num_read, record):
+    at_end = record["index"] < 0
+    num_lost = tf.where(at_end, tf.maximum(expected_count - num_read, 0), 0)
+    with tf.control_dependencies([skipped_records.assign_add(num_lost)]):
+      return num_read + 1, record
+
+  return records.scan(tf.constant(0, tf.int64), count_survivors).filter(
+      lambda record: record["index"] >= 0
+  )
+
+
+def _looks_like_jpeg(jpeg: tf.Tensor) -> tf.Tensor:
+  # Start-of-image and end-of-image markers: catches foreign bytes and cut
+  # files without decoding, so the check cannot itself fail.
+  return tf.logical_and(
+      tf.equal(tf.strings.substr(jpeg, 0, 2), b"\xff\xd8"),
+      tf.equal(tf.strings.substr(jpeg, -2, 2), b"\xff\xd9"),
+  )
+
+
+def _split_shards(info: dict, data_dir: str, split: str) -> tuple[list[str], list[int]]:
+  if split not in info["splits"]:
+    raise ValueError(f"{data_dir} has no split {split!r}; it has {list(info['splits'])}")
+  shards = info["splits"][split]
+  files = [str(epath.Path(data_dir) / name) for name in shards["files"]]
+  return files, shards["shard_counts"]
+
+
+def _process_position(process_index: int | None, process_count: int | None) -> tuple[int, int]:
+  if process_index is None or process_count is None:
+    import jax  # Only asked when not given: tests and tools need no JAX runtime.
+
+    process_index = jax.process_index() if process_index is None else process_index
+    process_count = jax.process_count() if process_count is None else process_count
+  if not 0 <= process_index < process_count:
+    raise ValueError(f"process_index {process_index} is not in [0, {process_count})")
+  return process_index, process_count
+
+
+def _check_file_count(data_dir: str, split: str, num_files: int, process_count: int):
+  if num_files < process_count:
+    raise ValueError(
+        f"{data_dir} has {num_files} {split} files but there are {process_count} processes; "
+        f"re-run prepare with num_shards >= {process_count} (a multiple of it)"
+    )
+
+
+def _host_options(deterministic: bool, num_threads: int | None, ram_budget_bytes: int | None):
+  # Bounded threads and RAM: tf.data's defaults can starve a TPU host.
+  options = tf.data.Options()
+  options.deterministic = deterministic
+  options.threading.private_threadpool_size = num_threads or os.cpu_count() or 1
+  options.threading.max_intra_op_parallelism = 1
+  options.autotune.ram_budget = ram_budget_bytes or _quarter_of_host_memory()
+  options.experimental_optimization.inject_prefetch = False
+  return options
+
+
+def _quarter_of_host_memory() -> int:
+  # The training process needs the rest (checkpoints, metrics, JAX itself).
+  return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 4

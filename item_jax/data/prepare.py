@@ -1,0 +1,255 @@
+"""The converter: a catalogue plus its image folder → sharded TFRecords + dataset.json.
+
+Owns the record schema (`RECORD_FEATURES`), the split by product, the shard
+layout and the dataset.json summary that the input pipeline reads back.
+"""
+
+import collections
+from collections.abc import Iterable, Iterator
+import concurrent.futures
+import contextlib
+import functools
+import hashlib
+import itertools
+import json
+import logging
+import multiprocessing
+import os
+import time
+
+from etils import epath
+import tensorflow as tf
+
+from item_jax.data import catalogue as catalogue_lib
+from item_jax.data import images as images_lib
+from item_jax.data import tokenizer as tokenizer_lib
+
+SCHEMA_VERSION = 1
+SPLITS = ("train", "validation", "test")
+DATASET_INFO_FILE = "dataset.json"
+TOKENIZER_FILE = "tokenizer.model"
+
+# What each tf.train.Example holds. Text is UTF-8; absent optional text is
+# empty and an absent category has category_id -1. `index` numbers the
+# records of a split 0..count-1 so training can derive its order from it.
+RECORD_FEATURES = {
+    "image": tf.io.FixedLenFeature([], tf.string),
+    "title": tf.io.FixedLenFeature([], tf.string),
+    "item_id": tf.io.FixedLenFeature([], tf.string),
+    "product_id": tf.io.FixedLenFeature([], tf.string),
+    "category": tf.io.FixedLenFeature([], tf.string),
+    "category_id": tf.io.FixedLenFeature([], tf.int64),
+    "index": tf.io.FixedLenFeature([], tf.int64),
+}
+
+_ROWS_PER_TASK = 32  # images per worker task: big enough to amortise IPC.
+_TASKS_IN_FLIGHT_PER_WORKER = 4  # bounds memory while keeping workers busy.
+_LOG_EVERY_ROWS = 5000
+
+_log = logging.getLogger(__name__)
+
+
+def shard_file_name(split: str, shard: int, num_shards: int) -> str:
+  return f"{split}-{shard:05d}-of-{num_shards:05d}.tfrecord"
+
+
+def split_of_product(product_key: str, seed: int, split_fractions: tuple[float, ...]) -> str:
+  """The split of every listing of a product: a stable hash of (seed, product)."""
+  digest = hashlib.blake2b(f"{seed}/{product_key}".encode("utf-8"), digest_size=8).digest()
+  position = int.from_bytes(digest, "big") / 2**64
+  for split, upper_bound in zip(SPLITS, itertools.accumulate(split_fractions)):
+    if position < upper_bound:
+      return split
+  return SPLITS[-1]  # Fractions summing to 0.999... leave a sliver at the top.
+
+
+def prepare(
+    catalogue: str,
+    images: str,
+    output: str,
+    num_shards: int = 8,
+    vocab_size: int = 8000,
+    columns: dict[str, str] | None = None,
+    tokenizer_model: str | None = None,
+    split_fractions: tuple[float, float, float] = (0.8, 0.1, 0.1),
+    seed: int = 0,
+    max_image_side: int = 512,
+    num_workers: int | None = None,
+) -> dict:
+  """Converts a catalogue into `output`; returns the summary written to dataset.json.
+
+  Rows with a broken image, an empty title, non-UTF-8 text or a repeated item
+  id are skipped and listed under "skipped" with their reason. Every split
+  gets `num_shards` files (records dealt round-robin), so any process count
+  that can read the training split can read validation and test too.
+  `num_workers` image processes (default: one per CPU; 0 checks images in
+  this process). A sentencepiece model is trained on the kept titles unless
+  `tokenizer_model` is given.
+  """
+  if num_shards < 1:
+    raise ValueError(f"num_shards must be at least 1, got {num_shards}")
+  if len(split_fractions) != len(SPLITS) or min(split_fractions) < 0:
+    raise ValueError(f"split_fractions must be 3 non-negative numbers, got {split_fractions}")
+  if abs(sum(split_fractions) - 1) > 1e-6:
+    raise ValueError(f"split_fractions must sum to 1, got {split_fractions}")
+  if tokenizer_model:
+    # Refuses a model with other special ids now rather than after the images.
+    tokenizer_lib.Tokenizer(tokenizer_model)
+  columns = catalogue_lib.resolve_columns(columns)
+  rows = catalogue_lib.read_catalogue(catalogue, columns)
+  # Reading the first row checks the catalogue's columns before any output exists.
+  first_rows = list(itertools.islice(rows, 1))
+  rows = itertools.chain(first_rows, rows)
+
+  output_dir = epath.Path(output)
+  output_dir.mkdir(parents=True, exist_ok=True)
+  writers = {split: _SplitWriter(output_dir, split, num_shards) for split in SPLITS}
+  categories: dict[str, int] = {}
+  kept_titles, skipped = [], []
+  num_reencoded = 0
+  num_workers = (os.cpu_count() or 1) if num_workers is None else num_workers
+  started = time.monotonic()
+  results = _with_images(rows, epath.Path(images), max_image_side, num_workers)
+  for row_count, (listing, reason, jpeg, reencoded) in enumerate(results, start=1):
+    if row_count % _LOG_EVERY_ROWS == 0:
+      _log.info("prepare: %d rows, %d kept, %d skipped, %.0f rows/s", row_count,
+                len(kept_titles), len(skipped), row_count / (time.monotonic() - started))
+    if reason:
+      item_id = catalogue_lib.printable_item_id(listing.item_id)
+      skipped.append({"row": listing.row, "item_id": item_id, "reason": reason})
+      continue
+    category_id = categories.setdefault(listing.category, len(categories)) if listing.category else -1
+    product_key = f"product:{listing.product_id}" if listing.product_id else f"item:{listing.item_id}"
+    writers[split_of_product(product_key, seed, split_fractions)].write(listing, jpeg, category_id)
+    kept_titles.append(listing.title)
+    num_reencoded += reencoded
+  for writer in writers.values():
+    writer.close()
+  if not kept_titles:
+    raise ValueError(f"no usable listings in {catalogue}; reasons: {_reason_counts(skipped)}")
+
+  tokenizer_path = output_dir / TOKENIZER_FILE
+  if tokenizer_model:
+    tokenizer_path.write_bytes(epath.Path(tokenizer_model).read_bytes())
+  else:
+    tokenizer_lib.train_sentencepiece(kept_titles, str(tokenizer_path.with_suffix("")), vocab_size)
+  info = {
+      "schema_version": SCHEMA_VERSION,
+      "splits": {split: writer.summary() for split, writer in writers.items()},
+      "categories": list(categories),
+      "tokenizer": TOKENIZER_FILE,
+      "vocab_size": tokenizer_lib.Tokenizer(str(tokenizer_path)).vocab_size,
+      "columns": columns,
+      "image": {
+          "format": "jpeg",
+          "max_side": max_image_side,
+          "jpeg_quality": images_lib.JPEG_QUALITY,
+          "num_reencoded": num_reencoded,
+      },
+      "source": {"catalogue": str(catalogue), "images": str(images)},
+      "seed": seed,
+      "split_fractions": list(split_fractions),
+      "skipped_reasons": _reason_counts(skipped),
+      "skipped": skipped,
+  }
+  (output_dir / DATASET_INFO_FILE).write_text(json.dumps(info, indent=1, ensure_ascii=False))
+  _log.info("prepare: wrote %s: %s records, skipped %s", output_dir,
+            {split: writer.count for split, writer in writers.items()}, info["skipped_reasons"])
+  return info
+
+
+class _SplitWriter:
+  """Deals one split's records round-robin over its shards, numbering them."""
+
+  def __init__(self, output_dir: epath.Path, split: str, num_shards: int):
+    self.files = [shard_file_name(split, shard, num_shards) for shard in range(num_shards)]
+    self._writers = [tf.io.TFRecordWriter(str(output_dir / name)) for name in self.files]
+    self.shard_counts = [0] * num_shards
+    self.count = 0
+
+  def write(self, listing: catalogue_lib.Listing, jpeg: bytes, category_id: int):
+    shard = self.count % len(self._writers)
+    self._writers[shard].write(_make_example(listing, jpeg, category_id, self.count))
+    self.shard_counts[shard] += 1
+    self.count += 1
+
+  def close(self):
+    for writer in self._writers:
+      writer.close()
+
+  def summary(self) -> dict:
+    return {
+        "count": self.count,
+        "num_shards": len(self.files),
+        "files": self.files,
+        "shard_counts": self.shard_counts,
+    }
+
+
+def _make_example(listing: catalogue_lib.Listing, jpeg: bytes, category_id: int, index: int) -> bytes:
+  def bytes_feature(value: bytes) -> tf.train.Feature:
+    return tf.train.Feature(bytes_list=tf.train.BytesList(value=[value]))
+
+  def int_feature(value: int) -> tf.train.Feature:
+    return tf.train.Feature(int64_list=tf.train.Int64List(value=[value]))
+
+  features = {
+      "image": bytes_feature(jpeg),
+      "title": bytes_feature(listing.title.encode("utf-8")),
+      "item_id": bytes_feature(listing.item_id.encode("utf-8")),
+      "product_id": bytes_feature(listing.product_id.encode("utf-8")),
+      "category": bytes_feature(listing.category.encode("utf-8")),
+      "category_id": int_feature(category_id),
+      "index": int_feature(index),
+  }
+  return tf.train.Example(features=tf.train.Features(feature=features)).SerializeToString()
+
+
+def _with_images(
+    rows: Iterable[tuple[catalogue_lib.Listing, str | None]],
+    image_dir: epath.Path,
+    max_side: int,
+    num_workers: int,
+) -> Iterator[tuple[catalogue_lib.Listing, str | None, bytes | None, bool]]:
+  """Yields `(listing, reason, jpeg, reencoded)` in catalogue order.
+
+  Images are checked in worker processes, a bounded number of chunks at a
+  time, so memory stays flat however long the catalogue. "spawn" because
+  forking a process that has started TensorFlow's threads can deadlock.
+  """
+  encode = functools.partial(images_lib.encode_many, max_side=max_side)
+  pool = contextlib.nullcontext()
+  if num_workers > 0:
+    context = multiprocessing.get_context("spawn")
+    pool = concurrent.futures.ProcessPoolExecutor(num_workers, mp_context=context)
+  with pool:
+    submit = pool.submit if num_workers > 0 else _run_now
+    pending = collections.deque()
+    rows = iter(rows)
+    for chunk in iter(lambda: list(itertools.islice(rows, _ROWS_PER_TASK)), []):
+      paths = [
+          str(image_dir / listing.image) if reason is None and listing.image.strip() else None
+          for listing, reason in chunk
+      ]
+      pending.append((chunk, paths, submit(encode, paths)))
+      if len(pending) >= _TASKS_IN_FLIGHT_PER_WORKER * max(1, num_workers):
+        yield from _merge(*pending.popleft())
+    while pending:
+      yield from _merge(*pending.popleft())
+
+
+def _merge(chunk, paths, future):
+  for (listing, reason), path, (jpeg, image_reason, reencoded) in zip(chunk, paths, future.result()):
+    if reason is None and path is None:
+      reason = images_lib.MISSING_IMAGE  # The row names no image at all.
+    yield listing, reason or image_reason, jpeg, reencoded
+
+
+def _run_now(function, *args) -> concurrent.futures.Future:
+  future = concurrent.futures.Future()
+  future.set_result(function(*args))
+  return future
+
+
+def _reason_counts(skipped: list[dict]) -> dict[str, int]:
+  return dict(collections.Counter(entry["reason"] for entry in skipped))

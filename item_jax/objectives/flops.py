@@ -1,0 +1,51 @@
+"""Analytic training FLOPs per example: the yardstick for MFU and for XLA's count.
+
+A multiply-add is 2 FLOPs; a training step costs 3x the forward pass (forward,
+and the backward's two matmuls per forward matmul). Only matmuls are counted.
+"""
+
+from item_jax.model import ModelConfig
+from item_jax.objectives.losses import ObjectiveConfig
+from item_jax.objectives.masking import max_predictions, num_masked_patches
+
+TRAIN_MULTIPLIER = 3  # forward + backward (grads w.r.t. inputs and weights)
+
+
+def encoder_matmul_params(config: ModelConfig) -> int:
+  """Non-embedding weights one token meets per layer stack (no biases/norms)."""
+  hidden, mlp = config.hidden_size, config.mlp_dim
+  return config.num_layers * (4 * hidden * hidden + 2 * hidden * mlp)
+
+
+def training_flops_per_example(config: ModelConfig, title_len: int,
+                               objectives: ObjectiveConfig | None = None) -> dict:
+  """FLOPs of one training example, by part, and their `total`.
+
+  Heads are counted on the positions the step actually computes: the masked
+  title slots and masked patches (the vocabulary projection never runs on the
+  whole sequence).
+  """
+  objectives = objectives or ObjectiveConfig()
+  hidden, vocab = config.hidden_size, config.vocab_size
+  tokens = 1 + title_len + config.num_patches
+  forward = {}
+  forward["encoder"] = 2 * encoder_matmul_params(config) * tokens
+  # QK^T and attention-weighted values: two (tokens x tokens x hidden) matmuls.
+  forward["attention"] = config.num_layers * 2 * 2 * tokens * tokens * hidden
+  forward["patch_embedding"] = 2 * config.num_patches * config.patch_dim * hidden
+  token_slots = max_predictions(title_len, objectives.token_mask_rate)
+  masked_patches = num_masked_patches(config.num_patches,
+                                      objectives.patch_mask_ratio)
+  head_costs = {
+      "itm": 1 * (hidden * hidden + 2 * hidden),
+      "mlm": token_slots * (hidden * hidden + hidden * vocab),
+      "gmlm": token_slots * (2 * hidden * hidden + hidden * vocab),
+      "mim": masked_patches * (hidden * hidden + hidden * config.patch_dim),
+      "gmim": masked_patches * (2 * hidden * hidden + hidden * config.patch_dim),
+  }
+  for task, multiply_adds in head_costs.items():
+    if objectives.weight(task) > 0:
+      forward[task] = 2 * multiply_adds
+  flops = {part: TRAIN_MULTIPLIER * value for part, value in forward.items()}
+  flops["total"] = sum(flops.values())
+  return flops

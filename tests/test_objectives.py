@@ -1,0 +1,235 @@
+"""Masking statistics, ITM pairing, the five losses, and the analytic FLOP count."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from helpers import SPECIAL_TOKEN_IDS, TOKENS, tiny_batch, tiny_model
+from item_jax.model import ItemModel, model_config
+from item_jax.objectives import (TASKS, ObjectiveConfig, example_keys,
+                                 mask_patches, mask_tokens, pair_for_itm,
+                                 pretraining_loss)
+from item_jax.objectives.flops import training_flops_per_example
+
+
+def _keys(count, seed=0):
+  return jax.random.split(jax.random.key(seed), count)
+
+
+def test_token_masking_matches_bert_statistics():
+  batch = tiny_batch(batch=2000, title_len=24, seed=1)
+  ids = batch["title_ids"]
+  result = mask_tokens(_keys(2000), ids, vocab_size=100, mask_token_id=4,
+                       special_token_ids=SPECIAL_TOKEN_IDS, rate=0.15)
+  ids, inputs = np.asarray(ids), np.asarray(result.input_ids)
+  weights = np.asarray(result.weights).astype(bool)
+  indices = np.asarray(result.indices)
+  rows = np.repeat(np.arange(len(ids))[:, None], indices.shape[1], 1)
+  chosen_original = ids[rows[weights], indices[weights]]
+  assert not np.isin(chosen_original, SPECIAL_TOKEN_IDS).any()
+  maskable = ~np.isin(ids, SPECIAL_TOKEN_IDS)
+  assert weights.sum() / maskable.sum() == pytest.approx(0.15, abs=0.01)
+  replaced = inputs[rows[weights], indices[weights]]
+  share_mask = np.mean(replaced == 4)
+  share_kept = np.mean(replaced == chosen_original)
+  assert share_mask == pytest.approx(0.8, abs=0.02)
+  # 10% random (a random draw equals the original ~1% of the time) + 10% kept.
+  assert share_kept == pytest.approx(0.1 + 0.1 / 95, abs=0.02)
+  # Nothing outside the chosen slots changes, padding and [SEP] included.
+  changed = inputs != ids
+  chosen = np.zeros_like(changed)
+  chosen[rows[weights], indices[weights]] = True
+  assert not (changed & ~chosen).any()
+  assert (inputs[~maskable] == ids[~maskable]).all()
+  np.testing.assert_array_equal(np.asarray(result.labels)[weights], chosen_original)
+
+
+def test_token_masks_depend_only_on_each_examples_key():
+  batch = tiny_batch(batch=8, title_len=16)
+  keys = example_keys(jax.random.key(5), jnp.arange(100, 108))
+  whole = mask_tokens(keys, batch["title_ids"], vocab_size=100, mask_token_id=4,
+                      special_token_ids=SPECIAL_TOKEN_IDS)
+  half = mask_tokens(keys[4:], batch["title_ids"][4:], vocab_size=100,
+                     mask_token_id=4, special_token_ids=SPECIAL_TOKEN_IDS)
+  np.testing.assert_array_equal(whole.input_ids[4:], half.input_ids)
+
+
+@pytest.mark.parametrize("block_size", [1, 2, 3])
+def test_patch_masking_hits_the_ratio_exactly(block_size):
+  result = mask_patches(_keys(500), 14, ratio=0.4, block_size=block_size)
+  masked = np.asarray(result.masked)
+  assert (masked.sum(1) == round(196 * 0.4)).all()
+  indices = np.asarray(result.indices)
+  assert np.take_along_axis(masked, indices, 1).all()
+  assert all(len(set(row)) == len(row) for row in indices)
+  # Every patch position is masked about equally often.
+  assert masked.mean(0).min() > 0.2 and masked.mean(0).max() < 0.6
+
+
+def test_block_masking_masks_neighbouring_patches_together():
+  def neighbour_agreement(block_size):
+    masked = np.asarray(mask_patches(_keys(300), 14, ratio=0.4,
+                                     block_size=block_size).masked).reshape(-1, 14, 14)
+    return np.mean(masked[:, :, 1:] == masked[:, :, :-1])
+  # Independent masking at 40 %: 0.4^2 + 0.6^2 = 0.52 agreement.
+  assert neighbour_agreement(1) == pytest.approx(0.52, abs=0.02)
+  assert neighbour_agreement(3) > 0.7
+
+
+def test_itm_pairs_half_the_batch_with_another_listing():
+  pairing = pair_for_itm(_keys(4000), negative_rate=0.5)
+  source, matched = np.asarray(pairing.image_source), np.asarray(pairing.matched)
+  assert matched.mean() == pytest.approx(0.5, abs=0.03)
+  assert (source[matched] == np.arange(4000)[matched]).all()
+  assert (source[~matched] != np.arange(4000)[~matched]).all()
+  assert (source >= 0).all() and (source < 4000).all()
+
+
+def test_itm_counts_another_photo_of_the_same_product_as_a_match():
+  products = jnp.array([7, 7, 7, 7])
+  pairing = pair_for_itm(_keys(4), negative_rate=0.9, product_ids=products)
+  assert np.asarray(pairing.matched).all()
+
+
+def _loss(model, batch, objectives, seed=0):
+  keys = _keys(batch["title_ids"].shape[0], seed)
+  return pretraining_loss(model, batch, keys, objectives, TOKENS)
+
+
+def test_all_five_losses_are_finite_and_positive():
+  total, metrics = _loss(tiny_model(), tiny_batch(batch=8), ObjectiveConfig())
+  for task in TASKS:
+    assert np.isfinite(metrics[task]) and metrics[task] > 0, task
+  expected = sum(metrics[task] for task in TASKS)
+  assert float(total) == pytest.approx(float(expected), rel=1e-5)
+
+
+@pytest.mark.parametrize("task", ["mlm", "mim", "gmlm", "gmim"])
+def test_a_zero_weight_removes_exactly_that_loss(task):
+  model, batch = tiny_model(), tiny_batch(batch=8)
+  all_on = ObjectiveConfig(mlm_weight=2.0, gmim_weight=0.5)
+  total, metrics = _loss(model, batch, all_on)
+  off = dataclasses.replace(all_on, **{f"{task}_weight": 0.0})
+  total_off, metrics_off = _loss(model, batch, off)
+  assert task not in metrics_off
+  assert float(total_off) == pytest.approx(
+      float(total - all_on.weight(task) * metrics[task]), rel=1e-5)
+  grads = nnx.grad(lambda m: _loss(m, batch, off)[0])(model)
+  head = {"mlm": grads.mlm_transform, "mim": grads.mim_decoder,
+          "gmlm": grads.gmlm_transform, "gmim": grads.gmim_decoder}[task]
+  assert all(float(jnp.abs(g).max()) == 0 for g in jax.tree.leaves(head))
+  assert all(np.isfinite(g).all() for g in jax.tree.leaves(grads))
+
+
+def test_without_itm_every_pair_is_matched_and_the_itm_head_is_idle():
+  model, batch = tiny_model(), tiny_batch(batch=8)
+  objectives = ObjectiveConfig(itm_weight=0.0)
+  _, metrics = _loss(model, batch, objectives)
+  assert "itm" not in metrics
+  grads = nnx.grad(lambda m: _loss(m, batch, objectives)[0])(model)
+  assert float(jnp.abs(grads.itm_classifier.kernel[...]).max()) == 0.0
+
+
+def test_all_weights_zero_is_a_config_error():
+  with pytest.raises(ValueError, match="nothing to train"):
+    ObjectiveConfig(**{f"{task}_weight": 0.0 for task in TASKS})
+
+
+def test_global_heads_ignore_the_masked_positions_own_outputs(monkeypatch):
+  model, batch = tiny_model(), tiny_batch(batch=8)
+  objectives = ObjectiveConfig(itm_weight=0.0)
+  baseline = _loss(model, batch, objectives)[1]
+  original_encode = ItemModel.encode
+
+  def perturbed_encode(self, *args, **kwargs):
+    encoded = original_encode(self, *args, **kwargs)
+    # Every title and patch output moves; [CLS] stays.
+    return encoded._replace(title_states=encoded.title_states + 3.0,
+                            patch_states=encoded.patch_states - 3.0)
+
+  monkeypatch.setattr(ItemModel, "encode", perturbed_encode)
+  perturbed = _loss(model, batch, objectives)[1]
+  assert float(perturbed["gmlm"]) == pytest.approx(float(baseline["gmlm"]), rel=1e-6)
+  assert float(perturbed["gmim"]) == pytest.approx(float(baseline["gmim"]), rel=1e-6)
+  assert abs(float(perturbed["mlm"]) - float(baseline["mlm"])) > 1e-3
+  assert abs(float(perturbed["mim"]) - float(baseline["mim"])) > 1e-3
+
+
+def test_reconstruction_losses_count_matched_pairs_only():
+  model, batch = tiny_model(), tiny_batch(batch=8)
+  objectives = ObjectiveConfig(itm_negative_rate=0.5)
+  keys = _keys(8, seed=3)
+  pairing = pair_for_itm(jax.vmap(lambda k: jax.random.split(k, 3)[0])(keys),
+                         negative_rate=0.5)
+  assert not np.asarray(pairing.matched).all()
+  _, metrics = pretraining_loss(model, batch, keys, objectives, TOKENS)
+  # Marking the unmatched examples invalid leaves the reconstruction losses as
+  # they were: they already weigh nothing.
+  masked_batch = dict(batch, valid=pairing.matched)
+  _, metrics_valid = pretraining_loss(model, masked_batch, keys, objectives, TOKENS)
+  for task in ("mlm", "mim", "gmlm", "gmim"):
+    assert float(metrics_valid[task]) == pytest.approx(float(metrics[task]), rel=1e-5)
+
+
+def test_the_jitted_loss_compiles_once_for_fixed_shapes():
+  model = tiny_model()
+  graphdef, params = nnx.split(model)
+  traces = []
+
+  @jax.jit
+  def loss(params, batch, keys):
+    traces.append(1)
+    return pretraining_loss(nnx.merge(graphdef, params), batch, keys,
+                            ObjectiveConfig(), TOKENS)[0]
+
+  for seed in range(3):
+    loss(params, tiny_batch(batch=4, seed=seed), _keys(4, seed))
+  assert len(traces) == 1
+  loss(params, tiny_batch(batch=6), _keys(6))
+  assert len(traces) == 2
+
+
+def test_tiny_model_overfits_a_fixed_batch():
+  model = tiny_model(seed=1)
+  graphdef, params = nnx.split(model)
+  batch = tiny_batch(batch=16, title_len=12, seed=2)
+  keys = _keys(16, seed=4)
+  optimizer = optax.adamw(optax.warmup_cosine_decay_schedule(
+      0.0, 2e-3, 20, 200, 2e-4), weight_decay=0.01)
+
+  @jax.jit
+  def step(params, opt_state):
+    def loss_fn(params):
+      return pretraining_loss(nnx.merge(graphdef, params), batch, keys,
+                              ObjectiveConfig(), TOKENS)[0]
+    loss, grads = jax.value_and_grad(loss_fn)(params)
+    updates, opt_state = optimizer.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, loss
+
+  opt_state = optimizer.init(params)
+  losses = []
+  for _ in range(200):
+    params, opt_state, loss = step(params, opt_state)
+    losses.append(float(loss))
+  assert losses[-1] < 0.5 * losses[0], (losses[0], losses[-1])
+
+
+def test_base_training_flops_per_example_are_about_130_gflop():
+  flops = training_flops_per_example(model_config("base"), title_len=40)
+  assert flops["total"] == pytest.approx(130e9, rel=0.10)
+  # 6 x non-embedding params x tokens dominates.
+  assert flops["encoder"] == 6 * 12 * (4 * 768**2 + 2 * 768 * 3072) * 237
+
+
+def test_disabled_tasks_cost_no_flops():
+  config = model_config("base")
+  all_on = training_flops_per_example(config, 40)
+  no_global = training_flops_per_example(
+      config, 40, ObjectiveConfig(gmlm_weight=0.0, gmim_weight=0.0))
+  assert "gmlm" not in no_global and "gmim" not in no_global
+  assert no_global["total"] == all_on["total"] - all_on["gmlm"] - all_on["gmim"]

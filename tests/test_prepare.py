@@ -1,0 +1,262 @@
+"""prepare: which rows are kept or skipped (and why), image normal form, splits, schema."""
+
+import csv
+import io
+import json
+import pathlib
+
+import numpy as np
+from PIL import Image
+import pytest
+import tensorflow as tf
+
+from item_jax.data import catalogue
+from item_jax.data import pipeline
+from item_jax.data import prepare
+
+RED, BLUE, WHITE = (230, 20, 20), (20, 20, 230), (255, 255, 255)
+MAX_SIDE = 64
+
+
+def _encoded(image: Image.Image, image_format: str = "JPEG", **options) -> bytes:
+  buffer = io.BytesIO()
+  image.save(buffer, image_format, **options)
+  return buffer.getvalue()
+
+
+def _two_colour(size, first, second, split="horizontal") -> Image.Image:
+  """`first` on the top (or left) half, `second` on the other."""
+  width, height = size
+  pixels = np.empty((height, width, 3), np.uint8)
+  if split == "horizontal":
+    pixels[:height // 2], pixels[height // 2:] = first, second
+  else:
+    pixels[:, :width // 2], pixels[:, width // 2:] = first, second
+  return Image.fromarray(pixels)
+
+
+def _rgba_half_transparent() -> Image.Image:
+  pixels = np.zeros((32, 32, 4), np.uint8)
+  pixels[:, 16:] = (*RED, 255)  # The left half stays fully transparent black.
+  return Image.fromarray(pixels, "RGBA")
+
+
+def _rotated_by_exif() -> bytes:
+  # Stored pixels are the upright picture turned 90° anticlockwise; EXIF
+  # orientation 6 tells viewers to turn it back clockwise.
+  upright = _two_colour((24, 48), RED, BLUE)
+  exif = Image.Exif()
+  exif[0x0112] = 6
+  return _encoded(upright.transpose(Image.Transpose.ROTATE_90), exif=exif.tobytes())
+
+
+GOOD_JPEG = _encoded(_two_colour((32, 32), RED, BLUE), quality=95)
+IMAGE_FILES = {
+    "good.jpg": GOOD_JPEG,
+    "zero.jpg": b"",
+    "truncated.jpg": GOOD_JPEG[: len(GOOD_JPEG) // 2],
+    "garbage.jpg": b"this is not an image at all" * 20,
+    "gray.png": _encoded(Image.new("L", (16, 16), 128), "PNG"),
+    "cmyk.jpg": _encoded(Image.new("CMYK", (16, 16), (0, 255, 255, 0)), quality=95),
+    "rgba.png": _encoded(_rgba_half_transparent(), "PNG"),
+    "exif.jpg": _rotated_by_exif(),
+    "big.jpg": _encoded(_two_colour((200, 100), RED, BLUE, "vertical"), quality=95),
+    "progressive.jpg": _encoded(_two_colour((32, 32), RED, BLUE), quality=95, progressive=True),
+}
+LONG_TITLE = " ".join(f"word{i}" for i in range(400))
+# (item_id, title, image, product_id, category), then what prepare must do with it.
+ROWS = [(f"ok{i}", f"cotton shirt number {i}", "good.jpg", f"P{i // 3}", "Fashion>Shirts")
+        for i in range(24)] + [
+    ("nocategory", "plain mug", "good.jpg", "", ""),
+    ("missing", "a title", "nowhere.jpg", "", ""),
+    ("noimage", "a title", "", "", ""),
+    ("zero", "a title", "zero.jpg", "", ""),
+    ("truncated", "a title", "truncated.jpg", "", ""),
+    ("garbage", "a title", "garbage.jpg", "", ""),
+    ("emptytitle", "", "good.jpg", "", ""),
+    ("spacetitle", "  \t ", "good.jpg", "", ""),
+    ("ok0", "the same id again", "good.jpg", "", ""),
+    ("gray", "grey thing", "gray.png", "", "Home > Decor"),
+    ("cmyk", "printed thing", "cmyk.jpg", "", "Home > Decor"),
+    ("rgba", "cut-out thing", "rgba.png", "", ""),
+    ("exif", "phone photo", "exif.jpg", "", ""),
+    ("big", "large photo", "big.jpg", "", ""),
+    ("progressive", "web photo", "progressive.jpg", "", ""),
+    ("long", LONG_TITLE, "good.jpg", "", ""),
+]
+NON_UTF8_LINE = b"latin1,caf\xe9 cup,good.jpg,,\n"
+SKIPPED = {
+    "missing": "missing image",
+    "noimage": "missing image",
+    "zero": "empty image file",
+    "truncated": "truncated image",
+    "garbage": "undecodable image",
+    "emptytitle": "empty title",
+    "spacetitle": "empty title",
+    "ok0": "duplicate item_id",
+    "latin1": "non-UTF-8 text",
+}
+KEPT = {row[0] for row in ROWS} - (set(SKIPPED) - {"ok0"})
+
+
+def _write_csv(path: pathlib.Path, header, rows, extra_line: bytes = b""):
+  text = io.StringIO()
+  writer = csv.writer(text, lineterminator="\n")
+  writer.writerow(header)
+  writer.writerows(rows)
+  path.write_bytes(text.getvalue().encode("utf-8") + extra_line)
+
+
+def _read_records(data_dir) -> dict[str, dict]:
+  """item_id → the raw record (numpy), plus the split it is in."""
+  info = pipeline.load_dataset_info(str(data_dir))
+  records = {}
+  for split, shards in info["splits"].items():
+    files = [str(pathlib.Path(data_dir) / name) for name in shards["files"]]
+    for record in tf.data.TFRecordDataset(files).map(pipeline.parse_record).as_numpy_iterator():
+      records[record["item_id"].decode()] = {**record, "split": split}
+  return records
+
+
+def _pixels(jpeg: bytes) -> np.ndarray:
+  return np.asarray(Image.open(io.BytesIO(jpeg)).convert("RGB"), np.float32)
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+  root = tmp_path_factory.mktemp("catalogue")
+  (root / "images").mkdir()
+  for name, data in IMAGE_FILES.items():
+    (root / "images" / name).write_bytes(data)
+  header = ["item_id", "title", "image", "product_id", "category"]
+  _write_csv(root / "catalogue.csv", header, ROWS, NON_UTF8_LINE)
+  info = prepare.prepare(
+      str(root / "catalogue.csv"), str(root / "images"), str(root / "out"), num_shards=4,
+      vocab_size=200, max_image_side=MAX_SIDE, num_workers=2,
+  )
+  return root, info, _read_records(root / "out")
+
+
+def test_each_bad_row_is_skipped_with_its_reason(prepared):
+  root, info, _ = prepared
+  assert json.loads((root / "out" / "dataset.json").read_text()) == info
+  assert {entry["item_id"]: entry["reason"] for entry in info["skipped"]} == SKIPPED
+  rows = {entry["item_id"]: entry["row"] for entry in info["skipped"]}
+  assert rows["ok0"] == 2 + ROWS.index(("ok0", "the same id again", "good.jpg", "", ""))
+  assert rows["latin1"] == len(ROWS) + 2
+
+
+def test_every_other_row_is_kept_once(prepared):
+  _, info, records = prepared
+  assert set(records) == KEPT
+  assert sum(split["count"] for split in info["splits"].values()) == len(KEPT)
+  assert records["ok0"]["title"].decode() == "cotton shirt number 0"  # The first ok0.
+  assert records["long"]["title"].decode() == LONG_TITLE
+
+
+def test_images_become_upright_rgb(prepared):
+  _, _, records = prepared
+
+  def colour_at(item_id, row, column):
+    return _pixels(records[item_id]["image"])[row, column]
+
+  np.testing.assert_allclose(colour_at("gray", 8, 8), (128,) * 3, atol=3)
+  np.testing.assert_allclose(colour_at("cmyk", 8, 8), (255, 0, 0), atol=8)
+  np.testing.assert_allclose(colour_at("rgba", 16, 4), WHITE, atol=8)
+  np.testing.assert_allclose(colour_at("rgba", 16, 28), RED, atol=8)
+  exif = _pixels(records["exif"]["image"])
+  assert exif.shape == (48, 24, 3)
+  np.testing.assert_allclose(exif[6, 12], RED, atol=12)
+  np.testing.assert_allclose(exif[42, 12], BLUE, atol=12)
+
+
+def test_baseline_jpegs_are_kept_as_is_and_others_reencoded(prepared):
+  _, info, records = prepared
+  assert records["ok1"]["image"] == GOOD_JPEG
+  progressive = Image.open(io.BytesIO(records["progressive"]["image"]))
+  assert progressive.format == "JPEG" and not progressive.info.get("progressive")
+  big = _pixels(records["big"]["image"])
+  assert big.shape == (MAX_SIDE // 2, MAX_SIDE, 3)
+  np.testing.assert_allclose(big[16, 8], RED, atol=12)
+  np.testing.assert_allclose(big[16, 56], BLUE, atol=12)
+  assert info["image"]["num_reencoded"] == 6  # gray, cmyk, rgba, exif, big, progressive
+
+
+def test_no_product_is_in_two_splits(prepared):
+  _, _, records = prepared
+  splits_of_product = {}
+  for item_id, record in records.items():
+    product = record["product_id"].decode() or f"item:{item_id}"
+    splits_of_product.setdefault(product, set()).add(record["split"])
+  assert all(len(splits) == 1 for splits in splits_of_product.values())
+  assert len({record["split"] for record in records.values()}) > 1
+
+
+def test_records_are_numbered_balanced_and_categorised(prepared):
+  root, info, records = prepared
+  for split, shards in info["splits"].items():
+    assert shards["files"] == [f"{split}-{s:05d}-of-00004.tfrecord" for s in range(4)]
+    assert all((root / "out" / name).exists() for name in shards["files"])
+    assert max(shards["shard_counts"]) - min(shards["shard_counts"]) <= 1
+    indices = sorted(r["index"] for r in records.values() if r["split"] == split)
+    assert indices == list(range(shards["count"]))
+  assert info["categories"] == ["Fashion > Shirts", "Home > Decor"]
+  for record in records.values():
+    category = record["category"].decode()
+    expected = info["categories"].index(category) if category else -1
+    assert record["category_id"] == expected
+  assert (root / "out" / info["tokenizer"]).exists()
+
+
+def test_split_depends_only_on_product_and_seed():
+  fractions = (0.8, 0.1, 0.1)
+  splits = [prepare.split_of_product(f"product:{i}", 0, fractions) for i in range(4000)]
+  assert splits == [prepare.split_of_product(f"product:{i}", 0, fractions) for i in range(4000)]
+  assert splits != [prepare.split_of_product(f"product:{i}", 1, fractions) for i in range(4000)]
+  assert 0.77 < splits.count("train") / len(splits) < 0.83
+
+
+def test_column_mapping_is_parsed():
+  assert catalogue.parse_column_mapping("item_id=posting_id, product_id=label_group") == {
+      "item_id": "posting_id", "product_id": "label_group"}
+  with pytest.raises(ValueError, match="posting_id"):
+    catalogue.parse_column_mapping("posting_id")
+  with pytest.raises(ValueError, match="colour"):
+    catalogue.parse_column_mapping("colour=color")
+
+
+@pytest.mark.parametrize("columns, missing", [
+    (None, "'title'"),
+    ({"title": "name", "product_id": "label_group"}, "'label_group'"),
+])
+def test_missing_column_fails_naming_column_and_file(tmp_path, columns, missing):
+  path = tmp_path / "listings.csv"
+  _write_csv(path, ["item_id", "name", "image"], [("a", "shirt", "good.jpg")])
+  with pytest.raises(ValueError, match=f"listings.csv has no column {missing}"):
+    prepare.prepare(str(path), str(tmp_path), str(tmp_path / "out"), columns=columns,
+                    num_workers=0)
+  assert not (tmp_path / "out").exists()
+
+
+def test_jsonl_with_renamed_columns_and_given_tokenizer(prepared, tmp_path):
+  root, _, _ = prepared
+  lines = [
+      {"posting_id": 7, "name": "steel kettle", "img": "good.jpg", "label_group": 1,
+       "category": ["Home", "Kitchen"]},
+      {"posting_id": "8", "name": "steel kettle 1.7l", "img": "good.jpg", "label_group": 1},
+      {"posting_id": "9", "name": "", "img": "good.jpg", "label_group": None},
+  ]
+  path = tmp_path / "listings.jsonl"
+  path.write_text("\n".join(json.dumps(line) for line in lines) + "\n\n")
+  columns = catalogue.parse_column_mapping("item_id=posting_id,title=name,image=img,"
+                                           "product_id=label_group")
+  tokenizer_model = root / "out" / "tokenizer.model"
+  info = prepare.prepare(str(path), str(root / "images"), str(tmp_path / "out"),
+                         columns=columns, tokenizer_model=str(tokenizer_model), num_workers=0)
+  assert info["skipped"] == [{"row": 3, "item_id": "9", "reason": "empty title"}]
+  assert info["columns"]["product_id"] == "label_group"
+  assert (tmp_path / "out" / "tokenizer.model").read_bytes() == tokenizer_model.read_bytes()
+  records = _read_records(tmp_path / "out")
+  assert {item: (r["product_id"], r["category"]) for item, r in records.items()} == {
+      "7": (b"1", b"Home > Kitchen"), "8": (b"1", b"")}
+  assert records["7"]["split"] == records["8"]["split"]

@@ -1,0 +1,85 @@
+"""Optimizer schedule and decay mask, the pure train step, the random-data run."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from helpers import TOKENS, tiny_batch, tiny_config
+from item_jax.objectives import ObjectiveConfig
+from item_jax.train.optimizer import (OptimizerConfig, learning_rate_schedule,
+                                      make_optimizer, weight_decay_mask)
+from item_jax.train.random_pretrain import pretrain_random
+from item_jax.train.step import init_model, init_train_state, make_train_step
+
+
+def test_schedule_warms_up_linearly_then_decays_to_the_end_rate():
+  for decay in ("cosine", "linear"):
+    schedule = learning_rate_schedule(OptimizerConfig(
+        learning_rate=1.0, warmup_steps=10, total_steps=110, decay=decay,
+        end_learning_rate=0.1))
+    assert float(schedule(0)) == 0.0
+    assert float(schedule(5)) == pytest.approx(0.5)
+    assert float(schedule(10)) == pytest.approx(1.0)
+    assert float(schedule(110)) == pytest.approx(0.1)
+    assert float(schedule(60)) == pytest.approx(0.55, abs=1e-6)
+
+
+def test_weight_decay_skips_biases_norms_and_vectors():
+  _, params = init_model(tiny_config(), seed=0)
+  mask = weight_decay_mask(params)
+  assert mask["layers"][0]["intermediate"]["kernel"].value
+  assert mask["embeddings"]["word_embeddings"].value
+  assert not mask["layers"][0]["intermediate"]["bias"].value
+  assert not mask["layers"][0]["output_norm"]["scale"].value
+  assert not mask["embeddings"]["norm"]["bias"].value
+  assert not mask["embeddings"]["cls_token"].value
+
+
+def test_decay_leaves_norms_alone_when_gradients_are_zero():
+  _, params = init_model(tiny_config(), seed=0)
+  optimizer = make_optimizer(OptimizerConfig(
+      learning_rate=0.1, warmup_steps=0, total_steps=10, weight_decay=0.5))
+  zeros = jax.tree.map(jnp.zeros_like, params)
+  updates, _ = optimizer.update(zeros, optimizer.init(params), params)
+  assert float(jnp.abs(updates["embeddings"]["norm"]["scale"].value).max()) == 0.0
+  assert float(jnp.abs(updates["layers"][0]["intermediate"]["kernel"].value).max()) > 0
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("decay", "step", "optimizer.decay"),
+    ("warmup_steps", 20, "optimizer.warmup_steps"),
+    ("learning_rate", 0.0, "optimizer.learning_rate"),
+])
+def test_bad_optimizer_settings_are_named(field, value, message):
+  with pytest.raises(ValueError, match=message):
+    OptimizerConfig(**{"total_steps": 10, "warmup_steps": 0, field: value})
+
+
+def test_train_step_is_deterministic_and_counts_steps():
+  config = tiny_config(dropout_rate=0.1)
+  graphdef, params = init_model(config, seed=0)
+  optimizer = make_optimizer(OptimizerConfig(learning_rate=1e-3, warmup_steps=1,
+                                             total_steps=10))
+  step = jax.jit(make_train_step(graphdef, optimizer, ObjectiveConfig(), TOKENS,
+                                 seed=3))
+  batch = dict(tiny_batch(batch=4), index=jnp.arange(4, dtype=jnp.int32))
+  first, metrics_a = step(init_train_state(params, optimizer), batch)
+  again, metrics_b = step(init_train_state(params, optimizer), batch)
+  assert int(first.step) == 1
+  assert float(metrics_a["loss"]) == float(metrics_b["loss"])
+  np.testing.assert_array_equal(
+      first.params["mlm_bias"].value, again.params["mlm_bias"].value)
+  second, metrics_c = step(first, batch)
+  assert int(second.step) == 2
+  assert float(metrics_c["loss"]) != float(metrics_a["loss"])
+  assert np.isfinite(float(metrics_a["grad_norm"]))
+
+
+def test_random_pretraining_lowers_the_loss_and_writes_metrics(tmp_path):
+  report = pretrain_random(str(tmp_path), steps=100, batch_size=8, log_every=25)
+  assert report["last_loss"] < 0.93 * report["first_loss"]
+  written = json.loads((tmp_path / "metrics.json").read_text())
+  assert [row["step"] for row in written["history"]] == [0, 25, 50, 75, 99]
