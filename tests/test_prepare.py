@@ -84,7 +84,7 @@ ROWS = [(f"ok{i}", f"cotton shirt number {i}", "good.jpg", f"P{i // 3}", "Fashio
     ("progressive", "web photo", "progressive.jpg", "", ""),
     ("long", LONG_TITLE, "good.jpg", "", ""),
 ]
-NON_UTF8_LINE = b"latin1,caf\xe9 cup,good.jpg,,\n"
+NON_UTF8_LINES = b"latin1,caf\xe9 cup,good.jpg,,\nid\xff,cup,good.jpg,,\n"
 SKIPPED = {
     "missing": "missing image",
     "noimage": "missing image",
@@ -95,8 +95,9 @@ SKIPPED = {
     "spacetitle": "empty title",
     "ok0": "duplicate item_id",
     "latin1": "non-UTF-8 text",
+    "id\\xff": "non-UTF-8 text",  # Undecodable bytes are shown escaped.
 }
-KEPT = {row[0] for row in ROWS} - (set(SKIPPED) - {"ok0"})
+KEPT = {row[0] for row in ROWS} - set(SKIPPED) | {"ok0"}
 
 
 def _write_csv(path: pathlib.Path, header, rows, extra_line: bytes = b""):
@@ -129,7 +130,7 @@ def prepared(tmp_path_factory):
   for name, data in IMAGE_FILES.items():
     (root / "images" / name).write_bytes(data)
   header = ["item_id", "title", "image", "product_id", "category"]
-  _write_csv(root / "catalogue.csv", header, ROWS, NON_UTF8_LINE)
+  _write_csv(root / "catalogue.csv", header, ROWS, NON_UTF8_LINES)
   info = prepare.prepare(
       str(root / "catalogue.csv"), str(root / "images"), str(root / "out"), num_shards=4,
       vocab_size=200, max_image_side=MAX_SIDE, num_workers=2,

@@ -77,8 +77,8 @@ def read_catalogue(
   """Yields every row as `(listing, reason)`, reason None when the text is usable.
 
   `columns` maps canonical names to the file's column names. A missing
-  required (or explicitly mapped) column raises ValueError at once, naming the
-  column and the file. The first row carrying an item id claims it; later rows
+  required (or explicitly mapped) column raises ValueError, naming the column
+  and the file, when iteration starts, before any row. The first row carrying an item id claims it; later rows
   with that id are duplicates even if the first is skipped for another reason.
   """
   columns = resolve_columns(columns)
@@ -90,7 +90,7 @@ def read_catalogue(
   suffix = epath.Path(path).suffix.lower()
   if suffix == ".csv":
     records = _read_csv(path, expected)
-  elif suffix in (".jsonl", ".ndjson", ".json"):
+  elif suffix in (".jsonl", ".ndjson"):
     records = _read_jsonl(path, expected)
   else:
     raise ValueError(f"catalogue {path} must end in .csv or .jsonl")
@@ -154,7 +154,9 @@ def _check_columns(path: str, found: list[str], expected: dict[str, str]):
   for name, source in expected.items():
     if source not in found:
       renamed = f" (the {name} column)" if source != name else ""
-      raise ValueError(f"catalogue {path} has no column {source!r}{renamed}; its columns are {found}")
+      raise ValueError(
+          f"catalogue {path} has no column {source!r}{renamed}; its columns are {found}"
+      )
 
 
 def _read_csv(path: str, expected: dict[str, str]) -> Iterator[tuple[int, dict | None]]:

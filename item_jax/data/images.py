@@ -51,7 +51,9 @@ def read_and_encode(path: str | None, max_side: int) -> tuple[bytes | None, str 
     return None, UNDECODABLE_IMAGE, False
 
 
-def encode_many(paths: list[str | None], max_side: int) -> list[tuple[bytes | None, str | None, bool]]:
+def encode_many(
+    paths: list[str | None], max_side: int
+) -> list[tuple[bytes | None, str | None, bool]]:
   """`read_and_encode` over a chunk of paths: one task per chunk keeps IPC cheap."""
   return [read_and_encode(path, max_side) for path in paths]
 

@@ -8,6 +8,7 @@ import collections
 from collections.abc import Iterable, Iterator
 import concurrent.futures
 import contextlib
+import dataclasses
 import functools
 import hashlib
 import itertools
@@ -83,8 +84,10 @@ def prepare(
   gets `num_shards` files (records dealt round-robin), so any process count
   that can read the training split can read validation and test too.
   `num_workers` image processes (default: one per CPU; 0 checks images in
-  this process). A sentencepiece model is trained on the kept titles unless
-  `tokenizer_model` is given.
+  this process) are spawned, so a calling script needs the usual
+  `if __name__ == "__main__":` guard. A sentencepiece model is trained on
+  the kept titles unless `tokenizer_model` is given. dataset.json is written
+  last: a directory without it holds an unfinished conversion.
   """
   if num_shards < 1:
     raise ValueError(f"num_shards must be at least 1, got {num_shards}")
@@ -98,18 +101,73 @@ def prepare(
   columns = catalogue_lib.resolve_columns(columns)
   rows = catalogue_lib.read_catalogue(catalogue, columns)
   # Reading the first row checks the catalogue's columns before any output exists.
-  first_rows = list(itertools.islice(rows, 1))
-  rows = itertools.chain(first_rows, rows)
+  rows = itertools.chain(list(itertools.islice(rows, 1)), rows)
 
   output_dir = epath.Path(output)
   output_dir.mkdir(parents=True, exist_ok=True)
+  num_workers = (os.cpu_count() or 1) if num_workers is None else num_workers
+  results = _with_images(rows, epath.Path(images), max_image_side, num_workers)
+  conversion = _write_records(results, output_dir, num_shards, split_fractions, seed)
+  if not conversion.kept_titles:
+    raise ValueError(f"no usable listings in {catalogue}; "
+                     f"reasons: {_reason_counts(conversion.skipped)}")
+
+  tokenizer_path = output_dir / TOKENIZER_FILE
+  if tokenizer_model:
+    tokenizer_path.write_bytes(epath.Path(tokenizer_model).read_bytes())
+  else:
+    tokenizer_lib.train_sentencepiece(
+        conversion.kept_titles, str(tokenizer_path.with_suffix("")), vocab_size
+    )
+  info = {
+      "schema_version": SCHEMA_VERSION,
+      "splits": conversion.splits,
+      "categories": conversion.categories,
+      "tokenizer": TOKENIZER_FILE,
+      "vocab_size": tokenizer_lib.Tokenizer(str(tokenizer_path)).vocab_size,
+      "columns": columns,
+      "image": {
+          "format": "jpeg",
+          "max_side": max_image_side,
+          "jpeg_quality": images_lib.JPEG_QUALITY,
+          "num_reencoded": conversion.num_reencoded,
+      },
+      "source": {"catalogue": str(catalogue), "images": str(images)},
+      "seed": seed,
+      "split_fractions": list(split_fractions),
+      "skipped_reasons": _reason_counts(conversion.skipped),
+      "skipped": conversion.skipped,
+  }
+  (output_dir / DATASET_INFO_FILE).write_text(json.dumps(info, indent=1, ensure_ascii=False))
+  _log.info("prepare: wrote %s: %s records, skipped %s", output_dir,
+            {split: summary["count"] for split, summary in conversion.splits.items()},
+            info["skipped_reasons"])
+  return info
+
+
+@dataclasses.dataclass
+class _Conversion:
+  """What writing the records found, for dataset.json and the tokenizer."""
+
+  splits: dict[str, dict]
+  categories: list[str]
+  kept_titles: list[str]
+  skipped: list[dict]
+  num_reencoded: int
+
+
+def _write_records(
+    results: Iterable[tuple[catalogue_lib.Listing, str | None, bytes | None, bool]],
+    output_dir: epath.Path,
+    num_shards: int,
+    split_fractions: tuple[float, ...],
+    seed: int,
+) -> _Conversion:
   writers = {split: _SplitWriter(output_dir, split, num_shards) for split in SPLITS}
   categories: dict[str, int] = {}
   kept_titles, skipped = [], []
   num_reencoded = 0
-  num_workers = (os.cpu_count() or 1) if num_workers is None else num_workers
   started = time.monotonic()
-  results = _with_images(rows, epath.Path(images), max_image_side, num_workers)
   for row_count, (listing, reason, jpeg, reencoded) in enumerate(results, start=1):
     if row_count % _LOG_EVERY_ROWS == 0:
       _log.info("prepare: %d rows, %d kept, %d skipped, %.0f rows/s", row_count,
@@ -118,44 +176,24 @@ def prepare(
       item_id = catalogue_lib.printable_item_id(listing.item_id)
       skipped.append({"row": listing.row, "item_id": item_id, "reason": reason})
       continue
-    category_id = categories.setdefault(listing.category, len(categories)) if listing.category else -1
-    product_key = f"product:{listing.product_id}" if listing.product_id else f"item:{listing.item_id}"
+    category_id = -1
+    if listing.category:
+      category_id = categories.setdefault(listing.category, len(categories))
+    # A listing without a product id is a product of its own.
+    product_key = (f"product:{listing.product_id}" if listing.product_id
+                   else f"item:{listing.item_id}")
     writers[split_of_product(product_key, seed, split_fractions)].write(listing, jpeg, category_id)
     kept_titles.append(listing.title)
     num_reencoded += reencoded
   for writer in writers.values():
     writer.close()
-  if not kept_titles:
-    raise ValueError(f"no usable listings in {catalogue}; reasons: {_reason_counts(skipped)}")
-
-  tokenizer_path = output_dir / TOKENIZER_FILE
-  if tokenizer_model:
-    tokenizer_path.write_bytes(epath.Path(tokenizer_model).read_bytes())
-  else:
-    tokenizer_lib.train_sentencepiece(kept_titles, str(tokenizer_path.with_suffix("")), vocab_size)
-  info = {
-      "schema_version": SCHEMA_VERSION,
-      "splits": {split: writer.summary() for split, writer in writers.items()},
-      "categories": list(categories),
-      "tokenizer": TOKENIZER_FILE,
-      "vocab_size": tokenizer_lib.Tokenizer(str(tokenizer_path)).vocab_size,
-      "columns": columns,
-      "image": {
-          "format": "jpeg",
-          "max_side": max_image_side,
-          "jpeg_quality": images_lib.JPEG_QUALITY,
-          "num_reencoded": num_reencoded,
-      },
-      "source": {"catalogue": str(catalogue), "images": str(images)},
-      "seed": seed,
-      "split_fractions": list(split_fractions),
-      "skipped_reasons": _reason_counts(skipped),
-      "skipped": skipped,
-  }
-  (output_dir / DATASET_INFO_FILE).write_text(json.dumps(info, indent=1, ensure_ascii=False))
-  _log.info("prepare: wrote %s: %s records, skipped %s", output_dir,
-            {split: writer.count for split, writer in writers.items()}, info["skipped_reasons"])
-  return info
+  return _Conversion(
+      splits={split: writer.summary() for split, writer in writers.items()},
+      categories=list(categories),
+      kept_titles=kept_titles,
+      skipped=skipped,
+      num_reencoded=num_reencoded,
+  )
 
 
 class _SplitWriter:
@@ -186,7 +224,9 @@ class _SplitWriter:
     }
 
 
-def _make_example(listing: catalogue_lib.Listing, jpeg: bytes, category_id: int, index: int) -> bytes:
+def _make_example(
+    listing: catalogue_lib.Listing, jpeg: bytes, category_id: int, index: int
+) -> bytes:
   def bytes_feature(value: bytes) -> tf.train.Feature:
     return tf.train.Feature(bytes_list=tf.train.BytesList(value=[value]))
 
@@ -239,7 +279,8 @@ def _with_images(
 
 
 def _merge(chunk, paths, future):
-  for (listing, reason), path, (jpeg, image_reason, reencoded) in zip(chunk, paths, future.result()):
+  for (listing, reason), path, result in zip(chunk, paths, future.result()):
+    jpeg, image_reason, reencoded = result
     if reason is None and path is None:
       reason = images_lib.MISSING_IMAGE  # The row names no image at all.
     yield listing, reason or image_reason, jpeg, reencoded

@@ -1,7 +1,9 @@
 """The pure training step: masks from a step-folded key, five losses, AdamW update.
 
 Parameters cross the JAX boundary as a plain `nnx.State` pytree (`nnx.split`),
-so the same trees go to jit, orbax and conversion.
+so the same trees go to jit, orbax and conversion. A step whose loss or
+gradient is not finite applies no update; the streak of such steps is kept in
+the state so that the loop can stop a diverged run.
 """
 
 from typing import Any, NamedTuple
@@ -17,9 +19,10 @@ from item_jax.objectives import (ObjectiveConfig, TokenSpec, example_keys,
 
 
 class TrainState(NamedTuple):
-  step: jax.Array       # int32 scalar: updates applied so far
-  params: Any           # nnx.State of the model's parameters
-  opt_state: Any        # optax state
+  step: jax.Array               # int32 scalar: steps taken (applied or skipped)
+  params: Any                   # nnx.State of the model's parameters
+  opt_state: Any                # optax state
+  nonfinite_streak: jax.Array   # int32 scalar: consecutive non-finite steps
 
 
 def init_model(config: ModelConfig, seed: int):
@@ -28,22 +31,25 @@ def init_model(config: ModelConfig, seed: int):
 
 
 def init_train_state(params, optimizer: optax.GradientTransformation) -> TrainState:
-  return TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(params))
+  # Two arrays, not one shared zero: the state is donated to the step.
+  return TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(params),
+                    jnp.zeros((), jnp.int32))
 
 
 def make_train_step(graphdef, optimizer: optax.GradientTransformation,
-                    objectives: ObjectiveConfig, tokens: TokenSpec, seed: int):
+                    objectives: ObjectiveConfig, tokens: TokenSpec, seed: int,
+                    accumulation_steps: int = 1):
   """Returns train_step(state, batch) -> (state, metrics), ready for jax.jit.
 
   Masks are drawn from fold_in(fold_in(seed, step), global example index), so
   they are identical whatever the batch layout or device mesh. `batch` holds
-  `title_ids`, `image` and `index` (global example indices), optionally `valid`.
+  `title_ids`, `image` and `index` (global example indices), optionally
+  `valid`. With accumulation_steps > 1 the batch is split into that many
+  micro-batches whose gradients are averaged before one update.
   """
   base_key = jax.random.key(seed)
 
-  def train_step(state: TrainState, batch: dict):
-    step_key = jax.random.fold_in(base_key, state.step)
-    mask_key, dropout_key = jax.random.split(step_key)
+  def loss_and_grads(params, batch, mask_key, dropout_key):
     keys = example_keys(mask_key, batch["index"])
 
     def loss_fn(params):
@@ -51,10 +57,47 @@ def make_train_step(graphdef, optimizer: optax.GradientTransformation,
       return pretraining_loss(model, batch, keys, objectives, tokens,
                               dropout_key=dropout_key)
 
-    (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    return metrics, grads
+
+  def accumulated(params, batch, mask_key, dropout_key):
+    micro = jax.tree.map(
+        lambda x: x.reshape(accumulation_steps, -1, *x.shape[1:]), batch)
+
+    def body(carry, inputs):
+      index, micro_batch = inputs
+      metrics, grads = loss_and_grads(params, micro_batch, mask_key,
+                                      jax.random.fold_in(dropout_key, index))
+      return jax.tree.map(jnp.add, carry, (metrics, grads)), None
+
+    zeros = jax.tree.map(
+        jnp.zeros_like,
+        jax.eval_shape(loss_and_grads, params,
+                       jax.tree.map(lambda x: x[0], micro), mask_key, dropout_key))
+    total, _ = jax.lax.scan(body, zeros,
+                            (jnp.arange(accumulation_steps), micro))
+    return jax.tree.map(lambda x: x / accumulation_steps, total)
+
+  def train_step(state: TrainState, batch: dict):
+    step_key = jax.random.fold_in(base_key, state.step)
+    mask_key, dropout_key = jax.random.split(step_key)
+    if accumulation_steps > 1:
+      metrics, grads = accumulated(state.params, batch, mask_key, dropout_key)
+    else:
+      metrics, grads = loss_and_grads(state.params, batch, mask_key, dropout_key)
+    grad_norm = optax.global_norm(grads)
+    finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics["grad_norm"] = optax.global_norm(grads)
-    return TrainState(state.step + 1, params, opt_state), metrics
+    # A non-finite step leaves parameters and optimizer state as they were.
+    keep = lambda new, old: jax.tree.map(
+        lambda n, o: jnp.where(finite, n, o), new, old)
+    streak = jnp.where(finite, 0, state.nonfinite_streak + 1)
+    metrics["grad_norm"] = grad_norm
+    metrics["nonfinite"] = (~finite).astype(jnp.float32)
+    metrics["nonfinite_streak"] = streak
+    new_state = TrainState(state.step + 1, keep(params, state.params),
+                           keep(opt_state, state.opt_state), streak)
+    return new_state, metrics
 
   return train_step

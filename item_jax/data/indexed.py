@@ -1,0 +1,209 @@
+"""Training input by global example index: the data position is a pure function
+of (seed, step), whatever the number of processes or where a run resumed.
+
+Global example e of the run is record perm(seed, epoch)[e % N] of the split
+(epoch = e // N). Step s uses examples [s*B, (s+1)*B); process p reads rows
+[p*b, (p+1)*b) of them (b = B / process count). Records are read by random
+access: each shard's record offsets come from one scan of its framing. A record
+that cannot be read or parsed, or whose image is not a whole JPEG, is counted,
+and its batch row is marked invalid (weight 0) so shapes and order never change.
+"""
+
+import concurrent.futures
+import functools
+import logging
+import struct
+import threading
+
+import jax
+import numpy as np
+import tensorflow as tf
+from etils import epath
+
+from item_jax.data import pipeline
+from item_jax.data.tokenizer import Tokenizer
+
+_HEADER = struct.Struct("<QI")   # record length, masked CRC of the length
+_FOOTER_BYTES = 4                # masked CRC of the data
+_log = logging.getLogger(__name__)
+
+
+def scan_offsets(path: str) -> np.ndarray:
+  """(offset, length) of each whole record in a TFRecord file, from its framing."""
+  offsets = []
+  with epath.Path(path).open("rb") as stream:
+    size = stream.seek(0, 2)
+    position = 0
+    while position + _HEADER.size <= size:
+      stream.seek(position)
+      length, _ = _HEADER.unpack(stream.read(_HEADER.size))
+      end = position + _HEADER.size + length + _FOOTER_BYTES
+      if end > size:
+        break  # a truncated last record
+      offsets.append((position + _HEADER.size, length))
+      position = end
+  return np.asarray(offsets, np.int64).reshape(-1, 2)
+
+
+def _whole_jpeg(data: bytes) -> bool:
+  return data[:2] == b"\xff\xd8" and data[-2:] == b"\xff\xd9"
+
+
+class IndexedSource:
+  """Host-local training batches for steps start, start+1, ... of a run."""
+
+  def __init__(self, data_dir: str, split: str, *, global_batch_size: int,
+               seed: int, image_size: int, max_title_len: int,
+               resize: str = "pad", process_index: int = 0,
+               process_count: int = 1, num_read_threads: int = 16):
+    if global_batch_size % process_count:
+      raise ValueError(f"global batch {global_batch_size} is not divisible by "
+                       f"{process_count} processes")
+    info = pipeline.load_dataset_info(data_dir)
+    split_info = info["splits"].get(split)
+    if split_info is None:
+      raise ValueError(f"{data_dir} has no split {split!r}; it has "
+                       f"{sorted(info['splits'])}")
+    self._files = [str(epath.Path(data_dir) / name) for name in split_info["files"]]
+    self._counts = np.asarray(split_info["shard_counts"], np.int64)
+    self.num_records = int(self._counts.sum())
+    if not self.num_records:
+      raise ValueError(f"{data_dir}: split {split!r} has no records to train on")
+    self._first_record = np.concatenate([[0], np.cumsum(self._counts)[:-1]])
+    self._offsets = {}
+    self._offsets_lock = threading.Lock()
+    self._handles = threading.local()
+    self._pool = concurrent.futures.ThreadPoolExecutor(num_read_threads)
+    self._skipped = 0
+    self._skipped_lock = threading.Lock()
+    self.global_batch_size = global_batch_size
+    self.process_batch_size = global_batch_size // process_count
+    self.process_index = process_index
+    self.seed = seed
+    self.image_size = image_size
+    self.max_title_len = max_title_len
+    self.resize = resize
+    self._tokenizer = Tokenizer(str(epath.Path(data_dir) / info["tokenizer"]))
+
+  # -- which records ---------------------------------------------------------
+
+  @functools.lru_cache(maxsize=2)
+  def _permutation(self, epoch: int) -> np.ndarray:
+    return np.random.default_rng([self.seed, epoch]).permutation(self.num_records)
+
+  def example_indices(self, step: int) -> np.ndarray:
+    """This process's global example indices for 0-based step `step`."""
+    start = step * self.global_batch_size + self.process_index * self.process_batch_size
+    return np.arange(start, start + self.process_batch_size, dtype=np.int64)
+
+  def record_ids(self, example_indices: np.ndarray) -> np.ndarray:
+    epochs, positions = np.divmod(example_indices, self.num_records)
+    return np.asarray([self._permutation(int(epoch))[position]
+                       for epoch, position in zip(epochs, positions)], np.int64)
+
+  # -- reading ---------------------------------------------------------------
+
+  def _shard_offsets(self, shard: int) -> np.ndarray:
+    with self._offsets_lock:
+      if shard not in self._offsets:
+        self._offsets[shard] = scan_offsets(self._files[shard])
+        found, expected = len(self._offsets[shard]), int(self._counts[shard])
+        if found != expected:
+          _log.warning("%s: %d whole records, dataset.json says %d; the missing "
+                       "ones are skipped", self._files[shard], found, expected)
+      return self._offsets[shard]
+
+  def _handle(self, shard: int):
+    handles = self._handles.__dict__.setdefault("open", {})
+    if shard not in handles:
+      handles[shard] = epath.Path(self._files[shard]).open("rb")
+    return handles[shard]
+
+  def _read_one(self, record_id: int):
+    """(title bytes, jpeg bytes) of a record, or None if it is unusable."""
+    shard = int(np.searchsorted(self._first_record, record_id, side="right") - 1)
+    position = record_id - self._first_record[shard]
+    try:
+      offsets = self._shard_offsets(shard)
+      if position >= len(offsets):
+        raise ValueError("beyond the shard's last whole record")
+      offset, length = offsets[position]
+      stream = self._handle(shard)
+      stream.seek(int(offset))
+      data = stream.read(int(length))
+      features = tf.train.Example.FromString(data).features.feature
+      title = features["title"].bytes_list.value[0]
+      jpeg = features["image"].bytes_list.value[0]
+      if not _whole_jpeg(jpeg):
+        raise ValueError("image is not a whole JPEG")
+      return title, jpeg
+    except Exception as error:  # any failure of one record skips only that record
+      _log.warning("skipping record %d of %s: %s", position, self._files[shard], error)
+      with self._skipped_lock:
+        self._skipped += 1
+      return None
+
+  def skipped_records(self) -> int:
+    return self._skipped
+
+  def _read_step(self, step):
+    indices = self.example_indices(int(step))
+    records = list(self._pool.map(self._read_one, self.record_ids(indices)))
+    valid = np.asarray([record is not None for record in records])
+    titles = [record[0] if record else b"" for record in records]
+    jpegs = [record[1] if record else b"" for record in records]
+    return (np.asarray(titles, object), np.asarray(jpegs, object), valid,
+            indices.astype(np.int32))
+
+  # -- the tf.data pipeline ----------------------------------------------------
+
+  def dataset(self, start_step: int) -> tf.data.Dataset:
+    batch = self.process_batch_size
+    size = self.image_size
+
+    def read(step):
+      titles, jpegs, valid, indices = tf.numpy_function(
+          self._read_step, [step], [tf.string, tf.string, tf.bool, tf.int32],
+          stateful=False)
+      return (tf.ensure_shape(titles, [batch]), tf.ensure_shape(jpegs, [batch]),
+              tf.ensure_shape(valid, [batch]), tf.ensure_shape(indices, [batch]))
+
+    def decode(title, jpeg, valid, index):
+      image = tf.cond(
+          valid,
+          lambda: pipeline.preprocess_image(jpeg, size, self.resize,
+                                            (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
+          lambda: tf.zeros([size, size, 3], tf.float32))
+      return {"title": title, "image": image, "valid": valid, "index": index}
+
+    def tokenise(examples):
+      examples = dict(examples)
+      title_ids = tf.numpy_function(
+          lambda titles: self._tokenizer.encode_batch(list(titles), self.max_title_len),
+          [examples.pop("title")], tf.int32, stateful=False)
+      examples["title_ids"] = tf.ensure_shape(title_ids, [batch, self.max_title_len])
+      return examples
+
+    steps = tf.data.Dataset.range(start_step, np.iinfo(np.int64).max)
+    examples = steps.map(read, num_parallel_calls=2, deterministic=True).unbatch()
+    examples = examples.map(decode, num_parallel_calls=tf.data.AUTOTUNE,
+                            deterministic=True)
+    batches = examples.batch(batch, drop_remainder=True).map(
+        tokenise, num_parallel_calls=2, deterministic=True)
+    options = tf.data.Options()
+    options.deterministic = True
+    options.threading.max_intra_op_parallelism = 1
+    return batches.prefetch(2).with_options(options)
+
+  def batches(self, start_step: int):
+    """Host-local numpy batches for 0-based steps start_step, start_step+1, ..."""
+    return self.dataset(start_step).as_numpy_iterator()
+
+  def abstract_global_batch(self, sharding) -> dict:
+    """ShapeDtypeStructs of one global batch, for compiling the step."""
+    batch, size = self.global_batch_size, self.image_size
+    shapes = {"title_ids": ((batch, self.max_title_len), np.int32),
+              "image": ((batch, size, size, 3), np.float32),
+              "valid": ((batch,), np.bool_), "index": ((batch,), np.int32)}
+    return {name: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
+            for name, (shape, dtype) in shapes.items()}

@@ -1,0 +1,231 @@
+"""Training configs: the shared defaults, loading `FILE[:ARG]` with overrides, and
+validation that turns each section into its constructor's arguments.
+
+`model` -> ModelConfig, `objectives` -> ObjectiveConfig, `optimizer` ->
+OptimizerConfig, `mesh` -> the device mesh, `data` -> the input pipeline.
+Everything is checked here, before any device work starts.
+"""
+
+import ast
+import dataclasses
+import importlib.util
+import json
+
+import ml_collections
+from etils import epath
+
+from item_jax.model import ModelConfig, model_config
+from item_jax.objectives import ObjectiveConfig
+from item_jax.train.optimizer import OptimizerConfig
+
+
+def base_config() -> ml_collections.ConfigDict:
+  config = ml_collections.ConfigDict()
+  config.seed = 0
+  config.total_steps = 100_000
+  config.global_batch_size = 512
+  config.log_every_steps = 100
+  config.checkpoint_every_steps = 1000
+  config.keep_checkpoints = 3
+  # Gradient accumulation: the global batch is split into this many micro-batches.
+  config.grad_accumulation_steps = 1
+  # Stop after this many consecutive non-finite steps (updates are never applied).
+  config.max_nonfinite_steps = 5
+  # Profile `profile_num_steps` steps from `profile_start_step` (-1: never).
+  config.profile_start_step = -1
+  config.profile_num_steps = 5
+
+  config.data = ml_collections.ConfigDict()
+  config.data.dir = ml_collections.FieldReference(None, field_type=str)
+  config.data.split = "train"
+  config.data.max_title_len = 40
+  config.data.resize = "pad"        # aspect-preserving resize, then pad or crop
+  config.data.num_parallel_reads = 8
+
+  config.model = ml_collections.ConfigDict()
+  config.model.size = "base"
+  config.model.image_size = 224
+  config.model.patch_size = 16
+  config.model.dtype = "float32"    # "bfloat16": bf16 compute, fp32 master weights
+  config.model.dropout_rate = 0.1
+  config.model.layer_norm_eps = 1e-12
+  config.model.attention_implementation = ml_collections.FieldReference(
+      None, field_type=str)
+
+  config.objectives = ml_collections.ConfigDict()
+  for task in ("itm", "mlm", "mim", "gmlm", "gmim"):
+    config.objectives[f"{task}_weight"] = 1.0
+  config.objectives.token_mask_rate = 0.15
+  config.objectives.patch_mask_ratio = 0.4
+  config.objectives.patch_mask_block_size = 2
+  config.objectives.itm_negative_rate = 0.5
+  config.objectives.normalize_patch_targets = True
+
+  config.optimizer = ml_collections.ConfigDict()
+  config.optimizer.learning_rate = 1e-4
+  config.optimizer.warmup_steps = 10_000
+  config.optimizer.decay = "linear"
+  config.optimizer.end_learning_rate = 0.0
+  config.optimizer.weight_decay = 0.01
+  config.optimizer.b1 = 0.9
+  config.optimizer.b2 = 0.999
+  config.optimizer.eps = 1e-6
+  config.optimizer.grad_clip_norm = 1.0
+
+  # Device mesh: one axis may be -1 (all remaining devices).
+  config.mesh = ml_collections.ConfigDict()
+  config.mesh.data = -1
+  config.mesh.fsdp = 1
+  config.mesh.model = 1
+  return config
+
+
+def load_config(spec: str, overrides=()) -> ml_collections.ConfigDict:
+  """Loads `path/to/config.py[:arg]` and applies `--config.a.b=value` overrides."""
+  path, _, arg = spec.partition(":")
+  if not epath.Path(path).is_file():
+    raise ValueError(f"config file {path} does not exist")
+  module_spec = importlib.util.spec_from_file_location("item_jax_user_config", path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  if not hasattr(module, "get_config"):
+    raise ValueError(f"config file {path} has no get_config(arg) function")
+  config = module.get_config(arg or None)
+  for override in overrides:
+    apply_override(config, override)
+  return config
+
+
+def _parse_value(text: str):
+  try:
+    return ast.literal_eval(text)
+  except (ValueError, SyntaxError):
+    return text
+
+
+def apply_override(config: ml_collections.ConfigDict, override: str) -> None:
+  """Applies one `--config.a.b=value` (or `a.b=value`) to `config` in place."""
+  name, equals, text = override.removeprefix("--").removeprefix("config.").partition("=")
+  if not equals:
+    raise ValueError(f"config override {override!r} is not of the form "
+                     "--config.field=value")
+  *parents, leaf = name.split(".")
+  node = config
+  for depth, part in enumerate(parents):
+    if part not in node or not isinstance(node[part], ml_collections.ConfigDict):
+      raise ValueError(f"unknown config field {'.'.join(parents[:depth + 1])!r} "
+                       f"(in override {override!r})")
+    node = node[part]
+  if leaf not in node:
+    raise ValueError(f"unknown config field {name!r}; known at that level: "
+                     f"{sorted(node.keys())}")
+  try:
+    node[leaf] = _parse_value(text)
+  except TypeError as error:
+    raise ValueError(f"config field {name!r}: {error}") from None
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainSettings:
+  """A validated config, split into the constructors' arguments."""
+
+  model: ModelConfig
+  objectives: ObjectiveConfig
+  optimizer: OptimizerConfig
+  mesh_shape: dict
+  config: ml_collections.ConfigDict
+  dataset: dict      # the `prepare` output's dataset.json
+
+
+def _fields_of(section: ml_collections.ConfigDict, name: str, cls, **extra):
+  known = {field.name for field in dataclasses.fields(cls)}
+  values = section.to_dict()
+  unknown = sorted(set(values) - known)
+  if unknown:
+    raise ValueError(f"unknown config field(s) {[f'{name}.{u}' for u in unknown]}")
+  try:
+    return cls(**values, **extra)
+  except (TypeError, ValueError) as error:
+    raise ValueError(f"config section '{name}': {error}") from None
+
+
+def validate(config: ml_collections.ConfigDict, num_devices: int,
+             process_count: int = 1) -> TrainSettings:
+  """Checks every field that can fail, and builds the typed settings."""
+  for name in ("total_steps", "global_batch_size", "log_every_steps",
+               "checkpoint_every_steps", "keep_checkpoints",
+               "grad_accumulation_steps", "max_nonfinite_steps"):
+    if int(config[name]) <= 0:
+      raise ValueError(f"config.{name}={config[name]} must be > 0")
+  data_dir = config.data.dir
+  if not data_dir:
+    raise ValueError("config.data.dir is not set: point it at a `prepare` "
+                     "output folder (--config.data.dir=...)")
+  dataset_file = epath.Path(data_dir) / "dataset.json"
+  if not dataset_file.exists():
+    raise ValueError(f"config.data.dir={data_dir}: no dataset.json there; run "
+                     "`item-jax prepare` first")
+  dataset = json.loads(dataset_file.read_text())
+  if config.data.split not in dataset.get("splits", {}):
+    raise ValueError(f"config.data.split={config.data.split!r} is not in "
+                     f"{dataset_file} (splits: {sorted(dataset.get('splits', {}))})")
+  if config.data.resize not in ("pad", "crop"):
+    raise ValueError(f"config.data.resize={config.data.resize!r}: expected "
+                     "'pad' or 'crop'")
+
+  model_fields = config.model.to_dict()
+  size = model_fields.pop("size")
+  model_fields.setdefault("vocab_size", dataset["vocab_size"])
+  try:
+    model = model_config(size, **model_fields)
+  except (TypeError, ValueError) as error:
+    raise ValueError(f"config section 'model': {error}") from None
+  if config.data.max_title_len + 1 > model.max_title_positions:
+    raise ValueError(f"config.data.max_title_len={config.data.max_title_len} "
+                     f"does not fit model.max_title_positions={model.max_title_positions}")
+  objectives = _fields_of(config.objectives, "objectives", ObjectiveConfig)
+  optimizer = _fields_of(config.optimizer, "optimizer", OptimizerConfig,
+                         total_steps=int(config.total_steps))
+
+  mesh_shape = resolve_mesh_shape(config.mesh.to_dict(), num_devices)
+  batch_shards = mesh_shape["data"] * mesh_shape["fsdp"]
+  batch = int(config.global_batch_size)
+  accumulation = int(config.grad_accumulation_steps)
+  if batch % accumulation:
+    raise ValueError(f"config.global_batch_size={batch} is not divisible by "
+                     f"config.grad_accumulation_steps={accumulation}")
+  if (batch // accumulation) % batch_shards:
+    raise ValueError(
+        f"config.global_batch_size={batch} (per micro-batch {batch // accumulation})"
+        f" is not divisible by the data-parallel size {batch_shards} "
+        f"(mesh data={mesh_shape['data']} x fsdp={mesh_shape['fsdp']})")
+  if batch % process_count:
+    raise ValueError(f"config.global_batch_size={batch} is not divisible by "
+                     f"the process count {process_count}")
+  return TrainSettings(model, objectives, optimizer, mesh_shape, config, dataset)
+
+
+def resolve_mesh_shape(mesh: dict, num_devices: int) -> dict:
+  """Fills the one -1 axis so that data * fsdp * model == num_devices."""
+  axes = ("data", "fsdp", "model")
+  unknown = sorted(set(mesh) - set(axes))
+  if unknown:
+    raise ValueError(f"unknown config field(s) {[f'mesh.{u}' for u in unknown]}")
+  shape = {axis: int(mesh.get(axis, 1)) for axis in axes}
+  free = [axis for axis in axes if shape[axis] == -1]
+  if len(free) > 1:
+    raise ValueError(f"config.mesh: only one axis may be -1, got {free}")
+  if any(size == 0 or size < -1 for size in shape.values()):
+    raise ValueError(f"config.mesh={shape}: sizes must be positive or -1")
+  fixed = 1
+  for axis in axes:
+    if shape[axis] != -1:
+      fixed *= shape[axis]
+  if free:
+    if num_devices % fixed:
+      raise ValueError(f"config.mesh={shape} does not divide {num_devices} devices")
+    shape[free[0]] = num_devices // fixed
+  elif fixed != num_devices:
+    raise ValueError(f"config.mesh={shape} uses {fixed} devices, but "
+                     f"{num_devices} are present")
+  return shape

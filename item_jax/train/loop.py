@@ -1,0 +1,214 @@
+"""`item-jax train`: the pre-training loop, read top to bottom.
+
+Config → mesh → state (restored or created sharded) → compiled step → loop with
+metrics at log steps, async checkpoints, preemption and divergence handling.
+"""
+
+import json
+import logging
+import signal
+import threading
+import time
+
+import jax
+import numpy as np
+from clu import metric_writers, periodic_actions
+from etils import epath
+from jax.experimental import multihost_utils
+
+from item_jax.data.indexed import IndexedSource
+from item_jax.data.tokenizer import Tokenizer
+from item_jax.objectives import TokenSpec
+from item_jax.objectives.flops import training_flops_per_example
+from item_jax.train import checkpoint as checkpoint_lib
+from item_jax.train import sharding
+from item_jax.train.config import TrainSettings
+from item_jax.train.optimizer import learning_rate_schedule, make_optimizer
+from item_jax.train.step import make_train_step
+
+
+class StopRequest:
+  """Set by SIGTERM/SIGUSR1; agreed across processes at step boundaries."""
+
+  SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+  def __init__(self):
+    self._event = threading.Event()
+    self._previous = {}
+
+  def install(self):
+    if threading.current_thread() is not threading.main_thread():
+      return self
+    for signum in self.SIGNALS:
+      self._previous[signum] = signal.signal(signum, self._handle)
+    return self
+
+  def uninstall(self):
+    for signum, handler in self._previous.items():
+      signal.signal(signum, handler)
+    self._previous = {}
+
+  def _handle(self, signum, frame):
+    logging.warning("received signal %d: saving a checkpoint at the next step", signum)
+    self._event.set()
+
+  def agreed(self) -> bool:
+    """True on every process when any process was signalled."""
+    local = self._event.is_set()
+    if jax.process_count() == 1:
+      return local
+    flags = multihost_utils.process_allgather(np.asarray(local))
+    return bool(np.any(flags))
+
+
+class DivergedError(RuntimeError):
+  pass
+
+
+def _token_spec(settings: TrainSettings) -> TokenSpec:
+  tokenizer = Tokenizer(str(epath.Path(settings.config.data.dir)
+                            / settings.dataset["tokenizer"]))
+  return TokenSpec(settings.model.vocab_size, tokenizer.mask_id,
+                   tokenizer.special_ids)
+
+
+def _log_compiled(compiled, settings: TrainSettings, batch: int):
+  analytic = training_flops_per_example(
+      settings.model, settings.config.data.max_title_len, settings.objectives)
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  xla_flops = float((cost or {}).get("flops", 0.0))
+  logging.info("step compiled: XLA counts %.3g FLOPs per step (all devices may "
+               "count only their shard), analytic %.3g per step", xla_flops,
+               analytic["total"] * batch)
+  memory = compiled.memory_analysis()
+  if memory is not None:
+    logging.info("step memory per device: arguments %.1f MiB, outputs %.1f MiB, "
+                 "temporaries %.1f MiB",
+                 memory.argument_size_in_bytes / 2**20,
+                 memory.output_size_in_bytes / 2**20,
+                 memory.temp_size_in_bytes / 2**20)
+
+
+def train(settings: TrainSettings, workdir: str, devices=None) -> list[dict]:
+  """Runs (or resumes) pre-training in `workdir`.
+
+  Returns the metrics written at each log step ({"step": ..., name: value}).
+  `devices` restricts the mesh to those devices (default: all).
+  """
+  config = settings.config
+  workdir = epath.Path(workdir)
+  is_lead = jax.process_index() == 0
+  if is_lead:
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+
+  mesh = sharding.make_mesh(settings.mesh_shape, devices)
+  optimizer = make_optimizer(settings.optimizer)
+  schedule = learning_rate_schedule(settings.optimizer)
+  checkpointer = checkpoint_lib.Checkpointer(
+      workdir / "checkpoints", config.checkpoint_every_steps,
+      config.keep_checkpoints)
+  graphdef, state, state_shardings = None, None, None
+  latest = checkpointer.latest_step()
+  if latest is None:
+    graphdef, state, state_shardings = sharding.create_train_state(
+        settings.model, optimizer, mesh, config.seed)
+  else:
+    graphdef, abstract_state, state_shardings = sharding.abstract_train_state(
+        settings.model, optimizer, mesh, config.seed)
+    state, meta = checkpointer.restore(checkpoint_lib.abstract_with_shardings(
+        abstract_state, state_shardings), latest)
+    if meta["global_batch_size"] != config.global_batch_size or \
+        meta["seed"] != config.seed:
+      logging.warning("resuming with global_batch_size/seed %s/%s instead of "
+                      "%s/%s: the data order differs from the original run",
+                      config.global_batch_size, config.seed,
+                      meta["global_batch_size"], meta["seed"])
+  start_step = int(state.step)
+
+  process_batch = config.global_batch_size // jax.process_count()
+  source = IndexedSource(
+      config.data.dir, config.data.split, global_batch_size=config.global_batch_size,
+      seed=config.seed, image_size=settings.model.image_size,
+      max_title_len=config.data.max_title_len, resize=config.data.resize,
+      process_index=jax.process_index(), process_count=jax.process_count())
+  batch_shardings = sharding.batch_sharding(mesh)
+  train_step = jax.jit(
+      make_train_step(graphdef, optimizer, settings.objectives,
+                      _token_spec(settings), config.seed,
+                      config.grad_accumulation_steps),
+      in_shardings=(state_shardings, batch_shardings),
+      out_shardings=(state_shardings, sharding.replicated(mesh)),
+      donate_argnums=0)
+  compiled = train_step.lower(state, source.abstract_global_batch(batch_shardings)).compile()
+  _log_compiled(compiled, settings, config.global_batch_size)
+  logging.info("global batch %d, %d per process, %d per device; mesh %s",
+               config.global_batch_size, process_batch,
+               config.global_batch_size // mesh.devices.size, settings.mesh_shape)
+
+  writer = metric_writers.create_default_writer(
+      str(workdir), just_logging=not is_lead, asynchronous=True)
+  hooks = [periodic_actions.ReportProgress(
+      num_train_steps=config.total_steps, writer=writer,
+      every_steps=config.log_every_steps)]
+  if config.profile_start_step >= 0 and is_lead:
+    hooks.append(periodic_actions.Profile(
+        logdir=str(workdir), first_profile=config.profile_start_step,
+        num_profile_steps=config.profile_num_steps))
+  stop = StopRequest().install()
+  pending, history = [], []
+  meta = lambda step: {"step": step, "seed": config.seed,
+                       "global_batch_size": config.global_batch_size,
+                       "next_example_index": step * config.global_batch_size}
+  try:
+    batches = source.batches(start_step)
+    for step in range(start_step + 1, config.total_steps + 1):
+      local_batch = next(batches)
+      state, metrics = compiled(state, sharding.global_batch(local_batch, mesh))
+      pending.append(metrics)
+      for hook in hooks:
+        hook(step)
+      # The first step is logged too: it is the baseline losses fall from.
+      if (step % config.log_every_steps == 0 or step == config.total_steps
+          or step == start_step + 1):
+        scalars = _write_metrics(writer, step, pending, schedule, source)
+        history.append({"step": step, **scalars})
+        pending = []
+        if scalars["max_nonfinite_streak"] >= config.max_nonfinite_steps:
+          raise DivergedError(
+              f"{int(scalars['max_nonfinite_streak'])} consecutive steps "
+              f"with a non-finite loss or gradient by step {step} (limit "
+              f"config.max_nonfinite_steps={config.max_nonfinite_steps}); no "
+              "update was applied on them and no such state was checkpointed")
+      preempted = stop.agreed() or checkpointer.reached_preemption(step)
+      checkpointer.save(step, state, meta(step),
+                        force=preempted or step == config.total_steps)
+      if preempted:
+        logging.warning("stopping at step %d after a stop signal; resume with "
+                        "the same command", step)
+        break
+  finally:
+    stop.uninstall()
+    checkpointer.close()
+    writer.flush()
+    writer.close()
+  return history
+
+
+def _write_metrics(writer, step: int, pending: list, schedule, source) -> dict:
+  """Reads the window's device metrics (the only host sync) and writes them."""
+  window = jax.device_get(pending)
+  names = [name for name in window[0] if name != "nonfinite_streak"]
+  scalars = {name: float(np.mean([m[name] for m in window])) for name in names}
+  scalars["max_nonfinite_streak"] = float(max(m["nonfinite_streak"] for m in window))
+  scalars["nonfinite_steps"] = float(sum(m["nonfinite"] for m in window))
+  scalars.pop("nonfinite")
+  scalars["learning_rate"] = float(schedule(step - 1))
+  scalars["skipped_records"] = float(source.skipped_records())
+  if scalars["nonfinite_steps"]:
+    logging.warning("%d of the last %d steps had a non-finite loss or gradient "
+                    "and were not applied", scalars["nonfinite_steps"], len(window))
+  writer.write_scalars(step, {f"train/{name}": value
+                              for name, value in scalars.items()})
+  return scalars

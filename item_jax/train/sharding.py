@@ -1,0 +1,133 @@
+"""The device mesh and the one table that maps logical axis names to mesh axes.
+
+Parameters carry `logical_axes` metadata (see item_jax.model.layers); the rules
+below turn them into PartitionSpecs. Data parallel is the default (fsdp=1,
+model=1 leaves parameters replicated); a mesh with fsdp > 1 shards parameters
+and optimizer state over their `embed` dimension, model > 1 shards heads, MLP
+and vocabulary: the same code, another config.
+"""
+
+import jax
+import jax.experimental.mesh_utils
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from item_jax.model import ItemModel, ModelConfig
+from item_jax.train.step import init_train_state
+
+MESH_AXES = ("data", "fsdp", "model")
+BATCH_AXES = ("data", "fsdp")
+
+# Logical axis -> mesh axis (None: replicated along that dimension).
+LOGICAL_AXIS_RULES = {
+    "embed": "fsdp",
+    "heads": "model",
+    "mlp": "model",
+    "vocab": "model",
+    "embed_out": None,
+    "norm": None,
+    "position": None,
+    "type": None,
+    "patch": None,
+    "classes": None,
+}
+
+
+def make_mesh(mesh_shape: dict, devices=None) -> Mesh:
+  """A (data, fsdp, model) mesh; with all devices, laid out for the topology."""
+  shape = tuple(mesh_shape[axis] for axis in MESH_AXES)
+  if devices is None:
+    devices = jax.devices()
+    grid = jax.experimental.mesh_utils.create_device_mesh(shape, devices)
+  else:
+    if int(np.prod(shape)) != len(devices):
+      raise ValueError(f"mesh {mesh_shape} needs {int(np.prod(shape))} devices, "
+                       f"{len(devices)} given")
+    grid = np.asarray(devices).reshape(shape)
+  return Mesh(grid, MESH_AXES)
+
+
+def logical_to_spec(logical_axes, shape, mesh: Mesh) -> PartitionSpec:
+  """A PartitionSpec for one array; a dimension the mesh axis does not divide
+  stays replicated (e.g. the 2 ITM classes)."""
+  spec = []
+  for name, size in zip(logical_axes, shape):
+    if name not in LOGICAL_AXIS_RULES:
+      raise ValueError(f"logical axis {name!r} has no sharding rule")
+    mesh_axis = LOGICAL_AXIS_RULES[name]
+    if mesh_axis is not None and size % mesh.shape[mesh_axis] == 0 \
+        and mesh.shape[mesh_axis] > 1:
+      spec.append(mesh_axis)
+    else:
+      spec.append(None)
+  return PartitionSpec(*spec)
+
+
+def tree_shardings(abstract_tree, mesh: Mesh):
+  """NamedShardings for any tree of parameters or optimizer state.
+
+  Variables with `logical_axes` (parameters, and the Adam moments that mirror
+  them) follow the rules; every other leaf (step counters) is replicated.
+  """
+  def one(leaf):
+    if isinstance(leaf, nnx.Variable):
+      axes = leaf.get_metadata().get("logical_axes")
+      spec = (PartitionSpec() if axes is None
+              else logical_to_spec(axes, leaf.shape, mesh))
+      return leaf.replace(NamedSharding(mesh, spec))
+    return NamedSharding(mesh, PartitionSpec())
+  return jax.tree.map(one, abstract_tree,
+                      is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def abstract_model(config: ModelConfig, seed: int):
+  """(graphdef, abstract params) without allocating anything."""
+  model = nnx.eval_shape(lambda: ItemModel(config, rngs=nnx.Rngs(params=seed)))
+  return nnx.split(model)
+
+
+def _state_initializer(config: ModelConfig, optimizer: optax.GradientTransformation,
+                       seed: int):
+  def init():
+    params = nnx.state(ItemModel(config, rngs=nnx.Rngs(params=seed)), nnx.Param)
+    return init_train_state(params, optimizer)
+  return init
+
+
+def abstract_train_state(config: ModelConfig, optimizer: optax.GradientTransformation,
+                         mesh: Mesh, seed: int):
+  """(graphdef, abstract state, state shardings), allocating nothing."""
+  graphdef, _ = abstract_model(config, seed)
+  abstract_state = jax.eval_shape(_state_initializer(config, optimizer, seed))
+  return graphdef, abstract_state, tree_shardings(abstract_state, mesh)
+
+
+def create_train_state(config: ModelConfig, optimizer: optax.GradientTransformation,
+                       mesh: Mesh, seed: int):
+  """(graphdef, state, state shardings): the state is created already sharded.
+
+  Shapes come from `jax.eval_shape`; `jit(init, out_shardings=...)` then
+  materialises each shard on its device, so no host holds the whole model.
+  """
+  graphdef, _, shardings = abstract_train_state(config, optimizer, mesh, seed)
+  state = jax.jit(_state_initializer(config, optimizer, seed),
+                  out_shardings=shardings)()
+  return graphdef, state, shardings
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+  """Examples split over data x fsdp; every other dimension replicated."""
+  return NamedSharding(mesh, PartitionSpec(BATCH_AXES))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, PartitionSpec())
+
+
+def global_batch(local_batch: dict, mesh: Mesh) -> dict:
+  """Host-local numpy batch -> global jax.Arrays sharded over the batch axes."""
+  sharding = batch_sharding(mesh)
+  return {name: jax.make_array_from_process_local_data(sharding, values)
+          for name, values in local_batch.items()}

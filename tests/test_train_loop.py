@@ -1,0 +1,190 @@
+"""The pre-training loop: mesh equivalence, resume, signals, divergence, checkpoints."""
+
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from train_helpers import losses_by_step, tensorboard_scalars, tiny_settings
+from item_jax.train import checkpoint as checkpoint_lib
+from item_jax.train import sharding
+from item_jax.train.loop import DivergedError, train
+from item_jax.train.optimizer import make_optimizer
+
+
+@pytest.fixture(scope="module")
+def data_dir(prepared_catalogue):
+  return str(prepared_catalogue[1])
+
+
+@pytest.fixture(scope="module")
+def reference_run(data_dir, tmp_path_factory):
+  """8 data-parallel devices, 8 steps, uninterrupted."""
+  workdir = tmp_path_factory.mktemp("reference")
+  history = train(tiny_settings(data_dir, "--config.total_steps=8"), str(workdir))
+  return workdir, losses_by_step(history)
+
+
+def test_one_device_data_parallel_and_fsdp_give_the_same_losses(data_dir, tmp_path,
+                                                              reference_run):
+  _, reference = reference_run
+  one_device = train(
+      tiny_settings(data_dir, "--config.total_steps=8", "--config.mesh.data=1",
+                    num_devices=1),
+      str(tmp_path / "one"), devices=jax.devices()[:1])
+  fsdp = train(
+      tiny_settings(data_dir, "--config.total_steps=8", "--config.mesh.data=2",
+                    "--config.mesh.fsdp=4"),
+      str(tmp_path / "fsdp"))
+  for history in (one_device, fsdp):
+    losses = losses_by_step(history)
+    assert sorted(losses) == list(range(1, 9))
+    for step, loss in losses.items():
+      assert loss == pytest.approx(reference[step], rel=2e-5), step
+  assert len(set(reference.values())) > 1
+
+
+def test_tensorboard_holds_every_task_loss(reference_run):
+  workdir, reference = reference_run
+  for task in ("loss", "itm", "mlm", "mim", "gmlm", "gmim", "grad_norm",
+               "learning_rate", "skipped_records"):
+    written = tensorboard_scalars(workdir, f"train/{task}")
+    assert sorted(written) == list(range(1, 9)), task
+  written = tensorboard_scalars(workdir, "train/loss")
+  for step, loss in reference.items():
+    assert written[step] == pytest.approx(loss, rel=1e-6)
+  config = json.loads((workdir / "config.json").read_text())
+  assert config["total_steps"] == 8 and config["model"]["size"] == "tiny"
+
+
+def test_checkpoints_restore_onto_another_mesh(data_dir, reference_run):
+  workdir, _ = reference_run
+  settings = tiny_settings(data_dir, "--config.total_steps=8")
+  optimizer = make_optimizer(settings.optimizer)
+  checkpointer = checkpoint_lib.Checkpointer(workdir / "checkpoints", 3, 3)
+  assert checkpointer.latest_step() == 8
+  restored = {}
+  for name, mesh_shape, devices in (
+      ("dp8", {"data": 8, "fsdp": 1, "model": 1}, jax.devices()),
+      ("fsdp4", {"data": 1, "fsdp": 4, "model": 1}, jax.devices()[:4])):
+    mesh = sharding.make_mesh(mesh_shape, devices)
+    _, abstract, shardings = sharding.abstract_train_state(
+        settings.model, optimizer, mesh, 0)
+    state, meta = checkpointer.restore(
+        checkpoint_lib.abstract_with_shardings(abstract, shardings))
+    assert meta["step"] == 8 and meta["next_example_index"] == 64
+    kernel = state.params["layers"][0]["intermediate"]["kernel"].value
+    assert kernel.sharding.mesh.shape == mesh.shape
+    restored[name] = jax.device_get(state)
+  checkpointer.close()
+  for a, b in zip(jax.tree.leaves(restored["dp8"]), jax.tree.leaves(restored["fsdp4"])):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_a_half_written_checkpoint_is_ignored(reference_run, tmp_path):
+  workdir, _ = reference_run
+  import shutil
+  copy = tmp_path / "checkpoints"
+  shutil.copytree(workdir / "checkpoints", copy)
+  # What a crash in the middle of saving step 11 leaves behind.
+  (copy / "11.orbax-checkpoint-tmp" / "state").mkdir(parents=True)
+  (copy / "11.orbax-checkpoint-tmp" / "state" / "partial").write_bytes(b"\0" * 10)
+  checkpointer = checkpoint_lib.Checkpointer(copy, 3, 3)
+  assert checkpointer.latest_step() == 8
+  checkpointer.close()
+
+
+def _train_command(data_dir, workdir, *overrides):
+  return [sys.executable, "-m", "item_jax", "train",
+          "--config", "configs/item_tiny.py:runlocal", "--workdir", str(workdir),
+          f"--config.data.dir={data_dir}", "--config.model.image_size=32",
+          "--config.model.patch_size=8", "--config.data.max_title_len=16",
+          "--config.global_batch_size=8", "--config.log_every_steps=1",
+          "--config.optimizer.warmup_steps=2", "--config.total_steps=8",
+          "--config.checkpoint_every_steps=2", *overrides]
+
+
+def _wait_for(predicate, process, timeout=240):
+  deadline = time.time() + timeout
+  while time.time() < deadline:
+    if predicate():
+      return
+    if process.poll() is not None:
+      raise AssertionError(f"training exited early with {process.returncode}")
+    time.sleep(0.05)
+  raise AssertionError("timed out")
+
+
+@pytest.mark.timeout(600)
+def test_a_killed_run_resumes_with_identical_losses(data_dir, tmp_path, reference_run):
+  _, reference = reference_run
+  workdir = tmp_path / "killed"
+  command = _train_command(data_dir, workdir)
+  process = subprocess.Popen(command, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+  _wait_for(lambda: (workdir / "checkpoints" / "4").exists(), process)
+  process.send_signal(signal.SIGKILL)
+  process.wait()
+  assert process.returncode == -signal.SIGKILL
+  subprocess.run(command, check=True, stdout=subprocess.DEVNULL,
+                 stderr=subprocess.DEVNULL)
+  resumed = tensorboard_scalars(workdir, "train/loss")
+  assert sorted(resumed) == list(range(1, 9))
+  for step in range(1, 9):
+    assert resumed[step] == pytest.approx(reference[step], rel=2e-5), step
+
+
+@pytest.mark.timeout(600)
+def test_sigterm_saves_at_the_next_step_and_exits_cleanly(data_dir, tmp_path):
+  workdir = tmp_path / "terminated"
+  process = subprocess.Popen(
+      _train_command(data_dir, workdir, "--config.total_steps=400",
+                     "--config.checkpoint_every_steps=1000"),
+      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+  _wait_for(lambda: list(workdir.glob("events.out.tfevents.*")), process)
+  time.sleep(1.0)
+  process.send_signal(signal.SIGTERM)
+  _, stderr = process.communicate(timeout=240)
+  assert process.returncode == 0, stderr[-2000:]
+  checkpointer = checkpoint_lib.Checkpointer(workdir / "checkpoints", 1000, 3)
+  saved = checkpointer.all_steps()
+  checkpointer.close()
+  assert len(saved) == 1 and 1 <= saved[0] < 400
+  assert "stopping at step" in stderr
+
+
+def test_non_finite_steps_are_skipped_then_stop_the_run(data_dir, tmp_path,
+                                                       monkeypatch):
+  from item_jax.data import indexed
+  original = indexed.IndexedSource.batches
+
+  def poisoned(self, start_step):
+    for step, batch in enumerate(original(self, start_step), start=start_step):
+      if step >= 2:
+        batch = dict(batch, image=np.full_like(batch["image"], np.nan))
+      yield batch
+
+  monkeypatch.setattr(indexed.IndexedSource, "batches", poisoned)
+  workdir = tmp_path / "diverged"
+  with pytest.raises(DivergedError, match="3 consecutive steps"):
+    train(tiny_settings(data_dir, "--config.total_steps=8",
+                        "--config.max_nonfinite_steps=3",
+                        "--config.checkpoint_every_steps=1"), str(workdir))
+  checkpointer = checkpoint_lib.Checkpointer(workdir / "checkpoints", 1, 10)
+  steps = checkpointer.all_steps()
+  assert steps, "the finite steps were checkpointed"
+  settings = tiny_settings(data_dir, "--config.total_steps=8")
+  mesh = sharding.make_mesh({"data": 8, "fsdp": 1, "model": 1})
+  _, abstract, shardings = sharding.abstract_train_state(
+      settings.model, make_optimizer(settings.optimizer), mesh, 0)
+  for step in steps:
+    state, _ = checkpointer.restore(
+        checkpoint_lib.abstract_with_shardings(abstract, shardings), step)
+    assert all(np.isfinite(leaf).all() for leaf in jax.tree.leaves(
+        jax.device_get(state.params)))
+  checkpointer.close()
