@@ -11,15 +11,18 @@ def _quiet_tensorflow():
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
-def _pretrain_random(args):
-  from item_jax.train.random_pretrain import pretrain_random
-  report = pretrain_random(args.workdir, steps=args.steps,
-                           batch_size=args.batch_size, size=args.size,
-                           seed=args.seed)
-  print(f"pre-trained '{report['model_size']}' on random listings for "
-        f"{report['steps']} steps in {report['seconds']} s: total loss "
-        f"{report['first_loss']:.3f} -> {report['last_loss']:.3f}")
-  print(f"metrics: {os.path.join(args.workdir, 'metrics.json')}")
+def _demo(args, overrides):
+  from item_jax.demo import run_demo
+  summary = run_demo(args.workdir, num_products=args.num_products,
+                     seed=args.seed, overrides=overrides)
+  first, last = summary.get("first_step"), summary.get("last_step")
+  print(f"\nITEm demo in {summary['workdir']}")
+  if first and last:
+    print(f"{'task':<10}{'step ' + str(first['step']):>12}{'step ' + str(last['step']):>12}")
+    for task in ("loss", "itm", "mlm", "mim", "gmlm", "gmim"):
+      if task in last:
+        print(f"{task:<10}{first[task]:>12.4f}{last[task]:>12.4f}")
+  print(f"TensorBoard: tensorboard --logdir {summary['train_workdir']}")
 
 
 def _synth(args):
@@ -116,15 +119,12 @@ def build_parser() -> argparse.ArgumentParser:
   train.add_argument("--process-id", type=int, default=None)
   train.set_defaults(run=_train, takes_overrides=True)
 
-  random_run = commands.add_parser(
-      "pretrain-random",
-      help="pre-train a small model on generated random listings (a smoke run)")
-  random_run.add_argument("--workdir", required=True)
-  random_run.add_argument("--steps", type=int, default=150)
-  random_run.add_argument("--batch-size", type=int, default=16)
-  random_run.add_argument("--size", default="tiny")
-  random_run.add_argument("--seed", type=int, default=0)
-  random_run.set_defaults(run=_pretrain_random)
+  demo = commands.add_parser(
+      "demo", help="synthetic catalogue -> prepare -> pre-train the tiny model")
+  demo.add_argument("--workdir", default="runs/demo")
+  demo.add_argument("--num-products", type=int, default=1250)
+  demo.add_argument("--seed", type=int, default=0)
+  demo.set_defaults(run=_demo, takes_overrides=True)
   return parser
 
 

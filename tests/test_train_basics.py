@@ -1,7 +1,5 @@
 """Optimizer schedule and decay mask, the pure train step, the random-data run."""
 
-import json
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -11,7 +9,6 @@ from helpers import TOKENS, tiny_batch, tiny_config
 from item_jax.objectives import ObjectiveConfig
 from item_jax.train.optimizer import (OptimizerConfig, learning_rate_schedule,
                                       make_optimizer, weight_decay_mask)
-from item_jax.train.random_pretrain import pretrain_random
 from item_jax.train.step import init_model, init_train_state, make_train_step
 
 
@@ -76,10 +73,3 @@ def test_train_step_is_deterministic_and_counts_steps():
   assert int(second.step) == 2
   assert float(metrics_c["loss"]) != float(metrics_a["loss"])
   assert np.isfinite(float(metrics_a["grad_norm"]))
-
-
-def test_random_pretraining_lowers_the_loss_and_writes_metrics(tmp_path):
-  report = pretrain_random(str(tmp_path), steps=100, batch_size=8, log_every=25)
-  assert report["last_loss"] < 0.93 * report["first_loss"]
-  written = json.loads((tmp_path / "metrics.json").read_text())
-  assert [row["step"] for row in written["history"]] == [0, 25, 50, 75, 99]

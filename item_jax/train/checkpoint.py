@@ -9,6 +9,7 @@ so a step left half-written by a crash is never listed or restored.
 """
 
 import logging
+import os
 
 import jax
 import orbax.checkpoint as ocp
@@ -19,7 +20,10 @@ class Checkpointer:
 
   def __init__(self, directory, every_steps: int, keep: int,
                async_saves: bool = True):
-    self.directory = epath.Path(directory)
+    directory = str(directory)
+    # Orbax needs absolute paths; gs:// and other URLs already are.
+    self.directory = epath.Path(directory if "://" in directory
+                                else os.path.abspath(directory))
     options = ocp.CheckpointManagerOptions(
         save_interval_steps=every_steps, max_to_keep=keep, create=True,
         enable_async_checkpointing=async_saves)
