@@ -73,3 +73,44 @@ def test_train_step_is_deterministic_and_counts_steps():
   assert int(second.step) == 2
   assert float(metrics_c["loss"]) != float(metrics_a["loss"])
   assert np.isfinite(float(metrics_a["grad_norm"]))
+
+
+def test_gradient_accumulation_matches_the_whole_batch():
+  # MIM alone (no ITM re-pairing, which depends on the batch) weighs every
+  # example equally, so two half-batch means average to the whole-batch mean
+  # and the accumulated update equals the full one.
+  graphdef, params = init_model(tiny_config(), seed=0)
+  optimizer = make_optimizer(OptimizerConfig(learning_rate=1e-3, warmup_steps=0,
+                                             total_steps=10))
+  objectives = ObjectiveConfig(itm_weight=0.0, mlm_weight=0.0, gmlm_weight=0.0,
+                               gmim_weight=0.0)
+  batch = dict(tiny_batch(batch=8), index=jnp.arange(8, dtype=jnp.int32))
+  results = {}
+  for accumulation in (1, 2):
+    step = jax.jit(make_train_step(graphdef, optimizer, objectives, TOKENS, seed=0,
+                                   accumulation_steps=accumulation))
+    results[accumulation] = step(init_train_state(params, optimizer), batch)
+  (whole, whole_metrics), (accumulated, accumulated_metrics) = results[1], results[2]
+  assert float(accumulated_metrics["loss"]) == pytest.approx(
+      float(whole_metrics["loss"]), rel=1e-5)
+  for a, b in zip(jax.tree.leaves(whole.params), jax.tree.leaves(accumulated.params)):
+    np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+def test_a_non_finite_step_applies_no_update():
+  graphdef, params = init_model(tiny_config(), seed=0)
+  optimizer = make_optimizer(OptimizerConfig(learning_rate=1e-3, warmup_steps=0,
+                                             total_steps=10))
+  step = jax.jit(make_train_step(graphdef, optimizer, ObjectiveConfig(), TOKENS, seed=0))
+  batch = dict(tiny_batch(batch=4), index=jnp.arange(4, dtype=jnp.int32))
+  poisoned = dict(batch, image=jnp.full_like(batch["image"], jnp.nan))
+  state = init_train_state(params, optimizer)
+  after, metrics = step(state, poisoned)
+  assert float(metrics["nonfinite"]) == 1.0 and int(after.nonfinite_streak) == 1
+  assert int(after.step) == 1
+  for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(after.params)):
+    np.testing.assert_array_equal(a, b)
+  again, _ = step(after, poisoned)
+  assert int(again.nonfinite_streak) == 2
+  recovered, metrics = step(again, batch)
+  assert int(recovered.nonfinite_streak) == 0 and float(metrics["nonfinite"]) == 0.0

@@ -1,6 +1,7 @@
 """The pre-training loop: mesh equivalence, resume, signals, divergence, checkpoints."""
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -188,3 +189,30 @@ def test_non_finite_steps_are_skipped_then_stop_the_run(data_dir, tmp_path,
     assert all(np.isfinite(leaf).all() for leaf in jax.tree.leaves(
         jax.device_get(state.params)))
   checkpointer.close()
+
+
+@pytest.mark.timeout(600)
+def test_two_processes_match_one_process_with_eight_devices(data_dir, tmp_path,
+                                                            reference_run):
+  """jax.distributed over localhost: 2 processes x 4 simulated CPU devices."""
+  _, reference = reference_run
+  workdir = tmp_path / "two_processes"
+  port = 20000 + os.getpid() % 20000
+  environment = dict(os.environ)
+  environment["XLA_FLAGS"] = environment["XLA_FLAGS"].replace(
+      "--xla_force_host_platform_device_count=8",
+      "--xla_force_host_platform_device_count=4")
+  processes = [
+      subprocess.Popen(
+          _train_command(data_dir, workdir, "--coordinator", f"localhost:{port}",
+                         "--num-processes", "2", "--process-id", str(index)),
+          env=environment, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+          text=True)
+      for index in range(2)]
+  errors = [process.communicate(timeout=540)[1] for process in processes]
+  for process, error in zip(processes, errors):
+    assert process.returncode == 0, error[-3000:]
+  losses = tensorboard_scalars(workdir, "train/loss")
+  assert sorted(losses) == list(range(1, 9))
+  for step, loss in losses.items():
+    assert loss == pytest.approx(reference[step], rel=2e-5), step

@@ -1,0 +1,77 @@
+"""Configs: loading, overrides, and every bad value named before any compute."""
+
+import pytest
+
+from item_jax.train.config import load_config, resolve_mesh_shape, validate
+
+
+@pytest.fixture(scope="module")
+def data_dir(prepared_catalogue):
+  return str(prepared_catalogue[1])
+
+
+def _config(*overrides):
+  return load_config("configs/item_tiny.py:runlocal", list(overrides))
+
+
+def test_both_configs_load_and_validate(data_dir):
+  for spec in ("configs/item_tiny.py", "configs/item_base.py",
+               "configs/item_base.py:runlocal"):
+    config = load_config(spec, [f"--config.data.dir={data_dir}"])
+    settings = validate(config, num_devices=8)
+    assert settings.model.vocab_size == settings.dataset["vocab_size"]
+  base = load_config("configs/item_base.py", [f"--config.data.dir={data_dir}"])
+  settings = validate(base, num_devices=8)
+  assert (settings.model.num_layers, settings.model.hidden_size) == (12, 768)
+  assert base.global_batch_size == 512 and base.total_steps == 100_000
+
+
+def test_overrides_reach_nested_fields_with_their_types(data_dir):
+  config = _config("--config.optimizer.learning_rate=3e-4", "--config.mesh.fsdp=4",
+                   "--config.model.dtype=bfloat16", f"--config.data.dir={data_dir}")
+  settings = validate(config, num_devices=8)
+  assert settings.optimizer.learning_rate == 3e-4
+  assert settings.mesh_shape == {"data": 2, "fsdp": 4, "model": 1}
+  assert settings.model.dtype == "bfloat16"
+
+
+@pytest.mark.parametrize("override, message", [
+    ("--config.optimizer.lr=1", "unknown config field 'optimizer.lr'"),
+    ("--config.colour=1", "unknown config field 'colour'"),
+    ("--config.total_steps=many", "total_steps"),
+    ("--config.optimizer.learning_rate", "not of the form"),
+])
+def test_bad_overrides_name_the_field(override, message):
+  with pytest.raises(ValueError, match=message):
+    _config(override)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["--config.global_batch_size=12"], "global_batch_size=12 .* data-parallel size 8"),
+    (["--config.mesh.data=3"], "config.mesh"),
+    (["--config.model.size='huge'"], "model.size='huge'"),
+    (["--config.model.patch_size=7"], "not divisible by model.patch_size"),
+    (["--config.objectives.mlm_weight=-1.0"], "objectives.mlm_weight"),
+    (["--config.optimizer.decay='step'"], "optimizer.decay"),
+    (["--config.data.split='dev'"], "config.data.split='dev'"),
+    (["--config.grad_accumulation_steps=3"], "grad_accumulation_steps=3"),
+])
+def test_bad_values_fail_before_compute(data_dir, overrides, message):
+  with pytest.raises(ValueError, match=message):
+    validate(_config(f"--config.data.dir={data_dir}", *overrides), num_devices=8)
+
+
+def test_a_missing_data_dir_is_named(tmp_path):
+  with pytest.raises(ValueError, match="config.data.dir is not set"):
+    validate(_config(), num_devices=8)
+  with pytest.raises(ValueError, match="no dataset.json"):
+    validate(_config(f"--config.data.dir={tmp_path}"), num_devices=8)
+
+
+def test_mesh_shapes_resolve_one_free_axis():
+  assert resolve_mesh_shape({"data": -1, "fsdp": 2, "model": 1}, 8) == {
+      "data": 4, "fsdp": 2, "model": 1}
+  with pytest.raises(ValueError, match="only one axis may be -1"):
+    resolve_mesh_shape({"data": -1, "fsdp": -1, "model": 1}, 8)
+  with pytest.raises(ValueError, match="uses 4 devices, but 8"):
+    resolve_mesh_shape({"data": 2, "fsdp": 2, "model": 1}, 8)
