@@ -216,3 +216,33 @@ def test_two_processes_match_one_process_with_eight_devices(data_dir, tmp_path,
   assert sorted(losses) == list(range(1, 9))
   for step, loss in losses.items():
     assert loss == pytest.approx(reference[step], rel=2e-5), step
+
+
+@pytest.mark.timeout(600)
+def test_a_signal_to_one_process_stops_both_at_the_same_step(data_dir, tmp_path):
+  workdir = tmp_path / "two_processes_signalled"
+  port = 20000 + (os.getpid() + 1) % 20000
+  environment = dict(os.environ)
+  environment["XLA_FLAGS"] = environment["XLA_FLAGS"].replace(
+      "--xla_force_host_platform_device_count=8",
+      "--xla_force_host_platform_device_count=4")
+  processes = [
+      subprocess.Popen(
+          _train_command(data_dir, workdir, "--config.total_steps=400",
+                         "--config.checkpoint_every_steps=1000",
+                         "--coordinator", f"localhost:{port}",
+                         "--num-processes", "2", "--process-id", str(index)),
+          env=environment, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+          text=True)
+      for index in range(2)]
+  _wait_for(lambda: list(workdir.glob("events.out.tfevents.*")), processes[0])
+  time.sleep(1.0)
+  processes[1].send_signal(signal.SIGUSR1)  # only the second process hears it
+  errors = [process.communicate(timeout=300)[1] for process in processes]
+  for process, error in zip(processes, errors):
+    assert process.returncode == 0, error[-3000:]
+    assert "stopping at step" in error
+  checkpointer = checkpoint_lib.Checkpointer(workdir / "checkpoints", 1000, 3)
+  saved = checkpointer.all_steps()
+  checkpointer.close()
+  assert len(saved) == 1 and 1 <= saved[0] < 400
