@@ -191,3 +191,21 @@ def test_titles_longer_than_the_position_table_are_refused():
   model = tiny_model(max_title_positions=8)
   with pytest.raises(ValueError, match="max_title_positions=8"):
     model.encode(jnp.ones((1, 8), jnp.int32))
+
+
+@pytest.mark.parametrize("remat", ["block", "full"])
+def test_rematerialised_blocks_give_the_same_gradients(remat):
+  from item_jax.objectives import ObjectiveConfig, pretraining_loss
+  from helpers import TOKENS
+  batch = tiny_batch()
+  keys = jax.random.split(jax.random.key(0), 4)
+
+  def grads(model):
+    graphdef, params = nnx.split(model)
+    loss = lambda p: pretraining_loss(nnx.merge(graphdef, p), batch, keys,
+                                      ObjectiveConfig(), TOKENS)[0]
+    return jax.jit(jax.grad(loss))(params)
+
+  plain, rematerialised = grads(tiny_model()), grads(tiny_model(remat=remat))
+  for a, b in zip(jax.tree.leaves(plain), jax.tree.leaves(rematerialised)):
+    np.testing.assert_allclose(a, b, atol=1e-6)

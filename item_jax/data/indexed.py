@@ -201,9 +201,16 @@ class IndexedSource:
 
   def abstract_global_batch(self, sharding) -> dict:
     """ShapeDtypeStructs of one global batch, for compiling the step."""
-    batch, size = self.global_batch_size, self.image_size
-    shapes = {"title_ids": ((batch, self.max_title_len), np.int32),
-              "image": ((batch, size, size, 3), np.float32),
-              "valid": ((batch,), np.bool_), "index": ((batch,), np.int32)}
-    return {name: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
-            for name, (shape, dtype) in shapes.items()}
+    return abstract_global_batch(self.global_batch_size, self.image_size,
+                                 self.max_title_len, sharding)
+
+
+def abstract_global_batch(global_batch_size: int, image_size: int,
+                          max_title_len: int, sharding=None) -> dict:
+  """ShapeDtypeStructs of one global training batch; needs no data (AOT compile)."""
+  batch, size = global_batch_size, image_size
+  shapes = {"title_ids": ((batch, max_title_len), np.int32),
+            "image": ((batch, size, size, 3), np.float32),
+            "valid": ((batch,), np.bool_), "index": ((batch,), np.int32)}
+  return {name: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
+          for name, (shape, dtype) in shapes.items()}

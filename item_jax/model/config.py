@@ -42,6 +42,10 @@ class ModelConfig:
   dtype: str = "float32"
   # Which `jax.nn.dot_product_attention` implementation: None (XLA) or "cudnn".
   attention_implementation: str | None = None
+  # Rematerialisation of encoder blocks in the backward pass: "none", "block"
+  # (keep the blocks' matmul outputs, recompute the rest) or "full" (keep
+  # only each block's input).
+  remat: str = "none"
 
   def __post_init__(self):
     if self.hidden_size % self.num_heads:
@@ -55,6 +59,9 @@ class ModelConfig:
     if self.dtype not in ("float32", "bfloat16", "float16"):
       raise ValueError(f"model.dtype={self.dtype!r}: expected float32, "
                        "bfloat16 or float16")
+    if self.remat not in ("none", "block", "full"):
+      raise ValueError(f"model.remat={self.remat!r}: expected 'none', 'block' "
+                       "or 'full'")
     if self.attention_implementation not in (None, "xla", "cudnn"):
       raise ValueError("model.attention_implementation="
                        f"{self.attention_implementation!r}: expected None, "

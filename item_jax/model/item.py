@@ -36,6 +36,23 @@ def patchify(image: jax.Array, patch_size: int) -> jax.Array:
   return patches.reshape(batch, rows * cols, patch_size * patch_size * channels)
 
 
+_REMAT_POLICIES = {
+    "block": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "full": jax.checkpoint_policies.nothing_saveable,
+}
+
+
+def _call_layer(layer, x, token_mask, key):
+  return layer(x, token_mask, key)
+
+
+def _layer_runner(remat: str):
+  """Calls one encoder block, rematerialised in the backward pass if asked."""
+  if remat == "none":
+    return _call_layer
+  return nnx.remat(_call_layer, policy=_REMAT_POLICIES[remat])
+
+
 class Embeddings(nnx.Module):
   """Word, title-position, image-position and modality-type embeddings."""
 
@@ -119,7 +136,8 @@ class ItemModel(nnx.Module):
              image: jax.Array | None = None, *,
              title_mask: jax.Array | None = None,
              masked_patches: jax.Array | None = None,
-             dropout_key: jax.Array | None = None) -> Encoded:
+             dropout_key: jax.Array | None = None,
+             num_layers: int | None = None) -> Encoded:
     """Runs the encoder on whichever modalities are given.
 
     Args:
@@ -130,6 +148,8 @@ class ItemModel(nnx.Module):
       masked_patches: (batch, num_patches) bool, patches replaced by the mask
         embedding.
       dropout_key: PRNG key enabling dropout (training); None disables it.
+      num_layers: run only the first this many blocks (default all), e.g. to
+        read the input of the last block when inspecting its attention.
     """
     if title_ids is None and image is None:
       raise ValueError("encode needs title_ids, image, or both")
@@ -149,8 +169,9 @@ class ItemModel(nnx.Module):
             else list(jax.random.split(dropout_key, len(self.layers) + 1)))
     x = self.embeddings.norm(jnp.concatenate(parts, axis=1))
     x = dropout(x, self.config.dropout_rate, keys[0])
-    for layer, key in zip(self.layers, keys[1:]):
-      x = layer(x, token_mask, key)
+    run_layer = _layer_runner(self.config.remat)
+    for layer, key in zip(self.layers[:num_layers], keys[1:]):
+      x = run_layer(layer, x, token_mask, key)
     title_len = 0 if title_ids is None else title_ids.shape[1]
     return Encoded(
         cls=x[:, 0],

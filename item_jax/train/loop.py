@@ -133,15 +133,13 @@ def train(settings: TrainSettings, workdir: str, devices=None) -> list[dict]:
       seed=config.seed, image_size=settings.model.image_size,
       max_title_len=config.data.max_title_len, resize=config.data.resize,
       process_index=jax.process_index(), process_count=jax.process_count())
-  batch_shardings = sharding.batch_sharding(mesh)
-  train_step = jax.jit(
+  train_step = sharding.jit_train_step(
       make_train_step(graphdef, optimizer, settings.objectives,
                       _token_spec(settings), config.seed,
                       config.grad_accumulation_steps),
-      in_shardings=(state_shardings, batch_shardings),
-      out_shardings=(state_shardings, sharding.replicated(mesh)),
-      donate_argnums=0)
-  compiled = train_step.lower(state, source.abstract_global_batch(batch_shardings)).compile()
+      state_shardings, mesh)
+  compiled = train_step.lower(
+      state, source.abstract_global_batch(sharding.batch_sharding(mesh))).compile()
   _log_compiled(compiled, settings, config.global_batch_size)
   logging.info("global batch %d, %d per process, %d per device; mesh %s",
                config.global_batch_size, process_batch,

@@ -126,6 +126,15 @@ def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, PartitionSpec())
 
 
+def jit_train_step(train_step, state_shardings, mesh: Mesh):
+  """The step as training runs it (and `item-jax compile` compiles it): the
+  state keeps its shardings and is donated, the batch is split over the batch
+  axes, metrics come back replicated."""
+  return jax.jit(train_step, in_shardings=(state_shardings, batch_sharding(mesh)),
+                 out_shardings=(state_shardings, replicated(mesh)),
+                 donate_argnums=0)
+
+
 def global_batch(local_batch: dict, mesh: Mesh) -> dict:
   """Host-local numpy batch -> global jax.Arrays sharded over the batch axes."""
   sharding = batch_sharding(mesh)
