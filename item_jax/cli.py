@@ -1,6 +1,7 @@
 """The `item-jax` command line: parses flags and calls the packages, nothing more."""
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -22,6 +23,11 @@ def _demo(args, overrides):
     for task in ("loss", "itm", "mlm", "mim", "gmlm", "gmim"):
       if task in last:
         print(f"{task:<10}{first[task]:>12.4f}{last[task]:>12.4f}")
+  from item_jax.eval.report import headline_table
+  print(f"\nEvaluation at step {summary['report']['meta']['step']} "
+        "(test split; k-NN and probe trained on the training split)")
+  print(headline_table(summary["report"], markdown=False))
+  print(f"report: {summary['eval'].get('markdown')}")
   print(f"TensorBoard: tensorboard --logdir {summary['train_workdir']}")
 
 
@@ -63,6 +69,82 @@ def _train(args, overrides):
         if name != "step"))
 
 
+def _compile(args, overrides):
+  # Compiling reads no data and runs nothing: local accelerators are not needed.
+  os.environ.setdefault("JAX_PLATFORMS", "cpu")
+  from item_jax.launch import compile as compile_lib
+  compile_lib.simulate_cpu_devices(args.topology)
+  from item_jax.train.config import load_config
+  try:
+    target = compile_lib.parse_target(args.topology, args.hbm_gib)
+    report = compile_lib.compile_train_step(load_config(args.config, overrides),
+                                            target, args.vocab_size)
+  except compile_lib.DoesNotFitError as error:
+    sys.exit(f"does not fit: {error}")
+  except ValueError as error:  # a bad topology or config: no traceback
+    sys.exit(f"item-jax compile: {error}")
+  print(json.dumps(report, indent=2) if args.json
+        else compile_lib.format_report(report))
+
+
+def _embed(args):
+  from item_jax.eval.embed import embed_command
+  _initialize_distributed(args)
+  summary = embed_command(args.workdir, args.data, args.split, args.output,
+                          step=args.step, view=args.modality,
+                          batch_size=args.batch_size)
+  print(f"embedded {summary['count']} {args.split} listings ({args.modality}, "
+        f"dim {summary['dim']}, step {summary['step']}): "
+        f"{' '.join(summary['paths'])}")
+
+
+def _eval(args):
+  from item_jax.eval.evaluate import EvalOptions
+  from item_jax.eval.report import compare_table, eval_command, headline_table
+  _initialize_distributed(args)
+  options = EvalOptions(step=args.step, batch_size=args.batch_size,
+                        knn_k=args.knn_k, probe_steps=args.probe_steps,
+                        max_train_examples=args.max_train_examples)
+  report, paths, compared = eval_command(args.workdir, args.data, args.compare,
+                                         options)
+  print(headline_table(report, markdown=False))
+  if compared:
+    print("\n" + compare_table(compared, markdown=False))
+  if paths:
+    print(f"report: {paths['markdown']}")
+
+
+def _convert(args, overrides):
+  from item_jax.convert import commands
+  config = None
+  if getattr(args, "config", None):
+    from item_jax.train.config import load_config
+    config = load_config(args.config, overrides)
+  elif overrides:
+    sys.exit("--config.* overrides need --config FILE[:ARG]")
+  if args.layout == "hf-bert":
+    commands.hf_bert_to_workdir(args.checkpoint, args.workdir, args.image_size,
+                                args.patch_size, config)
+  elif args.layout == "hf-vit":
+    commands.hf_vit_into_workdir(args.checkpoint, args.workdir)
+  elif args.layout == "torch":
+    if (args.checkpoint is None) == (args.output is None):
+      sys.exit("convert torch: give CHECKPOINT (torch -> --workdir) or "
+               "--output (--workdir -> torch), not both")
+    if args.output:
+      commands.workdir_to_torch(args.workdir, args.output, args.step)
+    else:
+      commands.torch_to_workdir(args.checkpoint, args.workdir, config)
+  elif args.layout == "export":
+    commands.export(args.workdir, args.output, args.step, args.tokenizer,
+                    args.format)
+  elif args.layout == "import":
+    commands.import_export(args.checkpoint, args.workdir, config)
+  else:
+    commands.reshard(args.workdir, args.output, args.mesh, args.num_devices,
+                     args.step)
+
+
 def _initialize_distributed(args):
   """jax.distributed.initialize() before any other JAX call, when several
   processes run: explicit flags, or what SLURM / a TPU pod provides."""
@@ -98,7 +180,9 @@ def build_parser() -> argparse.ArgumentParser:
   prepare.add_argument("--num-shards", type=int, default=8)
   prepare.add_argument("--vocab-size", type=int, default=8000)
   prepare.add_argument("--tokenizer", default=None,
-                       help="reuse this sentencepiece .model instead of training one")
+                       help="reuse this tokenizer instead of training one: a "
+                       "sentencepiece .model, or a converted checkpoint's "
+                       "tokenizer.json / vocab.txt (WordPiece)")
   prepare.add_argument("--columns", default=None,
                        help="renames, e.g. item_id=posting_id,product_id=label_group")
   prepare.add_argument("--split-by", choices=["product"], default="product")
@@ -112,20 +196,125 @@ def build_parser() -> argparse.ArgumentParser:
       epilog="Any config field can be overridden: --config.optimizer.learning_rate=3e-4")
   train.add_argument("--config", required=True, help="path/to/config.py[:arg]")
   train.add_argument("--workdir", required=True)
-  train.add_argument("--distributed", action="store_true",
-                     help="jax.distributed.initialize() from the cluster's environment")
-  train.add_argument("--coordinator", default=None, help="host:port of process 0")
-  train.add_argument("--num-processes", type=int, default=None)
-  train.add_argument("--process-id", type=int, default=None)
+  _add_distributed_flags(train)
   train.set_defaults(run=_train, takes_overrides=True)
 
+  compile_step = commands.add_parser(
+      "compile", help="compile the train step ahead of time for a TPU slice: "
+      "memory per chip, FLOPs, collectives",
+      epilog="Any config field can be overridden: --config.mesh.fsdp=16")
+  compile_step.add_argument("--config", required=True, help="path/to/config.py[:arg]")
+  compile_step.add_argument("--topology", required=True,
+                            help="v4-32, v5e-256, v5p-256, v6e-64, ... or cpu-N "
+                            "(N simulated CPU devices)")
+  compile_step.add_argument("--vocab-size", type=int, default=32000,
+                            help="the tokenizer's size (no data is read)")
+  compile_step.add_argument("--hbm-gib", type=float, default=None,
+                            help="memory per device to fit in (default: the "
+                            "TPU chip's HBM; none for cpu-N)")
+  compile_step.add_argument("--json", action="store_true",
+                            help="print the report as JSON")
+  compile_step.set_defaults(run=_compile, takes_overrides=True)
+
+  embed = commands.add_parser(
+      "embed", help="embeddings of every listing of a split from a checkpoint")
+  embed.add_argument("--workdir", required=True, help="a training workdir")
+  embed.add_argument("--data", required=True, help="a `prepare` output folder")
+  embed.add_argument("--split", default="test")
+  embed.add_argument("--output", required=True,
+                     help="writes OUTPUT.npy and OUTPUT.ids.json")
+  embed.add_argument("--step", type=int, default=None,
+                     help="checkpoint step (default: the latest)")
+  embed.add_argument("--modality", choices=["both", "title", "image"],
+                     default="both")
+  embed.add_argument("--batch-size", type=int, default=None,
+                     help="global batch (default: 64 per batch shard)")
+  _add_distributed_flags(embed)
+  embed.set_defaults(run=_embed)
+
+  evaluate = commands.add_parser(
+      "eval", help="retrieval, category prediction and baselines -> "
+      "WORKDIR/eval/report.{json,md}")
+  evaluate.add_argument("--workdir", required=True, help="a training workdir")
+  evaluate.add_argument("--data", required=True, help="a `prepare` output folder")
+  evaluate.add_argument("--compare", nargs="*", default=[], metavar="WORKDIR",
+                        help="other workdirs (ablations) for a side-by-side table")
+  evaluate.add_argument("--step", type=int, default=None)
+  evaluate.add_argument("--batch-size", type=int, default=None)
+  evaluate.add_argument("--knn-k", type=int, default=10)
+  evaluate.add_argument("--probe-steps", type=int, default=300)
+  evaluate.add_argument("--max-train-examples", type=int, default=None,
+                        help="cap the training listings used as the k-NN "
+                        "index and the probe's training set")
+  _add_distributed_flags(evaluate)
+  evaluate.set_defaults(run=_eval)
+
+  _add_convert_parser(commands)
+
   demo = commands.add_parser(
-      "demo", help="synthetic catalogue -> prepare -> pre-train the tiny model")
+      "demo", help="synthetic catalogue -> prepare -> pre-train the tiny model "
+      "-> evaluate against baselines")
   demo.add_argument("--workdir", default="runs/demo")
   demo.add_argument("--num-products", type=int, default=1250)
   demo.add_argument("--seed", type=int, default=0)
   demo.set_defaults(run=_demo, takes_overrides=True)
   return parser
+
+
+def _add_convert_parser(commands):
+  convert = commands.add_parser(
+      "convert", help="checkpoint conversion: Hugging Face BERT/ViT, the torch "
+      "reference, serving exports, resharding")
+  layouts = convert.add_subparsers(dest="layout", required=True)
+  config_help = "train config FILE[:ARG] for the written run (default: the defaults)"
+
+  def layout(name, help_text, checkpoint=None, config=False):
+    sub = layouts.add_parser(name, help=help_text)
+    if checkpoint:
+      sub.add_argument("checkpoint", nargs="?" if name == "torch" else None,
+                       help=checkpoint)
+    sub.add_argument("--workdir", required=True, help="an item-jax work directory")
+    if config:
+      sub.add_argument("--config", default=None, help=config_help)
+    sub.set_defaults(run=_convert, takes_overrides=True)
+    return sub
+
+  bert = layout("hf-bert", "BERT text side -> step 0 of a pre-training run",
+                "a Hugging Face BERT folder (config.json, model.safetensors or "
+                "pytorch_model.bin, vocab.txt)", config=True)
+  bert.add_argument("--image-size", type=int, default=224)
+  bert.add_argument("--patch-size", type=int, default=16)
+  layout("hf-vit", "ViT patch embedding + image positions -> a converted "
+         "workdir's image side", "a Hugging Face ViT folder")
+  torch = layout("torch", "the torch reference <-> item-jax",
+                 "a torch reference folder (model.safetensors + config.json) "
+                 "to read into --workdir", config=True)
+  torch.add_argument("--output", default=None,
+                     help="write --workdir's checkpoint here in torch layout instead")
+  torch.add_argument("--step", type=int, default=None)
+  export = layout("export", "a checkpoint -> model.safetensors + config.json "
+                  "(+ tokenizer) for serving")
+  export.add_argument("--output", required=True)
+  export.add_argument("--step", type=int, default=None, help="default: the latest")
+  export.add_argument("--tokenizer", default=None,
+                      help="default: the workdir's, or its data.dir's")
+  export.add_argument("--format", choices=["item-jax", "hf-bert"], default="item-jax")
+  layout("import", "an export -> step 0 of a run in --workdir",
+         "an `export` output folder", config=True)
+  reshard = layout("reshard", "restore a checkpoint onto another mesh and save it")
+  reshard.add_argument("--output", required=True, help="the new work directory")
+  reshard.add_argument("--mesh", required=True, help="e.g. data=2,fsdp=4,model=1")
+  reshard.add_argument("--num-devices", type=int, default=None,
+                       help="use the first N devices (default: all)")
+  reshard.add_argument("--step", type=int, default=None)
+
+
+def _add_distributed_flags(parser):
+  parser.add_argument("--distributed", action="store_true",
+                      help="jax.distributed.initialize() from the cluster's environment")
+  parser.add_argument("--coordinator", default=None, help="host:port of process 0")
+  parser.add_argument("--num-processes", type=int, default=None)
+  parser.add_argument("--process-id", type=int, default=None)
 
 
 class _DropLibraryChatter(logging.Filter):

@@ -55,6 +55,8 @@ def test_bad_overrides_name_the_field(override, message):
     (["--config.optimizer.decay='step'"], "optimizer.decay"),
     (["--config.data.split='dev'"], "config.data.split='dev'"),
     (["--config.grad_accumulation_steps=3"], "grad_accumulation_steps=3"),
+    (["--config.eval_every_steps=-1"], "eval_every_steps=-1 must be >= 0"),
+    (["--config.eval_num_examples=0"], "eval_num_examples=0"),
 ])
 def test_bad_values_fail_before_compute(data_dir, overrides, message):
   with pytest.raises(ValueError, match=message):

@@ -21,7 +21,7 @@ import tensorflow as tf
 from etils import epath
 
 from item_jax.data import pipeline
-from item_jax.data.tokenizer import Tokenizer
+from item_jax.data.tokenizer import load_tokenizer
 
 _HEADER = struct.Struct("<QI")   # record length, masked CRC of the length
 _FOOTER_BYTES = 4                # masked CRC of the data
@@ -83,7 +83,7 @@ class IndexedSource:
     self.image_size = image_size
     self.max_title_len = max_title_len
     self.resize = resize
-    self._tokenizer = Tokenizer(str(epath.Path(data_dir) / info["tokenizer"]))
+    self._tokenizer = load_tokenizer(str(epath.Path(data_dir) / info["tokenizer"]))
 
   # -- which records ---------------------------------------------------------
 

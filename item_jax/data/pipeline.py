@@ -142,6 +142,7 @@ def make_dataset(
     skipped_records: tf.Variable | None = None,
     num_threads: int | None = None,
     ram_budget_bytes: int | None = None,
+    keep_titles: bool = False,
 ) -> tf.data.Dataset:
   """Batches of this process's shards of `split`; `batch_size` is per process.
 
@@ -152,7 +153,8 @@ def make_dataset(
   and every example is valid. Evaluation makes one pass and adds item_id and
   product_id (bytes); the last batches are padded with invalid zero examples
   up to the batch count of the busiest process, so every process yields the
-  same number of batches.
+  same number of batches. `keep_titles` keeps the raw title (bytes) beside
+  its token ids (the TF-IDF baseline reads it).
 
   Corrupt records (bad framing/CRC, unparsable, not a JPEG) are skipped and
   added to `skipped_records` (an int64 tf.Variable) when their shard has been
@@ -170,7 +172,7 @@ def make_dataset(
     raise ValueError(f"{data_dir}: process {process_index} has no {split} records to train on")
   if skipped_records is None:
     skipped_records = tf.Variable(0, dtype=tf.int64, trainable=False)
-  tokenizer = tokenizer_lib.Tokenizer(str(epath.Path(data_dir) / info["tokenizer"]))
+  tokenizer = tokenizer_lib.load_tokenizer(str(epath.Path(data_dir) / info["tokenizer"]))
   deterministic = seed is not None or not training
 
   shards = tf.data.Dataset.from_tensor_slices((my_files, tf.constant(my_counts, tf.int64)))
@@ -216,7 +218,8 @@ def make_dataset(
     batch = dict(batch)
     title_ids = tf.numpy_function(
         lambda titles: tokenizer.encode_batch(list(titles), max_title_len),
-        [batch.pop("title")], tf.int32, stateful=False,
+        [batch["title"] if keep_titles else batch.pop("title")], tf.int32,
+        stateful=False,
     )
     batch["title_ids"] = tf.ensure_shape(title_ids, [batch_size, max_title_len])
     return batch

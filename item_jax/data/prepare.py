@@ -28,7 +28,6 @@ from item_jax.data import tokenizer as tokenizer_lib
 SCHEMA_VERSION = 1
 SPLITS = ("train", "validation", "test")
 DATASET_INFO_FILE = "dataset.json"
-TOKENIZER_FILE = "tokenizer.model"
 
 # What each tf.train.Example holds. Text is UTF-8; absent optional text is
 # empty and an absent category has category_id -1. `index` numbers the
@@ -86,8 +85,10 @@ def prepare(
   `num_workers` image processes (default: one per CPU; 0 checks images in
   this process) are spawned, so a calling script needs the usual
   `if __name__ == "__main__":` guard. A sentencepiece model is trained on
-  the kept titles unless `tokenizer_model` is given. dataset.json is written
-  last: a directory without it holds an unfinished conversion.
+  the kept titles unless `tokenizer_model` is given (a sentencepiece .model,
+  or a converted checkpoint's WordPiece tokenizer.json or vocab.txt).
+  dataset.json is written last: a directory without it holds an unfinished
+  conversion.
   """
   if num_shards < 1:
     raise ValueError(f"num_shards must be at least 1, got {num_shards}")
@@ -95,9 +96,9 @@ def prepare(
     raise ValueError(f"split_fractions must be 3 non-negative numbers, got {split_fractions}")
   if abs(sum(split_fractions) - 1) > 1e-6:
     raise ValueError(f"split_fractions must sum to 1, got {split_fractions}")
-  if tokenizer_model:
-    # Refuses a model with other special ids now rather than after the images.
-    tokenizer_lib.Tokenizer(tokenizer_model)
+  # A given tokenizer is loaded now: a model with other special ids is refused
+  # before the images are read.
+  tokenizer = tokenizer_lib.load_tokenizer(tokenizer_model) if tokenizer_model else None
   columns = catalogue_lib.resolve_columns(columns)
   rows = catalogue_lib.read_catalogue(catalogue, columns)
   # Reading the first row checks the catalogue's columns before any output exists.
@@ -112,19 +113,16 @@ def prepare(
     raise ValueError(f"no usable listings in {catalogue}; "
                      f"reasons: {_reason_counts(conversion.skipped)}")
 
-  tokenizer_path = output_dir / TOKENIZER_FILE
-  if tokenizer_model:
-    tokenizer_path.write_bytes(epath.Path(tokenizer_model).read_bytes())
-  else:
-    tokenizer_lib.train_sentencepiece(
-        conversion.kept_titles, str(tokenizer_path.with_suffix("")), vocab_size
-    )
+  if tokenizer is None:
+    tokenizer = tokenizer_lib.Tokenizer(tokenizer_lib.train_sentencepiece(
+        conversion.kept_titles, str(output_dir / "tokenizer"), vocab_size))
+  tokenizer_file = tokenizer.save(output_dir)
   info = {
       "schema_version": SCHEMA_VERSION,
       "splits": conversion.splits,
       "categories": conversion.categories,
-      "tokenizer": TOKENIZER_FILE,
-      "vocab_size": tokenizer_lib.Tokenizer(str(tokenizer_path)).vocab_size,
+      "tokenizer": tokenizer_file,
+      "vocab_size": tokenizer.vocab_size,
       "columns": columns,
       "image": {
           "format": "jpeg",

@@ -1,11 +1,14 @@
-"""The project's one tokenizer: sentencepiece trained on titles, with fixed special ids.
+"""The project's one tokenizer wrapper: sentencepiece trained on titles (fixed
+special ids), or a converted BERT checkpoint's own WordPiece vocabulary.
 
-Owns training a model from titles in memory and turning batches of titles into
-fixed-length id arrays (pieces + [SEP], padded); the model adds its own [CLS].
+Owns training a sentencepiece model from titles in memory, loading either kind
+by file type (`load_tokenizer`), and turning batches of titles into fixed-length
+id arrays (pieces + [SEP], padded); the model adds its own [CLS].
 """
 
 from collections.abc import Iterable, Sequence
 import io
+import json
 import os
 
 from etils import epath
@@ -63,13 +66,28 @@ def train_sentencepiece(
   return str(model_path)
 
 
+def _pad_with_sep(pieces_per_title, max_len: int, pad_id: int, sep_id: int) -> np.ndarray:
+  """int32 (titles, max_len): pieces cut to max_len - 1, then [SEP], then padding."""
+  if max_len < 1:
+    raise ValueError(f"max_len must be at least 1 (room for [SEP]), got {max_len}")
+  title_ids = np.full((len(pieces_per_title), max_len), pad_id, np.int32)
+  for row, pieces in enumerate(pieces_per_title):
+    length = min(len(pieces), max_len - 1)
+    title_ids[row, :length] = pieces[:length]
+    title_ids[row, length] = sep_id
+  return title_ids
+
+
 class Tokenizer:
-  """Encodes titles as `pieces + [SEP]`, truncated and padded to a fixed length."""
+  """Sentencepiece: encodes titles as `pieces + [SEP]`, truncated and padded."""
+
+  FILE_NAME = "tokenizer.model"
 
   def __init__(self, model_path: str, num_threads: int = 1):
     # Loading from bytes (not a file name) lets the model live on gs://.
+    self._model_proto = epath.Path(model_path).read_bytes()
     self._processor = sentencepiece.SentencePieceProcessor(
-        model_proto=epath.Path(model_path).read_bytes()
+        model_proto=self._model_proto
     )
     self._num_threads = num_threads
     expected = {
@@ -122,14 +140,129 @@ class Tokenizer:
     Titles may be str or UTF-8 bytes (as tf.data hands them over).
     A title longer than `max_len - 1` pieces is cut so that [SEP] stays last.
     """
-    if max_len < 1:
-      raise ValueError(f"max_len must be at least 1 (room for [SEP]), got {max_len}")
     pieces_per_title = self._processor.encode(
         list(titles), out_type="numpy", num_threads=self._num_threads
     )
-    title_ids = np.full((len(pieces_per_title), max_len), PAD_ID, np.int32)
-    for row, pieces in enumerate(pieces_per_title):
-      length = min(len(pieces), max_len - 1)
-      title_ids[row, :length] = pieces[:length]
-      title_ids[row, length] = SEP_ID
-    return title_ids
+    return _pad_with_sep(pieces_per_title, max_len, PAD_ID, SEP_ID)
+
+  def save(self, directory) -> str:
+    """Writes the model into `directory`; returns its file name there."""
+    (epath.Path(directory) / self.FILE_NAME).write_bytes(self._model_proto)
+    return self.FILE_NAME
+
+
+class WordPieceTokenizer:
+  """A BERT checkpoint's WordPiece vocabulary, through Hugging Face `tokenizers`.
+
+  `path` is a `tokenizers` JSON file (what `save` writes, or a checkpoint's
+  tokenizer.json) or a `vocab.txt`, lower-cased as the `tokenizer_config.json`
+  beside it says (`do_lower_case`, default True as in BERT's uncased models).
+  Special ids are looked up by token ([PAD], [UNK], [CLS], [SEP], [MASK]).
+  """
+
+  FILE_NAME = "tokenizer.json"
+  SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
+
+  def __init__(self, path: str, lowercase: bool | None = None):
+    try:
+      import tokenizers
+      from tokenizers.implementations import BertWordPieceTokenizer
+    except ImportError as error:
+      raise ImportError("WordPiece vocabularies need the `tokenizers` package: "
+                        "pip install 'item-jax[torch]'") from error
+    path = epath.Path(path)
+    if path.suffix == ".json":
+      self._tokenizer = tokenizers.Tokenizer.from_str(path.read_text())
+    else:
+      if lowercase is None:
+        lowercase = _checkpoint_lowercase(path.parent)
+      self._tokenizer = BertWordPieceTokenizer(
+          _read_vocab(path), lowercase=lowercase)._tokenizer
+    # Checkpoints' tokenizer.json files often pad and truncate to a fixed
+    # length themselves: encode_batch does both, with [SEP] kept last.
+    self._tokenizer.no_padding()
+    self._tokenizer.no_truncation()
+    ids = [self._tokenizer.token_to_id(token) for token in self.SPECIAL_TOKENS]
+    missing = [token for token, id_ in zip(self.SPECIAL_TOKENS, ids) if id_ is None]
+    if missing:
+      raise ValueError(f"WordPiece vocabulary {path} lacks {missing}")
+    self._pad, self._unk, self._cls, self._sep, self._mask = ids
+
+  @property
+  def vocab_size(self) -> int:
+    return self._tokenizer.get_vocab_size(with_added_tokens=True)
+
+  @property
+  def pad_id(self) -> int:
+    return self._pad
+
+  @property
+  def unk_id(self) -> int:
+    return self._unk
+
+  @property
+  def cls_id(self) -> int:
+    return self._cls
+
+  @property
+  def sep_id(self) -> int:
+    return self._sep
+
+  @property
+  def mask_id(self) -> int:
+    return self._mask
+
+  @property
+  def special_ids(self) -> tuple[int, ...]:
+    return (self._pad, self._unk, self._cls, self._sep, self._mask)
+
+  def encode_batch(self, titles: Sequence[str | bytes], max_len: int) -> np.ndarray:
+    """Returns int32 (len(titles), max_len): pieces, then [SEP], then padding;
+    no [CLS] (the model has its own)."""
+    texts = [title.decode("utf-8", "replace") if isinstance(title, bytes) else title
+             for title in titles]
+    encodings = self._tokenizer.encode_batch(texts, add_special_tokens=False)
+    return _pad_with_sep([encoding.ids for encoding in encodings], max_len,
+                         self._pad, self._sep)
+
+  def save(self, directory) -> str:
+    """Writes the whole tokenizer (vocabulary, lower-casing) as one JSON file."""
+    (epath.Path(directory) / self.FILE_NAME).write_text(self._tokenizer.to_str())
+    return self.FILE_NAME
+
+  def save_bert_vocab(self, directory) -> None:
+    """vocab.txt and tokenizer_config.json, as a BERT checkpoint carries them."""
+    directory = epath.Path(directory)
+    vocab = self._tokenizer.get_vocab(with_added_tokens=True)
+    tokens = sorted(vocab, key=vocab.get)
+    (directory / "vocab.txt").write_text("\n".join(tokens) + "\n", encoding="utf-8")
+    normalizer = json.loads(self._tokenizer.to_str()).get("normalizer") or {}
+    (directory / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "BertTokenizer",
+        "do_lower_case": bool(normalizer.get("lowercase", True)),
+        "cls_token": "[CLS]", "sep_token": "[SEP]", "pad_token": "[PAD]",
+        "unk_token": "[UNK]", "mask_token": "[MASK]"}, indent=2))
+
+
+def _read_vocab(path: epath.Path) -> dict[str, int]:
+  tokens = path.read_text(encoding="utf-8").splitlines()
+  return {token: index for index, token in enumerate(tokens)}
+
+
+def _checkpoint_lowercase(directory: epath.Path) -> bool:
+  config = directory / "tokenizer_config.json"
+  if config.exists():
+    return bool(json.loads(config.read_text()).get("do_lower_case", True))
+  return True
+
+
+def load_tokenizer(path: str, num_threads: int = 1):
+  """The tokenizer a file holds: sentencepiece `.model`, or WordPiece
+  (`tokenizers` `.json`, or a BERT `vocab.txt`)."""
+  suffix = epath.Path(path).suffix
+  if suffix == ".model":
+    return Tokenizer(path, num_threads=num_threads)
+  if suffix in (".json", ".txt"):
+    return WordPieceTokenizer(path)
+  raise ValueError(f"tokenizer {path}: expected a sentencepiece .model, a "
+                   "WordPiece tokenizer .json or a BERT vocab.txt")

@@ -27,8 +27,12 @@ class Checkpointer:
     options = ocp.CheckpointManagerOptions(
         save_interval_steps=every_steps, max_to_keep=keep, create=True,
         enable_async_checkpointing=async_saves)
-    self.manager = ocp.CheckpointManager(self.directory, options=options,
-                                         item_names=("state", "meta"))
+    # Handlers named up front (not just item names) let `saved_shapes` read a
+    # step's metadata before anything is restored.
+    self.manager = ocp.CheckpointManager(
+        self.directory, options=options,
+        item_handlers={"state": ocp.StandardCheckpointHandler(),
+                       "meta": ocp.JsonCheckpointHandler()})
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
@@ -60,6 +64,18 @@ class Checkpointer:
         meta=ocp.args.JsonRestore()))
     logging.info("checkpoint: restored step %d from %s", step, self.directory)
     return restored.state, restored.meta
+
+  def saved_shapes(self, step: int) -> dict[str, tuple]:
+    """{"params.embeddings.word_embeddings": shape, ...} of a saved state,
+    read from its metadata alone (e.g. the vocabulary size before restoring)."""
+    tree = self.manager.item_metadata(step)["state"]
+    tree = getattr(tree, "tree", tree)
+    shapes = {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(
+        tree, is_leaf=lambda x: hasattr(x, "shape"))[0]:
+      keys = [str(getattr(key, "key", getattr(key, "idx", key))) for key in path]
+      shapes[".".join(key for key in keys if key != "value")] = tuple(leaf.shape)
+    return shapes
 
   def reached_preemption(self, step: int) -> bool:
     """The cluster's preemption notice (multi-process runs only)."""

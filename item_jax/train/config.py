@@ -34,6 +34,10 @@ def base_config() -> ml_collections.ConfigDict:
   # Profile `profile_num_steps` steps from `profile_start_step` (-1: never).
   config.profile_start_step = -1
   config.profile_num_steps = 5
+  # Same-product retrieval on the first `eval_num_examples` validation
+  # listings every `eval_every_steps` steps (0: never), as eval/... scalars.
+  config.eval_every_steps = 0
+  config.eval_num_examples = 1000
 
   config.data = ml_collections.ConfigDict()
   config.data.dir = ml_collections.FieldReference(None, field_type=str)
@@ -152,11 +156,36 @@ def _fields_of(section: ml_collections.ConfigDict, name: str, cls, **extra):
 def validate(config: ml_collections.ConfigDict, num_devices: int,
              process_count: int = 1) -> TrainSettings:
   """Checks every field that can fail, and builds the typed settings."""
+  _check_counts(config)
+  return _settings(config, _read_dataset_info(config), num_devices, process_count)
+
+
+def validate_without_data(config: ml_collections.ConfigDict, vocab_size: int,
+                          num_devices: int,
+                          process_count: int = 1) -> TrainSettings:
+  """`validate` for work that reads no data (ahead-of-time compilation): the
+  vocabulary size is given instead of read from `data.dir`'s dataset.json."""
+  _check_counts(config)
+  return _settings(config, {"vocab_size": int(vocab_size)}, num_devices,
+                   process_count)
+
+
+def _check_counts(config: ml_collections.ConfigDict) -> None:
   for name in ("total_steps", "global_batch_size", "log_every_steps",
                "checkpoint_every_steps", "keep_checkpoints",
                "grad_accumulation_steps", "max_nonfinite_steps"):
     if int(config[name]) <= 0:
       raise ValueError(f"config.{name}={config[name]} must be > 0")
+  if int(config.eval_every_steps) < 0:
+    raise ValueError(f"config.eval_every_steps={config.eval_every_steps} must "
+                     "be >= 0 (0: no evaluation during training)")
+  if int(config.eval_num_examples) <= 0:
+    raise ValueError(f"config.eval_num_examples={config.eval_num_examples} "
+                     "must be > 0")
+
+
+def _read_dataset_info(config: ml_collections.ConfigDict) -> dict:
+  """The `prepare` output's dataset.json at data.dir, with the split checked."""
   data_dir = config.data.dir
   if not data_dir:
     raise ValueError("config.data.dir is not set: point it at a `prepare` "
@@ -169,6 +198,14 @@ def validate(config: ml_collections.ConfigDict, num_devices: int,
   if config.data.split not in dataset.get("splits", {}):
     raise ValueError(f"config.data.split={config.data.split!r} is not in "
                      f"{dataset_file} (splits: {sorted(dataset.get('splits', {}))})")
+  if config.eval_every_steps and "validation" not in dataset["splits"]:
+    raise ValueError(f"config.eval_every_steps={config.eval_every_steps} needs "
+                     f"a validation split in {dataset_file}")
+  return dataset
+
+
+def _settings(config: ml_collections.ConfigDict, dataset: dict,
+              num_devices: int, process_count: int) -> TrainSettings:
   if config.data.resize not in ("pad", "crop"):
     raise ValueError(f"config.data.resize={config.data.resize!r}: expected "
                      "'pad' or 'crop'")

@@ -17,7 +17,8 @@ from etils import epath
 from jax.experimental import multihost_utils
 
 from item_jax.data.indexed import IndexedSource
-from item_jax.data.tokenizer import Tokenizer
+from item_jax.data.tokenizer import load_tokenizer
+from item_jax.eval.evaluate import PeriodicRetrieval
 from item_jax.objectives import TokenSpec
 from item_jax.objectives.flops import training_flops_per_example
 from item_jax.train import checkpoint as checkpoint_lib
@@ -66,8 +67,8 @@ class DivergedError(RuntimeError):
 
 
 def _token_spec(settings: TrainSettings) -> TokenSpec:
-  tokenizer = Tokenizer(str(epath.Path(settings.config.data.dir)
-                            / settings.dataset["tokenizer"]))
+  tokenizer = load_tokenizer(str(epath.Path(settings.config.data.dir)
+                                 / settings.dataset["tokenizer"]))
   return TokenSpec(settings.model.vocab_size, tokenizer.mask_id,
                    tokenizer.special_ids)
 
@@ -154,6 +155,9 @@ def train(settings: TrainSettings, workdir: str, devices=None) -> list[dict]:
     hooks.append(periodic_actions.Profile(
         logdir=str(workdir), first_profile=config.profile_start_step,
         num_profile_steps=config.profile_num_steps))
+  # Retrieval on a validation subset every config.eval_every_steps (0: never).
+  evaluate = PeriodicRetrieval(settings, graphdef, state_shardings.params, mesh,
+                               writer)
   stop = StopRequest().install()
   pending, history = [], []
   meta = lambda step: {"step": step, "seed": config.seed,
@@ -167,6 +171,7 @@ def train(settings: TrainSettings, workdir: str, devices=None) -> list[dict]:
       pending.append(metrics)
       for hook in hooks:
         hook(step)
+      evaluate(step, state.params)
       # The first step is logged too: it is the baseline losses fall from.
       if (step % config.log_every_steps == 0 or step == config.total_steps
           or step == start_step + 1):

@@ -1,0 +1,2 @@
+"""Evaluation: split embeddings, exact top-k search, retrieval and category
+metrics, baselines, reports."""

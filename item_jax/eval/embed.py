@@ -1,0 +1,285 @@
+"""Embeddings of a prepared split: the model from a training workdir (or freshly
+initialised), one jitted pass sharded over the mesh's batch axes (with the
+[CLS] attention share on image patches), and the `item-jax embed` output files.
+
+Every process reads the whole split and holds every result: evaluation sets
+are small next to training, and metrics need all listings in one place.
+The model attends through the fused `jax.nn.dot_product_attention`, which
+returns no weights, so the last block's [CLS] attention is recomputed here from
+that block's input and its own query and key projections.
+"""
+
+import dataclasses
+import json
+import logging
+import math
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from etils import epath
+from flax import nnx
+
+from item_jax.data import pipeline
+from item_jax.eval.search import fetch_global, put_global
+from item_jax.model import ItemModel
+from item_jax.train import checkpoint as checkpoint_lib
+from item_jax.train import sharding
+from item_jax.train.config import TrainSettings, base_config, validate
+from item_jax.train.optimizer import make_optimizer
+
+VIEWS = ("both", "title", "image")
+ATTENTION_OUTPUTS = ("image_attention_share", "image_token_share")
+
+
+@dataclasses.dataclass(frozen=True)
+class LoadedModel:
+  """A model's pure parts, placed on a mesh, and the settings it trained with."""
+
+  graphdef: nnx.GraphDef
+  params: nnx.State
+  param_shardings: nnx.State
+  settings: TrainSettings
+  mesh: jax.sharding.Mesh
+  step: int     # the checkpoint's step; 0 for a freshly initialised model
+
+
+def load_model(workdir: str, step: int | None = None, data_dir: str | None = None,
+               devices=None, initialise: bool = False) -> LoadedModel:
+  """The model of a training workdir at `step` (default: its latest checkpoint).
+
+  `data_dir` replaces the config's data.dir (its tokenizer must be the one the
+  model trained with). The mesh keeps the run's fsdp/model axes where they
+  divide the devices present and puts the rest on `data`. `initialise` gives
+  the same model as the run started from (same config and seed), untrained.
+  """
+  workdir = epath.Path(workdir)
+  config = base_config()
+  config.update(ml_collections.ConfigDict(
+      json.loads((workdir / "config.json").read_text())).to_dict())
+  if data_dir is not None:
+    _check_same_tokenizer(config.data.dir, data_dir)
+    config.data.dir = str(data_dir)
+  devices = devices or jax.devices()
+  if len(devices) % (config.mesh.fsdp * config.mesh.model):
+    config.mesh.fsdp, config.mesh.model = 1, 1
+  config.mesh.data = -1
+  batch_shards = len(devices) // config.mesh.model
+  config.global_batch_size = batch_shards
+  config.grad_accumulation_steps = 1
+  config.eval_every_steps = 0
+  settings = validate(config, len(devices), jax.process_count())
+  mesh = sharding.make_mesh(settings.mesh_shape, devices)
+  optimizer = make_optimizer(settings.optimizer)
+  if initialise:
+    graphdef, state, shardings = sharding.create_train_state(
+        settings.model, optimizer, mesh, config.seed)
+    return LoadedModel(graphdef, state.params, shardings.params, settings, mesh, 0)
+  graphdef, abstract_state, shardings = sharding.abstract_train_state(
+      settings.model, optimizer, mesh, config.seed)
+  checkpointer = checkpoint_lib.Checkpointer(
+      workdir / "checkpoints", config.checkpoint_every_steps, config.keep_checkpoints)
+  try:
+    state, meta = checkpointer.restore(checkpoint_lib.abstract_with_shardings(
+        abstract_state, shardings), step)
+  finally:
+    checkpointer.close()
+  return LoadedModel(graphdef, state.params, shardings.params, settings, mesh,
+                     int(meta["step"]))
+
+
+def _check_same_tokenizer(trained_on: str | None, data_dir: str):
+  info = pipeline.load_dataset_info(data_dir)
+  if not trained_on or not (epath.Path(trained_on) / "dataset.json").exists():
+    logging.warning("cannot check that %s uses the training data's tokenizer "
+                    "(%s is not readable)", data_dir, trained_on)
+    return
+  trained_info = pipeline.load_dataset_info(trained_on)
+  ours = (epath.Path(data_dir) / info["tokenizer"]).read_bytes()
+  theirs = (epath.Path(trained_on) / trained_info["tokenizer"]).read_bytes()
+  if ours != theirs:
+    raise ValueError(f"{data_dir} was prepared with another tokenizer than the "
+                     f"training data {trained_on}; run `item-jax prepare "
+                     f"--tokenizer {trained_on}/{trained_info['tokenizer']}`")
+
+
+def last_layer_cls_attention(model: ItemModel, title_ids: jax.Array,
+                             image: jax.Array, title_mask: jax.Array | None = None
+                             ) -> jax.Array:
+  """(batch, heads, 1 + title_len + num_patches) float32 attention
+  probabilities of [CLS] in the last block, over [CLS], title tokens, patches."""
+  if title_mask is None:
+    title_mask = title_ids != model.config.pad_token_id
+  before_last = model.encode(title_ids, image, title_mask=title_mask,
+                             num_layers=len(model.layers) - 1)
+  inputs = jnp.concatenate([before_last.cls[:, None], before_last.title_states,
+                            before_last.patch_states], axis=1)
+  batch, length, _ = inputs.shape
+  attention = model.layers[-1].attention
+  heads, head_dim = attention.num_heads, attention.head_dim
+  query = attention.query(inputs[:, :1]).reshape(batch, heads, head_dim)
+  key = attention.key(inputs).reshape(batch, length, heads, head_dim)
+  logits = jnp.einsum("bhd,bkhd->bhk", query.astype(jnp.float32),
+                      key.astype(jnp.float32)) / jnp.sqrt(jnp.float32(head_dim))
+  token_mask = jnp.concatenate(
+      [jnp.ones((batch, 1), bool), title_mask.astype(bool),
+       jnp.ones((batch, before_last.patch_states.shape[1]), bool)], axis=1)
+  logits = jnp.where(token_mask[:, None, :], logits, -jnp.inf)
+  return jax.nn.softmax(logits, axis=-1)
+
+
+def image_attention_share(model: ItemModel, title_ids: jax.Array,
+                          image: jax.Array, title_mask: jax.Array | None = None
+                          ) -> tuple[jax.Array, jax.Array]:
+  """Per listing: (the share of [CLS]'s last-block attention, averaged over
+  heads, that lands on image patches; the share image patches have among the
+  attended tokens, which is what uniform attention would give)."""
+  if title_mask is None:
+    title_mask = title_ids != model.config.pad_token_id
+  probabilities = last_layer_cls_attention(model, title_ids, image, title_mask)
+  first_patch = 1 + title_ids.shape[1]
+  share = probabilities[..., first_patch:].sum(axis=-1).mean(axis=-1)
+  num_patches = probabilities.shape[-1] - first_patch
+  attended = 1 + title_mask.sum(axis=-1) + num_patches
+  return share, num_patches / attended.astype(jnp.float32)
+
+
+class Embedder:
+  """A jitted forward pass giving each view's embedding (and, optionally, the
+  [CLS] attention share) for one global batch; inputs are split over the
+  mesh's batch axes, outputs come back whole to every process."""
+
+  def __init__(self, graphdef: nnx.GraphDef, param_shardings, mesh,
+               views=VIEWS, attention: bool = False):
+    if not set(views) <= set(VIEWS):
+      raise ValueError(f"views {views}: expected some of {VIEWS}")
+
+    def forward(params, title_ids, image):
+      model = nnx.merge(graphdef, params)
+      inputs = {"both": (title_ids, image), "title": (title_ids, None),
+                "image": (None, image)}
+      outputs = {view: model.embed(*inputs[view]) for view in views}
+      if attention:
+        outputs.update(zip(ATTENTION_OUTPUTS,
+                           image_attention_share(model, title_ids, image)))
+      return outputs
+
+    self.batch_sharding = sharding.batch_sharding(mesh)
+    self.batch_multiple = math.prod(mesh.shape[axis] for axis in sharding.BATCH_AXES)
+    self._forward = jax.jit(
+        forward, in_shardings=(param_shardings, self.batch_sharding,
+                               self.batch_sharding),
+        out_shardings=sharding.replicated(mesh))
+
+  @classmethod
+  def of(cls, loaded: LoadedModel, views=VIEWS, attention: bool = False):
+    return cls(loaded.graphdef, loaded.param_shardings, loaded.mesh, views,
+               attention)
+
+  def __call__(self, params, batch: dict) -> dict:
+    """{output: numpy (valid rows, ...)} for a host batch every process holds."""
+    outputs = self._forward(
+        params, put_global(batch["title_ids"], self.batch_sharding),
+        put_global(batch["image"], self.batch_sharding))
+    return {name: fetch_global(value)[batch["valid"]]
+            for name, value in outputs.items()}
+
+
+@dataclasses.dataclass
+class SplitEmbeddings:
+  """Everything evaluation reads about a split's listings, row-aligned."""
+
+  item_ids: np.ndarray          # str
+  product_ids: np.ndarray       # str
+  category_ids: np.ndarray      # int, -1 without a category
+  titles: list[str]
+  outputs: dict                 # (run, output) -> (num_listings, ...) array
+
+
+def read_split(data_dir: str, split: str, settings: TrainSettings,
+               batch_size: int, max_examples: int | None = None):
+  """Host batches of `split` (or its first `max_examples` listings), padded
+  with invalid rows to `batch_size`; every process reads all of them."""
+  config = settings.config
+  dataset = pipeline.make_dataset(
+      data_dir, split, batch_size, settings.model.image_size,
+      config.data.max_title_len, training=False, process_index=0,
+      process_count=1, resize=config.data.resize, keep_titles=True)
+  remaining = math.inf if max_examples is None else max_examples
+  for batch in dataset.as_numpy_iterator():
+    if remaining <= 0:
+      return
+    batch["valid"] = batch["valid"] & (np.cumsum(batch["valid"]) <= remaining)
+    remaining -= int(batch["valid"].sum())
+    yield batch
+
+
+def embed_split(batches, runs: dict, host_features: dict | None = None
+                ) -> SplitEmbeddings:
+  """Runs every `runs[name] = (embedder, params)` on each batch.
+
+  Outputs are keyed (run name, output name); `host_features[key]` maps a host
+  batch to (valid rows, ...) features computed on the host, stored under key.
+  """
+  parts = {"item_id": [], "product_id": [], "category_id": [], "title": []}
+  outputs = {}
+  for batch in batches:
+    valid = batch["valid"]
+    for name in parts:
+      parts[name].append(batch[name][valid])
+    for run, (embedder, params) in runs.items():
+      for output, value in embedder(params, batch).items():
+        outputs.setdefault((run, output), []).append(value)
+    for key, features in (host_features or {}).items():
+      outputs.setdefault(key, []).append(features(batch))
+  text = lambda values: np.asarray([v.decode("utf-8") for v in values], dtype=str)
+  joined = {name: np.concatenate(values) for name, values in parts.items()}
+  return SplitEmbeddings(
+      item_ids=text(joined["item_id"]), product_ids=text(joined["product_id"]),
+      category_ids=joined["category_id"].astype(np.int64),
+      titles=list(text(joined["title"])),
+      outputs={key: np.concatenate(values) for key, values in outputs.items()})
+
+
+def eval_batch_size(embedder: Embedder, requested: int | None = None,
+                    per_device: int = 64) -> int:
+  """`requested` (default `per_device` per batch shard) rounded up to split
+  evenly over the mesh's batch axes."""
+  multiple = embedder.batch_multiple
+  return math.ceil((requested or per_device * multiple) / multiple) * multiple
+
+
+def write_embeddings(output: str, embeddings: np.ndarray, split: SplitEmbeddings,
+                     meta: dict) -> tuple[str, str]:
+  """OUTPUT.npy (float32 rows) and OUTPUT.ids.json (item, product and category
+  id of each row, plus `meta`); returns both paths."""
+  base = str(output).removesuffix(".npy")
+  array_path, ids_path = base + ".npy", base + ".ids.json"
+  epath.Path(array_path).parent.mkdir(parents=True, exist_ok=True)
+  with epath.Path(array_path).open("wb") as file:
+    np.save(file, np.asarray(embeddings, np.float32))
+  epath.Path(ids_path).write_text(json.dumps({
+      **meta, "item_id": split.item_ids.tolist(),
+      "product_id": split.product_ids.tolist(),
+      "category_id": split.category_ids.tolist()}))
+  return array_path, ids_path
+
+
+def embed_command(workdir: str, data_dir: str, split: str, output: str,
+                  step: int | None = None, view: str = "both",
+                  batch_size: int | None = None) -> dict:
+  """`item-jax embed`: one view's embeddings of every listing of `split`."""
+  loaded = load_model(workdir, step, data_dir)
+  embedder = Embedder.of(loaded, views=(view,))
+  batches = read_split(data_dir, split, loaded.settings,
+                       eval_batch_size(embedder, batch_size))
+  result = embed_split(batches, {"model": (embedder, loaded.params)})
+  embeddings = result.outputs[("model", view)]
+  paths = ()
+  if jax.process_index() == 0:
+    paths = write_embeddings(output, embeddings, result, {
+        "workdir": str(workdir), "step": loaded.step, "split": split,
+        "modality": view})
+  return {"count": len(embeddings), "dim": int(embeddings.shape[1]),
+          "step": loaded.step, "paths": list(paths)}

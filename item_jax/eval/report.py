@@ -1,0 +1,186 @@
+"""The evaluation's outputs: report.json, report.md with its PNG plots, the same
+scalars in TensorBoard, and the side-by-side table of several workdirs.
+"""
+
+import json
+
+import jax
+from clu import metric_writers
+from etils import epath
+
+from item_jax.eval import evaluate as evaluate_lib
+from item_jax.eval.evaluate import ENTRIES, HEADLINE
+from item_jax.eval.metrics import RETRIEVAL_KS
+
+LABELS = {
+    "both": "ITEm, title + image",
+    "title": "ITEm, title only",
+    "image": "ITEm, image only",
+    "tfidf": "TF-IDF, title char 2-4-grams",
+    "image_baseline": "colour histogram, image",
+    "random_init": "ITEm untrained, title + image",
+}
+HEADLINE_NAMES = {"macro_recall@10": "macro R@10", "map@10": "MAP@10",
+                  "knn_accuracy": "k-NN acc", "probe_accuracy": "probe acc"}
+REPORT_JSON, REPORT_MD = "report.json", "report.md"
+
+
+def eval_dir(workdir: str) -> epath.Path:
+  return epath.Path(workdir) / "eval"
+
+
+def read_report(workdir: str) -> dict | None:
+  path = eval_dir(workdir) / REPORT_JSON
+  return json.loads(path.read_text()) if path.exists() else None
+
+
+def write_report(report: dict, workdir: str, compare: dict | None = None) -> dict:
+  """Writes DIR/eval/{report.json, report.md, *.png} and TensorBoard scalars
+  at the checkpoint's step; `compare` ({workdir: report}) adds the side-by-side
+  table. Returns the paths written."""
+  directory = eval_dir(workdir)
+  directory.mkdir(parents=True, exist_ok=True)
+  (directory / REPORT_JSON).write_text(json.dumps(report, indent=2))
+  plots = _plot(report, directory)
+  markdown = format_markdown(report, plots, compare)
+  (directory / REPORT_MD).write_text(markdown)
+  # TensorBoard only: the default writer would also log every scalar.
+  writer = metric_writers.SummaryWriter(str(directory))
+  writer.write_scalars(report["meta"]["step"], {
+      f"eval/{entry}/{name}": value for entry in ENTRIES
+      for name, value in report[entry].items()})
+  writer.close()
+  return {"json": str(directory / REPORT_JSON), "markdown": str(directory / REPORT_MD),
+          "plots": [str(directory / plot) for plot in plots]}
+
+
+def format_table(header: list[str], rows: list[list], markdown: bool = True) -> str:
+  """A table of strings and floats (shown with 3 decimals)."""
+  cells = [[f"{cell:.3f}" if isinstance(cell, float) else str(cell) for cell in row]
+           for row in [header, *rows]]
+  if markdown:
+    lines = ["| " + " | ".join(row) + " |" for row in cells]
+    lines.insert(1, "|" + "|".join(" --- " for _ in header) + "|")
+    return "\n".join(lines)
+  widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
+  return "\n".join("  ".join(cell.ljust(width) if i == 0 else cell.rjust(width)
+                             for i, (cell, width) in enumerate(zip(row, widths)))
+                   for row in cells)
+
+
+def headline_table(report: dict, markdown: bool = True) -> str:
+  """Each entry's four headline metrics."""
+  return format_table(
+      ["", *HEADLINE_NAMES.values()],
+      [[LABELS[entry], *(report[entry][name] for name in HEADLINE)]
+       for entry in ENTRIES], markdown)
+
+
+def compare_table(reports: dict, markdown: bool = True) -> str:
+  """The model's three views in several workdirs, side by side."""
+  rows = []
+  for workdir, report in reports.items():
+    for view in ("both", "title", "image"):
+      rows.append([workdir, report["meta"]["step"], view,
+                   *(report[view][name] for name in HEADLINE)])
+  return format_table(["workdir", "step", "view", *HEADLINE_NAMES.values()],
+                      rows, markdown)
+
+
+def format_markdown(report: dict, plots: list[str], compare: dict | None) -> str:
+  meta = report["meta"]
+  retrieval_columns = [f"{prefix}{metric}@{k}" for prefix in ("", "macro_")
+                       for metric in ("recall", "map") for k in RETRIEVAL_KS]
+  classification_columns = ["knn_accuracy", "knn_macro_f1", "probe_accuracy",
+                            "probe_macro_f1"]
+  attention_rows = [[LABELS[entry], report[entry]["image_attention_share"],
+                     report[entry]["image_token_share"]]
+                    for entry in ("both", "random_init")]
+  sections = [
+      f"# ITEm evaluation: {meta['workdir']} at step {meta['step']}",
+      f"Data `{meta['data']}`: {meta['num_test_listings']} test listings "
+      f"(retrieval queries: {report['both']['num_queries']} listings whose "
+      f"product has another test listing, in "
+      f"{report['both']['num_query_categories']} leaf categories), "
+      f"{meta['num_train_listings']} training listings as the k-NN index "
+      f"(k={meta['knn_k']}) and the linear probe's training set "
+      f"({meta['probe_steps']} full-batch steps), {meta['num_categories']} "
+      "categories.",
+      "## Headline", headline_table(report),
+      "## Same-product retrieval (test split, cosine similarity)",
+      "Recall@k: share of the query's other listings in the top k. AP@k: sum "
+      "over hits in the top k of precision at the hit's rank, divided by "
+      "min(k, number of the query's other listings). Plain: mean over queries; "
+      "macro: mean of each leaf category's mean.",
+      format_table(["", *retrieval_columns],
+                   [[LABELS[e], *(report[e][c] for c in retrieval_columns)]
+                    for e in ENTRIES]),
+      "## Leaf-category prediction (test split)",
+      format_table(["", *classification_columns],
+                   [[LABELS[e], *(report[e][c] for c in classification_columns)]
+                    for e in ENTRIES]),
+      "## Where [CLS] looks (last block, mean over heads and test listings)",
+      "Share of [CLS] attention on image patches, beside the patches' share "
+      "of the attended tokens (what uniform attention would give).",
+      format_table(["", "attention on image", "image tokens"], attention_rows),
+      *(f"![{plot}]({plot})" for plot in plots),
+  ]
+  if compare:
+    sections += ["## Comparison", compare_table(compare)]
+  return "\n\n".join(sections) + "\n"
+
+
+def _plot(report: dict, directory: epath.Path) -> list[str]:
+  """headline.png (bars per entry) and recall_at_k.png; returns file names."""
+  import matplotlib
+  matplotlib.use("Agg")
+  from matplotlib import pyplot
+
+  figure, axes = pyplot.subplots(figsize=(11, 4))
+  width = 0.8 / len(ENTRIES)
+  for i, entry in enumerate(ENTRIES):
+    axes.bar([x + i * width for x in range(len(HEADLINE))],
+             [report[entry][name] for name in HEADLINE], width, label=LABELS[entry])
+  axes.set_xticks([x + 0.4 - width / 2 for x in range(len(HEADLINE))],
+                  list(HEADLINE_NAMES.values()))
+  axes.set_ylim(0, 1)
+  axes.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+  axes.set_title(f"step {report['meta']['step']}")
+  figure.tight_layout()
+  figure.savefig(str(directory / "headline.png"), dpi=100)
+  pyplot.close(figure)
+
+  figure, axes = pyplot.subplots(figsize=(8, 4))
+  for entry in ENTRIES:
+    axes.plot(RETRIEVAL_KS, [report[entry][f"macro_recall@{k}"] for k in RETRIEVAL_KS],
+              marker="o", label=LABELS[entry])
+  axes.set_xlabel("k")
+  axes.set_ylabel("macro Recall@k")
+  axes.set_ylim(0, 1)
+  axes.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+  figure.tight_layout()
+  figure.savefig(str(directory / "recall_at_k.png"), dpi=100)
+  pyplot.close(figure)
+  return ["headline.png", "recall_at_k.png"]
+
+
+def eval_command(workdir: str, data_dir: str, compare=(),
+                 options: evaluate_lib.EvalOptions | None = None) -> tuple:
+  """`item-jax eval`: evaluates `workdir` and writes its report; each `compare`
+  workdir's report is read (or, when missing, evaluated and written first).
+  Returns (report, paths written, {workdir: report} compared)."""
+  options = options or evaluate_lib.EvalOptions()
+  is_lead = jax.process_index() == 0
+  report = evaluate_lib.evaluate(workdir, data_dir, options)
+  compared = {}
+  if compare:
+    compared[str(workdir)] = report
+    for other in compare:
+      other_report = read_report(other)
+      if other_report is None:
+        other_report = evaluate_lib.evaluate(other, data_dir, options)
+        if is_lead:
+          write_report(other_report, other)
+      compared[str(other)] = other_report
+  paths = write_report(report, workdir, compared or None) if is_lead else {}
+  return report, paths, compared

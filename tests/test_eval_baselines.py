@@ -1,0 +1,87 @@
+"""The TF-IDF and colour-histogram baselines, and the [CLS] attention share."""
+
+import collections
+import math
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from helpers import tiny_batch, tiny_model
+from item_jax.eval.embed import image_attention_share, last_layer_cls_attention
+from item_jax.eval.evaluate import char_ngrams, colour_histograms, tfidf_features
+
+
+def test_char_ngrams_lower_case_and_mark_word_ends():
+  assert char_ngrams("Ab  C", sizes=(2,)) == [" a", "ab", "b ", " c", "c "]
+  assert char_ngrams("x", sizes=(3,)) == [" x "]
+
+
+def _full_tfidf_cosine(titles):
+  """TF-IDF cosine over every n-gram, straight from the definitions."""
+  counts = [collections.Counter(char_ngrams(title)) for title in titles]
+  document_frequency = collections.Counter(g for c in counts for g in c)
+  idf = {g: math.log((1 + len(titles)) / (1 + df)) + 1
+         for g, df in document_frequency.items()}
+  vectors = [{g: (1 + math.log(n)) * idf[g] for g, n in c.items()} for c in counts]
+  norms = [math.sqrt(sum(v * v for v in vector.values())) for vector in vectors]
+  return np.array([[sum(a[g] * b.get(g, 0.0) for g in a) / (na * nb)
+                    for b, nb in zip(vectors, norms)] for a, na in zip(vectors, norms)])
+
+
+def test_tfidf_cosines_are_exact_with_only_shared_ngrams_kept():
+  titles = {"train": ["Kovo KX-204 red mug", "kovo kx-208 mug", "Arlen kettle 1.7l"],
+            "test": ["KOVO KX-204 MUG", "zzz"]}
+  features = tfidf_features(titles)
+  assert features["train"].shape[0] == 3 and features["test"].shape[0] == 2
+  rows = np.concatenate([features["train"], features["test"]])
+  expected = _full_tfidf_cosine(titles["train"] + titles["test"])
+  cosine = rows @ rows.T
+  off_diagonal = ~np.eye(5, dtype=bool)
+  np.testing.assert_allclose(cosine[off_diagonal], expected[off_diagonal], atol=1e-6)
+  # "zzz" shares nothing with the others: its kept columns are all zero.
+  assert np.abs(features["test"][1]).sum() == 0
+  assert cosine[0, 3] > cosine[0, 1] > cosine[0, 2]
+
+
+def test_colour_histogram_of_a_two_colour_image():
+  image = np.zeros((1, 4, 4, 3), np.float32)         # normalised 0 -> grey 0.5
+  image[0, :, :1] = [1.0, -1.0, -1.0]                # a red column: 1/4 of pixels
+  histogram = colour_histograms(image)
+  assert histogram.shape == (1, 512)
+  red, grey = (7 * 8 + 0) * 8 + 0, (4 * 8 + 4) * 8 + 4
+  assert np.flatnonzero(histogram[0]).tolist() == sorted([red, grey])
+  assert histogram[0, grey] / histogram[0, red] == pytest.approx(math.sqrt(3))
+  assert np.linalg.norm(histogram[0]) == pytest.approx(1.0)
+
+
+def test_recomputed_cls_attention_reproduces_the_fused_attention():
+  model = tiny_model()
+  batch = tiny_batch()
+  title_ids, image = batch["title_ids"], batch["image"]
+  title_mask = title_ids != 0
+  probabilities = last_layer_cls_attention(model, title_ids, image)
+  assert probabilities.shape == (4, 4, 1 + 10 + 16)
+  np.testing.assert_allclose(probabilities.sum(-1), 1.0, rtol=1e-5)
+  assert float(jnp.max(probabilities[:, :, 1:11] * ~title_mask[:, None])) == 0.0
+  # Weighting the last block's values by these probabilities (then its output
+  # projection) gives what the block's own fused attention gives for [CLS].
+  before = model.encode(title_ids, image, num_layers=1)
+  inputs = jnp.concatenate([before.cls[:, None], before.title_states,
+                            before.patch_states], axis=1)
+  attention = model.layers[-1].attention
+  values = attention.value(inputs).reshape(4, 27, 4, 16)
+  mixed = jnp.einsum("bhk,bkhd->bhd", probabilities, values).reshape(4, 64)
+  token_mask = jnp.concatenate([jnp.ones((4, 1), bool), title_mask,
+                                jnp.ones((4, 16), bool)], axis=1)
+  np.testing.assert_allclose(attention.output(mixed), attention(inputs, token_mask)[:, 0],
+                             atol=1e-5)
+  # And the last block's input is what the full encoder's last block reads.
+  full = model.encode(title_ids, image)
+  last = model.layers[-1](inputs, token_mask)
+  np.testing.assert_allclose(last[:, 0], full.cls, atol=1e-5)
+
+  share, uniform = nnx.jit(image_attention_share)(model, title_ids, image)
+  np.testing.assert_allclose(share, probabilities[..., 11:].sum(-1).mean(-1), rtol=1e-6)
+  np.testing.assert_allclose(uniform, 16 / (1 + title_mask.sum(-1) + 16), rtol=1e-6)
