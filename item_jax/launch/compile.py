@@ -204,7 +204,7 @@ def compile_train_step(config: ml_collections.ConfigDict, target: Target,
       raise DoesNotFitError(
           f"{target.name}: the step does not fit in device memory "
           f"(mesh {settings.mesh_shape}, global batch {config.global_batch_size})."
-          f" XLA said: {str(error).strip()[:2000]}\n{_ADVICE}") from None
+          f" XLA said: {str(error).strip()[:2000]}\n{_advice(settings)}") from None
     raise
   seconds = time.perf_counter() - started
 
@@ -251,13 +251,19 @@ def compile_train_step(config: ml_collections.ConfigDict, target: Target,
     raise DoesNotFitError(
         f"{target.name}: the step needs {used['peak'] / GIB:.2f} GiB per device, "
         f"the device has {target.hbm_bytes / GIB:.2f} GiB.\n"
-        f"{format_report(report)}\n{_ADVICE}")
+        f"{format_report(report)}\n{_advice(settings)}")
   return report
 
 
-_ADVICE = ("Try sharding parameters and optimizer state (--config.mesh.fsdp=N), "
-           "a smaller --config.global_batch_size or more "
-           "--config.grad_accumulation_steps, or --config.model.dtype=bfloat16.")
+def _advice(settings: TrainSettings) -> str:
+  options = []
+  if settings.mesh_shape["fsdp"] == 1:
+    options.append("sharding parameters and optimizer state (--config.mesh.fsdp=N)")
+  options.append("a smaller --config.global_batch_size or more "
+                 "--config.grad_accumulation_steps")
+  if settings.model.dtype == "float32":
+    options.append("--config.model.dtype=bfloat16")
+  return "Try " + ", or ".join(options) + "."
 
 
 def format_report(report: dict) -> str:

@@ -4,11 +4,9 @@ Config → mesh → state (restored or created sharded) → compiled step → lo
 metrics at log steps, async checkpoints, preemption and divergence handling.
 """
 
-import json
 import logging
 import signal
 import threading
-import time
 
 import jax
 import numpy as np
