@@ -51,6 +51,7 @@ def base_config() -> ml_collections.ConfigDict:
   config.model.image_size = 224
   config.model.patch_size = 16
   config.model.dtype = "float32"    # "bfloat16": bf16 compute, fp32 master weights
+  config.model.remat = "none"       # "block" or "full": recompute in the backward pass
   config.model.dropout_rate = 0.1
   config.model.layer_norm_eps = 1e-12
   config.model.attention_implementation = ml_collections.FieldReference(
