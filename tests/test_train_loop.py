@@ -191,24 +191,30 @@ def test_non_finite_steps_are_skipped_then_stop_the_run(data_dir, tmp_path,
   checkpointer.close()
 
 
+def _start_two_processes(data_dir, workdir, *overrides, port_offset):
+  """Two training processes over jax.distributed, 4 simulated devices each."""
+  port = 20000 + (os.getpid() + port_offset) % 20000
+  environment = dict(os.environ)
+  environment["XLA_FLAGS"] = environment["XLA_FLAGS"].replace(
+      "--xla_force_host_platform_device_count=8",
+      "--xla_force_host_platform_device_count=4")
+  return [
+      subprocess.Popen(
+          _train_command(data_dir, workdir, *overrides,
+                         "--coordinator", f"localhost:{port}",
+                         "--num-processes", "2", "--process-id", str(index)),
+          env=environment, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+          text=True)
+      for index in range(2)]
+
+
 @pytest.mark.timeout(600)
 def test_two_processes_match_one_process_with_eight_devices(data_dir, tmp_path,
                                                             reference_run):
   """jax.distributed over localhost: 2 processes x 4 simulated CPU devices."""
   _, reference = reference_run
   workdir = tmp_path / "two_processes"
-  port = 20000 + os.getpid() % 20000
-  environment = dict(os.environ)
-  environment["XLA_FLAGS"] = environment["XLA_FLAGS"].replace(
-      "--xla_force_host_platform_device_count=8",
-      "--xla_force_host_platform_device_count=4")
-  processes = [
-      subprocess.Popen(
-          _train_command(data_dir, workdir, "--coordinator", f"localhost:{port}",
-                         "--num-processes", "2", "--process-id", str(index)),
-          env=environment, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-          text=True)
-      for index in range(2)]
+  processes = _start_two_processes(data_dir, workdir, port_offset=0)
   errors = [process.communicate(timeout=540)[1] for process in processes]
   for process, error in zip(processes, errors):
     assert process.returncode == 0, error[-3000:]
@@ -221,20 +227,9 @@ def test_two_processes_match_one_process_with_eight_devices(data_dir, tmp_path,
 @pytest.mark.timeout(600)
 def test_a_signal_to_one_process_stops_both_at_the_same_step(data_dir, tmp_path):
   workdir = tmp_path / "two_processes_signalled"
-  port = 20000 + (os.getpid() + 1) % 20000
-  environment = dict(os.environ)
-  environment["XLA_FLAGS"] = environment["XLA_FLAGS"].replace(
-      "--xla_force_host_platform_device_count=8",
-      "--xla_force_host_platform_device_count=4")
-  processes = [
-      subprocess.Popen(
-          _train_command(data_dir, workdir, "--config.total_steps=400",
-                         "--config.checkpoint_every_steps=1000",
-                         "--coordinator", f"localhost:{port}",
-                         "--num-processes", "2", "--process-id", str(index)),
-          env=environment, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-          text=True)
-      for index in range(2)]
+  processes = _start_two_processes(data_dir, workdir, "--config.total_steps=400",
+                                   "--config.checkpoint_every_steps=1000",
+                                   port_offset=1)
   _wait_for(lambda: list(workdir.glob("events.out.tfevents.*")), processes[0])
   time.sleep(1.0)
   processes[1].send_signal(signal.SIGUSR1)  # only the second process hears it
