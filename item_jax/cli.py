@@ -48,7 +48,7 @@ def _prepare(args):
       vocab_size=args.vocab_size, tokenizer_model=args.tokenizer,
       columns=parse_column_mapping(args.columns) if args.columns else None,
       seed=args.seed, max_image_side=args.max_image_side,
-      num_workers=args.workers)
+      num_workers=args.workers, lowercase=not args.cased)
   counts = {split: info["count"] for split, info in summary["splits"].items()}
   print(f"prepared {counts} listings into {args.output}; skipped rows and "
         f"their reasons are in {args.output}/dataset.json")
@@ -189,6 +189,9 @@ def build_parser() -> argparse.ArgumentParser:
   prepare.add_argument("--seed", type=int, default=0)
   prepare.add_argument("--max-image-side", type=int, default=512)
   prepare.add_argument("--workers", type=int, default=None)
+  prepare.add_argument("--cased", action="store_true",
+                       help="keep case in the trained sentencepiece model "
+                       "(by default it folds case, like uncased BERT)")
   prepare.set_defaults(run=_prepare)
 
   train = commands.add_parser(

@@ -79,3 +79,16 @@ def test_a_model_with_other_special_ids_is_refused(tmp_path: pathlib.Path):
   )
   with pytest.raises(ValueError, match="special ids"):
     tokenizer_lib.Tokenizer(str(tmp_path / "plain.model"))
+
+
+def test_case_is_folded_unless_asked_to_keep_it(tmp_path):
+  titles = TITLES + [title.upper() for title in TITLES]
+  folded = tokenizer_lib.Tokenizer(
+      tokenizer_lib.train_sentencepiece(titles, str(tmp_path / "folded"), 64))
+  cased = tokenizer_lib.Tokenizer(tokenizer_lib.train_sentencepiece(
+      titles, str(tmp_path / "cased"), 64, lowercase=False))
+  shouting, quiet = "RED COTTON SHIRT SIZE M", "red cotton shirt size m"
+  np.testing.assert_array_equal(folded.encode_batch([shouting], 12),
+                                folded.encode_batch([quiet], 12))
+  assert not np.array_equal(cased.encode_batch([shouting], 12),
+                            cased.encode_batch([quiet], 12))

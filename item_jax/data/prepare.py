@@ -75,6 +75,7 @@ def prepare(
     seed: int = 0,
     max_image_side: int = 512,
     num_workers: int | None = None,
+    lowercase: bool = True,
 ) -> dict:
   """Converts a catalogue into `output`; returns the summary written to dataset.json.
 
@@ -86,7 +87,8 @@ def prepare(
   this process) are spawned, so a calling script needs the usual
   `if __name__ == "__main__":` guard. A sentencepiece model is trained on
   the kept titles unless `tokenizer_model` is given (a sentencepiece .model,
-  or a converted checkpoint's WordPiece tokenizer.json or vocab.txt).
+  or a converted checkpoint's WordPiece tokenizer.json or vocab.txt); it folds
+  case unless `lowercase` is False.
   dataset.json is written last: a directory without it holds an unfinished
   conversion.
   """
@@ -115,7 +117,8 @@ def prepare(
 
   if tokenizer is None:
     tokenizer = tokenizer_lib.Tokenizer(tokenizer_lib.train_sentencepiece(
-        conversion.kept_titles, str(output_dir / "tokenizer"), vocab_size))
+        conversion.kept_titles, str(output_dir / "tokenizer"), vocab_size,
+        lowercase=lowercase))
   tokenizer_file = tokenizer.save(output_dir)
   info = {
       "schema_version": SCHEMA_VERSION,

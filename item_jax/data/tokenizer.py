@@ -33,11 +33,15 @@ def train_sentencepiece(
     model_prefix: str,
     vocab_size: int,
     model_type: str = "unigram",
+    lowercase: bool = True,
 ) -> str:
   """Trains a sentencepiece model on `titles` and writes `{model_prefix}.model`.
 
   `model_prefix` may be local or gs://. `vocab_size` is an upper bound: tiny
-  catalogues yield fewer pieces instead of failing. Returns the model's path.
+  catalogues yield fewer pieces instead of failing. `lowercase` folds case
+  (NFKC + case folding, stored in the model, so encoding folds too): sellers'
+  all-capitals titles then share pieces with the rest, as in uncased BERT.
+  Returns the model's path.
   """
   model_proto = io.BytesIO()
   sentencepiece.SentencePieceTrainer.train(
@@ -45,6 +49,7 @@ def train_sentencepiece(
       model_writer=model_proto,
       model_type=model_type,
       vocab_size=vocab_size,
+      normalization_rule_name="nmt_nfkc_cf" if lowercase else "nmt_nfkc",
       hard_vocab_limit=False,
       pad_id=PAD_ID,
       unk_id=UNK_ID,

@@ -24,6 +24,7 @@ from flax import nnx
 from item_jax.data import pipeline
 from item_jax.eval.search import fetch_global, put_global
 from item_jax.model import ItemModel
+from item_jax.model.layers import activation_sharding
 from item_jax.train import checkpoint as checkpoint_lib
 from item_jax.train import sharding
 from item_jax.train.config import TrainSettings, base_config, validate
@@ -156,6 +157,10 @@ class Embedder:
       raise ValueError(f"views {views}: expected some of {VIEWS}")
 
     def forward(params, title_ids, image):
+      with activation_sharding(mesh, sharding.ACTIVATION_RULES):
+        return _forward(params, title_ids, image)
+
+    def _forward(params, title_ids, image):
       model = nnx.merge(graphdef, params)
       inputs = {"both": (title_ids, image), "title": (title_ids, None),
                 "image": (None, image)}

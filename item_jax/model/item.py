@@ -11,7 +11,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from item_jax.model.config import ModelConfig
-from item_jax.model.layers import Dense, EncoderBlock, LayerNorm, dropout, gelu, param
+from item_jax.model.layers import (ACTIVATION_AXES, Dense, EncoderBlock, LayerNorm,
+                                   constrain, dropout, gelu, param)
 
 TEXT_TYPE, IMAGE_TYPE = 0, 1
 
@@ -168,7 +169,7 @@ class ItemModel(nnx.Module):
     keys = ([None] * (len(self.layers) + 1) if dropout_key is None
             else list(jax.random.split(dropout_key, len(self.layers) + 1)))
     x = self.embeddings.norm(jnp.concatenate(parts, axis=1))
-    x = dropout(x, self.config.dropout_rate, keys[0])
+    x = constrain(dropout(x, self.config.dropout_rate, keys[0]), ACTIVATION_AXES)
     run_layer = _layer_runner(self.config.remat)
     for layer, key in zip(self.layers[:num_layers], keys[1:]):
       x = run_layer(layer, x, token_mask, key)

@@ -2,12 +2,52 @@
 
 Every parameter is an `nnx.Param` carrying `logical_axes` (one name per array
 dimension, e.g. ("embed", "mlp")); `item_jax.train` maps those names to mesh axes.
+Activations name theirs too (`constrain`), so that under a mesh the batch stays
+split over the batch axes whatever the parameters' sharding.
 Parameters are float32; computation runs in the dtype each module is given.
 """
+
+import contextlib
+import contextvars
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
+
+# (mesh, {logical activation axis: mesh axes}) while tracing under a mesh.
+_ACTIVATION_SHARDING = contextvars.ContextVar("activation_sharding", default=None)
+
+
+@contextlib.contextmanager
+def activation_sharding(mesh, rules: dict):
+  """Within this block, `constrain` pins activations to `mesh` by `rules`.
+
+  Enter it around the traced function (inside `jax.jit`), e.g. the train step.
+  """
+  token = _ACTIVATION_SHARDING.set((mesh, rules))
+  try:
+    yield
+  finally:
+    _ACTIVATION_SHARDING.reset(token)
+
+
+def constrain(x: jax.Array, logical_axes) -> jax.Array:
+  """`with_sharding_constraint` by logical axis names; the identity outside
+  `activation_sharding`. A dimension its mesh axes do not divide stays
+  replicated."""
+  context = _ACTIVATION_SHARDING.get()
+  if context is None:
+    return x
+  mesh, rules = context
+  spec = []
+  for name, size in zip(logical_axes, x.shape):
+    axes = rules[name]
+    axes_size = 1
+    for axis in (axes if isinstance(axes, tuple) else (axes,) if axes else ()):
+      axes_size *= mesh.shape[axis]
+    spec.append(axes if axes and axes_size > 1 and size % axes_size == 0 else None)
+  return jax.lax.with_sharding_constraint(
+      x, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*spec)))
 
 
 def param(rngs: nnx.Rngs, initializer, shape, logical_axes) -> nnx.Param:
@@ -29,6 +69,10 @@ def dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
 def gelu(x: jax.Array) -> jax.Array:
   # BERT's exact (erf) GELU, so that converted checkpoints reproduce BERT.
   return jax.nn.gelu(x, approximate=False)
+
+
+# An encoder activation's logical axes: (batch, tokens, hidden).
+ACTIVATION_AXES = ("activation_batch", "activation_length", "activation_embed")
 
 
 class Dense(nnx.Module):
@@ -84,7 +128,9 @@ class SelfAttention(nnx.Module):
 
   def __call__(self, x: jax.Array, token_mask: jax.Array) -> jax.Array:
     batch, length, _ = x.shape
-    split = lambda y: y.reshape(batch, length, self.num_heads, self.head_dim)
+    split = lambda y: constrain(
+        y.reshape(batch, length, self.num_heads, self.head_dim),
+        ("activation_batch", "activation_length", "activation_heads", None))
     query, key, value = split(self.query(x)), split(self.key(x)), split(self.value(x))
     # Padding is masked on the key side; padded queries produce values that
     # nothing downstream reads.
@@ -120,5 +166,9 @@ class EncoderBlock(nnx.Module):
     attended = dropout(self.attention(x, token_mask), self.dropout_rate,
                        attention_key)
     x = self.attention_norm(x + attended)
-    mlp_out = self.mlp_output(gelu(self.intermediate(x)))
-    return self.output_norm(x + dropout(mlp_out, self.dropout_rate, mlp_key))
+    hidden = constrain(gelu(self.intermediate(x)),
+                       ("activation_batch", "activation_length", "activation_mlp"))
+    mlp_out = self.mlp_output(hidden)
+    return constrain(
+        self.output_norm(x + dropout(mlp_out, self.dropout_rate, mlp_key)),
+        ACTIVATION_AXES)

@@ -4,7 +4,8 @@ Parameters carry `logical_axes` metadata (see item_jax.model.layers); the rules
 below turn them into PartitionSpecs. Data parallel is the default (fsdp=1,
 model=1 leaves parameters replicated); a mesh with fsdp > 1 shards parameters
 and optimizer state over their `embed` dimension, model > 1 shards heads, MLP
-and vocabulary: the same code, another config.
+and vocabulary: the same code, another config. Activations are pinned by
+their own logical axes (`ACTIVATION_RULES`) while the step is traced.
 """
 
 import jax
@@ -15,6 +16,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from item_jax.model import ItemModel, ModelConfig
+from item_jax.model.layers import activation_sharding
 from item_jax.train.step import init_train_state
 
 MESH_AXES = ("data", "fsdp", "model")
@@ -32,6 +34,19 @@ LOGICAL_AXIS_RULES = {
     "type": None,
     "patch": None,
     "classes": None,
+}
+
+
+# Activations' logical axes -> mesh axes: examples stay split over the batch
+# axes at every block boundary (so FSDP all-gathers weights rather than
+# moving activations), heads and MLP units over `model`.
+ACTIVATION_RULES = {
+    "activation_batch": BATCH_AXES,
+    "activation_length": None,
+    "activation_embed": None,
+    "activation_heads": "model",
+    "activation_mlp": "model",
+    None: None,
 }
 
 
@@ -130,7 +145,11 @@ def jit_train_step(train_step, state_shardings, mesh: Mesh):
   """The step as training runs it (and `item-jax compile` compiles it): the
   state keeps its shardings and is donated, the batch is split over the batch
   axes, metrics come back replicated."""
-  return jax.jit(train_step, in_shardings=(state_shardings, batch_sharding(mesh)),
+  def step(state, batch):
+    with activation_sharding(mesh, ACTIVATION_RULES):
+      return train_step(state, batch)
+
+  return jax.jit(step, in_shardings=(state_shardings, batch_sharding(mesh)),
                  out_shardings=(state_shardings, replicated(mesh)),
                  donate_argnums=0)
 
