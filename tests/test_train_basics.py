@@ -114,3 +114,27 @@ def test_a_non_finite_step_applies_no_update():
   assert int(again.nonfinite_streak) == 2
   recovered, metrics = step(again, batch)
   assert int(recovered.nonfinite_streak) == 0 and float(metrics["nonfinite"]) == 0.0
+
+
+def test_activations_stay_split_over_the_batch_axes_under_fsdp():
+  from jax.sharding import NamedSharding, PartitionSpec
+  from item_jax.model.layers import ACTIVATION_AXES, activation_sharding, constrain
+  from item_jax.train import sharding
+  mesh = sharding.make_mesh({"data": 2, "fsdp": 4, "model": 1}, jax.devices()[:8])
+  # The hidden dimension is sharded on the way in, as FSDP's weights would
+  # leave it; the constraint puts the batch split back.
+  x = jax.device_put(jnp.ones((8, 5, 16)),
+                     NamedSharding(mesh, PartitionSpec(None, None, "fsdp")))
+
+  def pinned(x):
+    with activation_sharding(mesh, sharding.ACTIVATION_RULES):
+      return constrain(x * 2, ACTIVATION_AXES)
+
+  out = jax.jit(pinned)(x)
+  batch_split = NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
+  assert out.sharding.is_equivalent_to(batch_split, 3)
+  np.testing.assert_array_equal(out, 2 * np.ones((8, 5, 16)))
+  # Outside the context it changes nothing; a batch the axes don't divide stays whole.
+  assert constrain(x, ACTIVATION_AXES) is x
+  odd = jax.jit(pinned)(jnp.ones((3, 5, 16)))
+  assert odd.sharding.is_fully_replicated
