@@ -44,6 +44,37 @@ def synthetic_batch(batch: int, title_len: int, image_size: int, vocab: int):
           "index": np.arange(batch, dtype=np.int32)}
 
 
+def synthetic_tokens(vocab: int) -> TokenSpec:
+  """The synthetic batch's special ids: 0-4, [SEP] 3, [MASK] 4."""
+  return TokenSpec(vocab, 4, (0, 1, 2, 3, 4))
+
+
+def build_step(config, optimizer_config: OptimizerConfig,
+               objectives: ObjectiveConfig, tokens: TokenSpec, local_batch: dict,
+               seed: int = 0):
+  """(jitted step, fresh state, batch on device): the step as training runs
+  it, data parallel over all devices."""
+  optimizer = make_optimizer(optimizer_config)
+  mesh = sharding.make_mesh({"data": jax.device_count(), "fsdp": 1, "model": 1})
+  graphdef, state, state_shardings = sharding.create_train_state(
+      config, optimizer, mesh, seed=seed)
+  step = sharding.jit_train_step(
+      make_train_step(graphdef, optimizer, objectives, tokens, seed=seed),
+      state_shardings, mesh)
+  return step, state, sharding.global_batch(local_batch, mesh)
+
+
+def time_steps(compiled, state, batch, steps: int):
+  """(state, seconds of each step): device-synchronised after every step."""
+  times = []
+  for _ in range(steps):
+    start = time.perf_counter()
+    state, metrics = compiled(state, batch)
+    jax.block_until_ready(metrics)
+    times.append(time.perf_counter() - start)
+  return state, times
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--config", default="tiny", choices=sorted(DEFAULT_BATCH))
@@ -66,17 +97,10 @@ def main():
       remat=args.remat, attention_implementation=args.attention)
   batch_size = args.batch or DEFAULT_BATCH[args.config] * jax.device_count()
   objectives = ObjectiveConfig()
-  optimizer = make_optimizer(OptimizerConfig(learning_rate=1e-4, warmup_steps=10,
-                                             total_steps=1000))
-  mesh = sharding.make_mesh({"data": jax.device_count(), "fsdp": 1, "model": 1})
-  graphdef, state, state_shardings = sharding.create_train_state(
-      config, optimizer, mesh, seed=0)
-  step = sharding.jit_train_step(
-      make_train_step(graphdef, optimizer, objectives,
-                      TokenSpec(args.vocab_size, 4, (0, 1, 2, 3, 4)), seed=0),
-      state_shardings, mesh)
-  batch = sharding.global_batch(
-      synthetic_batch(batch_size, args.title_len, args.image_size, args.vocab_size), mesh)
+  step, state, batch = build_step(
+      config, OptimizerConfig(learning_rate=1e-4, warmup_steps=10, total_steps=1000),
+      objectives, synthetic_tokens(args.vocab_size),
+      synthetic_batch(batch_size, args.title_len, args.image_size, args.vocab_size))
 
   start = time.perf_counter()
   compiled = step.lower(state, batch).compile()
@@ -86,15 +110,8 @@ def main():
   xla_flops = float(cost.get("flops", 0.0))
   analytic = training_flops_per_example(config, args.title_len, objectives)["total"]
 
-  for _ in range(args.warmup):
-    state, metrics = compiled(state, batch)
-  jax.block_until_ready(metrics)
-  times = []
-  for _ in range(args.steps):
-    start = time.perf_counter()
-    state, metrics = compiled(state, batch)
-    jax.block_until_ready(metrics)
-    times.append(time.perf_counter() - start)
+  state, _ = time_steps(compiled, state, batch, args.warmup)
+  state, times = time_steps(compiled, state, batch, args.steps)
   step_seconds = statistics.median(times)
   examples_per_second = batch_size / step_seconds
 

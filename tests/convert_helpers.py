@@ -1,5 +1,5 @@
 """Tiny outside checkpoints built locally (no download): a WordPiece vocabulary
-from titles, random Hugging Face BERT and ViT folders."""
+from titles, random Hugging Face BERT and ViT folders, a random torch reference."""
 
 import csv
 import string
@@ -76,4 +76,20 @@ def write_vit(directory, image_size=32, patch_size=8, hidden=64):
   with torch.no_grad():
     model.vit.embeddings.mask_token.normal_(0.0, 1.0)
   model.save_pretrained(directory)
+  return model
+
+
+def random_torch_model(config, seed=0):
+  """The torch reference with every parameter random (LayerNorm scales near
+  1), so that no mapping mistake can hide behind a zero or a one."""
+  import torch
+  from item_jax.convert.torch_reference import ItemTorch
+  torch.manual_seed(seed)
+  model = ItemTorch(config).eval()
+  with torch.no_grad():
+    for name, parameter in model.named_parameters():
+      if "LayerNorm.weight" in name:
+        parameter.normal_(1.0, 0.1)
+      else:
+        parameter.normal_(0.0, 0.3 if "embeddings" in name else 0.1)
   return model

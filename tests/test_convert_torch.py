@@ -8,26 +8,13 @@ torch = pytest.importorskip("torch")
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
+from convert_helpers import random_torch_model  # noqa: E402
 from helpers import tiny_batch, tiny_config  # noqa: E402
 from item_jax.convert import ConversionError, model_from_params, torch_layout  # noqa: E402
 from item_jax.convert.tensors import init_params  # noqa: E402
 from item_jax.convert.torch_reference import ItemTorch  # noqa: E402
 
 TOLERANCE = 1e-4
-
-
-def random_torch_model(config, seed=0):
-  """Every parameter random (LayerNorm scales near 1), so that no mapping
-  mistake can hide behind a zero or a one."""
-  torch.manual_seed(seed)
-  model = ItemTorch(config).eval()
-  with torch.no_grad():
-    for name, parameter in model.named_parameters():
-      if "LayerNorm.weight" in name:
-        parameter.normal_(1.0, 0.1)
-      else:
-        parameter.normal_(0.0, 0.3 if "embeddings" in name else 0.1)
-  return model
 
 
 def outputs(model, torch_model, seed=0):

@@ -6,13 +6,24 @@ Names follow `transformers`' BertForPreTraining ("bert.embeddings...",
 learned [CLS] vector, ViT-style patch embedding Conv2d, image positions, heads
 under "cls."). Images are NCHW as torch vision models take them. Keep it in
 step with item_jax/model: tests/test_convert_torch.py compares the two.
+
+`item_losses` is the five pre-training losses of item_jax/objectives/losses.py
+on inputs masked by item-jax (`loss_inputs`), so that both sides train on the
+same masks, and `adamw` + `train_step` the update of item_jax/train/step.py:
+tests/test_torch_vs_jax.py compares the losses, benchmarks/torch_vs_jax.py
+times both steps.
 """
 
+import math
+
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from item_jax.model import ModelConfig
+from item_jax.objectives import TASKS
+from item_jax.train.optimizer import OptimizerConfig
 
 TEXT_TYPE, IMAGE_TYPE = 0, 1
 
@@ -188,3 +199,144 @@ class ItemTorch(nn.Module):
   def gmim_pixels(self, cls: torch.Tensor, patch_indices: torch.Tensor) -> torch.Tensor:
     positions = self.bert.embeddings.image_position_embeddings.weight[patch_indices]
     return self.cls.gmim.decoder(self.cls.gmim.transform(self._global_input(cls, positions)))
+
+
+# -- The pre-training losses, on masks drawn by item-jax -------------------------
+
+def loss_inputs(masked) -> dict[str, np.ndarray]:
+  """item-jax's `MaskedBatch` (item_jax.objectives.mask_batch; jax or numpy
+  arrays) -> the numpy arrays `item_losses` takes: images NCHW, ids int64."""
+  arrays = {"input_ids": masked.input_ids, "title_mask": masked.title_mask,
+            "pixel_values": np.asarray(masked.image).transpose(0, 3, 1, 2),
+            "matched": masked.matched, "example_weight": masked.example_weight}
+  if masked.tokens is not None:
+    arrays.update(token_indices=masked.tokens.indices,
+                  token_labels=masked.tokens.labels,
+                  token_weights=masked.tokens.weights)
+  if masked.patches is not None:
+    arrays.update(masked_patches=masked.patches.masked,
+                  patch_indices=masked.patches.indices)
+  # Writable, contiguous copies: torch.from_numpy takes them as they are.
+  arrays = {name: np.array(value, order="C") for name, value in arrays.items()}
+  return {name: value.astype(np.int64) if value.dtype.kind in "iu" else value
+          for name, value in arrays.items()}
+
+
+def patchify(pixel_values: torch.Tensor, patch_size: int) -> torch.Tensor:
+  """(batch, C, H, W) -> (batch, num_patches, patch_size * patch_size * C),
+  pixels (row, col, channel) within a patch as item_jax.model.patchify."""
+  batch, channels, height, width = pixel_values.shape
+  rows, cols = height // patch_size, width // patch_size
+  patches = pixel_values.reshape(batch, channels, rows, patch_size, cols, patch_size)
+  return patches.permute(0, 2, 4, 3, 5, 1).reshape(batch, rows * cols, -1)
+
+
+def normalized_patch_targets(pixel_values: torch.Tensor, patch_size: int,
+                             normalize: bool) -> torch.Tensor:
+  patches = patchify(pixel_values.float(), patch_size)
+  if not normalize:
+    return patches
+  mean = patches.mean(-1, keepdim=True)
+  var = patches.var(-1, keepdim=True, correction=0)
+  return (patches - mean) / torch.sqrt(var + 1e-6)
+
+
+def _weighted_mean(values: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+  return (values * weights).sum() / weights.sum().clamp(min=1.0)
+
+
+def _gather(states: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+  """(batch, length, hidden), (batch, count) -> (batch, count, hidden)."""
+  return torch.take_along_dim(states, indices[..., None], dim=1)
+
+
+def _cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+  """Per-position cross entropy, logits (..., classes), labels (...)."""
+  return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                         reduction="none").view(labels.shape)
+
+
+def item_losses(model: ItemTorch, inputs: dict, weights: dict | None = None,
+                normalize_patch_targets: bool = True):
+  """(total, {task: loss}) as item_jax.objectives.pretraining_loss computes them.
+
+  Args:
+    model: the reference model.
+    inputs: `loss_inputs`' arrays as tensors: the masked titles, the paired
+      images and the masks item-jax drew.
+    weights: {task: weight} (ObjectiveConfig's *_weight); default all 1.
+    normalize_patch_targets: as ObjectiveConfig's.
+  """
+  weights = dict.fromkeys(TASKS, 1.0) if weights is None else weights
+  active = {task for task in TASKS if weights.get(task, 0) > 0}
+  patch_size = model.config.patch_size
+  example_weight = inputs["example_weight"]
+  matched = inputs["matched"]
+  # Reconstruction is learnt on matched pairs only.
+  reconstruction_weight = example_weight * matched.float()
+  cls, title_states, patch_states = model.encode(
+      inputs["input_ids"], inputs["pixel_values"], title_mask=inputs["title_mask"],
+      masked_patches=inputs.get("masked_patches"))
+
+  losses = {}
+  if "itm" in active:
+    per_example = _cross_entropy(model.itm_logits(cls), matched.long())
+    losses["itm"] = _weighted_mean(per_example, example_weight)
+  if active & {"mlm", "gmlm"}:
+    indices = inputs["token_indices"]
+    token_weight = inputs["token_weights"] * reconstruction_weight[:, None]
+    for task, logits_fn in (
+        ("mlm", lambda: model.mlm_logits(_gather(title_states, indices))),
+        ("gmlm", lambda: model.gmlm_logits(cls, indices))):
+      if task in active:
+        per_token = _cross_entropy(logits_fn(), inputs["token_labels"])
+        losses[task] = _weighted_mean(per_token, token_weight)
+  if active & {"mim", "gmim"}:
+    indices = inputs["patch_indices"]
+    targets = _gather(normalized_patch_targets(
+        inputs["pixel_values"], patch_size, normalize_patch_targets), indices)
+    patch_weight = reconstruction_weight[:, None].expand(indices.shape)
+    for task, pixels_fn in (
+        ("mim", lambda: model.mim_pixels(_gather(patch_states, indices))),
+        ("gmim", lambda: model.gmim_pixels(cls, indices))):
+      if task in active:
+        per_patch = torch.square(pixels_fn() - targets).mean(-1)
+        losses[task] = _weighted_mean(per_patch, patch_weight)
+
+  total = sum(weights[task] * losses[task] for task in TASKS if task in active)
+  return total, losses
+
+
+def adamw(model: ItemTorch, config: OptimizerConfig,
+          **implementation) -> torch.optim.AdamW:
+  """torch's AdamW set up as item_jax.train.optimizer's: weight decay on
+  matrices only. `train_step` sets each step's learning rate (and clips);
+  `implementation` is AdamW's foreach= or fused=."""
+  decay = [p for p in model.parameters() if p.ndim >= 2]
+  rest = [p for p in model.parameters() if p.ndim < 2]
+  return torch.optim.AdamW(
+      [{"params": decay, "weight_decay": config.weight_decay},
+       {"params": rest, "weight_decay": 0.0}],
+      lr=config.learning_rate, betas=(config.b1, config.b2), eps=config.eps,
+      **implementation)
+
+
+def train_step(model: ItemTorch, optimizer: torch.optim.Optimizer, inputs: dict,
+               learning_rate: float, grad_clip_norm: float,
+               weights: dict | None = None,
+               normalize_patch_targets: bool = True) -> dict:
+  """One step as item_jax.train.step's: losses, gradients, global-norm
+  clipping (0: none) and the update, skipped when the loss or the gradient is
+  not finite. Returns the losses and `grad_norm` (before clipping, torch's
+  float32 norm)."""
+  optimizer.zero_grad(set_to_none=True)
+  total, losses = item_losses(model, inputs, weights, normalize_patch_targets)
+  total.backward()
+  grad_norm = torch.nn.utils.clip_grad_norm_(
+      model.parameters(), grad_clip_norm if grad_clip_norm > 0 else math.inf)
+  if torch.isfinite(total) and torch.isfinite(grad_norm):
+    for group in optimizer.param_groups:
+      group["lr"] = learning_rate
+    optimizer.step()
+  losses = {task: loss.detach() for task, loss in losses.items()}
+  return {"loss": total.detach(), **losses, "grad_norm": grad_norm}

@@ -1,18 +1,18 @@
 """The five pre-training losses (ITM, MLM, MIM, GMLM, GMIM) and their weighted sum.
 
 `pretraining_loss` is pure and jittable: masks are drawn on device from
-per-example keys, the model runs once on the masked, re-paired batch, and each
-head sees only the positions it must predict.
+per-example keys (`mask_batch`), the model runs once on the masked, re-paired
+batch, and each head sees only the positions it must predict.
 """
 
 import dataclasses
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from item_jax.model import ItemModel, patchify
+from item_jax.model import ItemModel, ModelConfig, patchify
 from item_jax.objectives import masking
 
 TASKS = ("itm", "mlm", "mim", "gmlm", "gmim")
@@ -77,22 +77,22 @@ def _gather(states: jax.Array, indices: jax.Array) -> jax.Array:
   return jnp.take_along_axis(states, indices[..., None], axis=1)
 
 
-def pretraining_loss(model: ItemModel, batch: dict, keys: jax.Array,
-                     objectives: ObjectiveConfig, tokens: TokenSpec,
-                     dropout_key: jax.Array | None = None):
-  """Total weighted loss and per-task metrics for one batch.
+class MaskedBatch(NamedTuple):
+  """One batch after ITM pairing and masking: what the encoder sees and the
+  heads must predict."""
 
-  Args:
-    model: the ITEm model.
-    batch: `title_ids` (batch, len) int, `image` (batch, H, W, C) float, and
-      optionally `valid` (batch,) bool (padding examples weigh nothing) and
-      `product_id` (batch,) int (ITM: same-product pairs count as matched).
-    keys: (batch,) per-example PRNG keys (see masking.example_keys).
-    dropout_key: enables dropout when given.
-  Returns:
-    (total_loss, metrics) where metrics holds each active task's loss.
-  """
-  config = model.config
+  input_ids: jax.Array              # (batch, title_len) ids after token masking
+  title_mask: jax.Array             # (batch, title_len) bool, the titles' real tokens
+  image: jax.Array                  # (batch, H, W, C) the image paired with each title
+  matched: jax.Array                # (batch,) bool: the pair is a match
+  example_weight: jax.Array         # (batch,) float, 0 for padding examples
+  tokens: masking.TokenMasking | None    # when MLM or GMLM is on
+  patches: masking.PatchMasking | None   # when MIM or GMIM is on
+
+
+def mask_batch(config: ModelConfig, batch: dict, keys: jax.Array,
+               objectives: ObjectiveConfig, tokens: TokenSpec) -> MaskedBatch:
+  """Draws a batch's ITM pairing, token and patch masks from per-example keys."""
   title_ids, image = batch["title_ids"], batch["image"]
   valid = batch.get("valid")
   example_weight = (jnp.ones(title_ids.shape[0], jnp.float32) if valid is None
@@ -110,8 +110,6 @@ def pretraining_loss(model: ItemModel, batch: dict, keys: jax.Array,
     matched = pairing.matched
   else:
     matched = jnp.ones(title_ids.shape[0], bool)
-  # Reconstruction is learnt on matched pairs only.
-  reconstruction_weight = example_weight * matched.astype(jnp.float32)
 
   token_masking = patch_masking = None
   input_ids = title_ids
@@ -126,10 +124,35 @@ def pretraining_loss(model: ItemModel, batch: dict, keys: jax.Array,
     patch_masking = masking.mask_patches(
         patch_keys, config.patches_per_side, ratio=objectives.patch_mask_ratio,
         block_size=objectives.patch_mask_block_size)
+  return MaskedBatch(input_ids, title_ids != config.pad_token_id, image,
+                     matched, example_weight, token_masking, patch_masking)
+
+
+def pretraining_loss(model: ItemModel, batch: dict, keys: jax.Array,
+                     objectives: ObjectiveConfig, tokens: TokenSpec,
+                     dropout_key: jax.Array | None = None):
+  """Total weighted loss and per-task metrics for one batch.
+
+  Args:
+    model: the ITEm model.
+    batch: `title_ids` (batch, len) int, `image` (batch, H, W, C) float, and
+      optionally `valid` (batch,) bool (padding examples weigh nothing) and
+      `product_id` (batch,) int (ITM: same-product pairs count as matched).
+    keys: (batch,) per-example PRNG keys (see masking.example_keys).
+    dropout_key: enables dropout when given.
+  Returns:
+    (total_loss, metrics) where metrics holds each active task's loss.
+  """
+  config = model.config
+  active = {task for task in TASKS if objectives.weight(task) > 0}
+  masked = mask_batch(config, batch, keys, objectives, tokens)
+  token_masking, patch_masking = masked.tokens, masked.patches
+  image, matched, example_weight = masked.image, masked.matched, masked.example_weight
+  # Reconstruction is learnt on matched pairs only.
+  reconstruction_weight = example_weight * matched.astype(jnp.float32)
 
   encoded = model.encode(
-      input_ids, image,
-      title_mask=title_ids != config.pad_token_id,
+      masked.input_ids, image, title_mask=masked.title_mask,
       masked_patches=None if patch_masking is None else patch_masking.masked,
       dropout_key=dropout_key)
 

@@ -36,6 +36,11 @@ def init_train_state(params, optimizer: optax.GradientTransformation) -> TrainSt
                     jnp.zeros((), jnp.int32))
 
 
+def step_keys(seed: int, step) -> jax.Array:
+  """A step's (mask key, dropout key): fold_in(key(seed), step), split in two."""
+  return jax.random.split(jax.random.fold_in(jax.random.key(seed), step))
+
+
 def make_train_step(graphdef, optimizer: optax.GradientTransformation,
                     objectives: ObjectiveConfig, tokens: TokenSpec, seed: int,
                     accumulation_steps: int = 1):
@@ -47,8 +52,6 @@ def make_train_step(graphdef, optimizer: optax.GradientTransformation,
   `valid`. With accumulation_steps > 1 the batch is split into that many
   micro-batches whose gradients are averaged before one update.
   """
-  base_key = jax.random.key(seed)
-
   def loss_and_grads(params, batch, mask_key, dropout_key):
     keys = example_keys(mask_key, batch["index"])
 
@@ -79,8 +82,7 @@ def make_train_step(graphdef, optimizer: optax.GradientTransformation,
     return jax.tree.map(lambda x: x / accumulation_steps, total)
 
   def train_step(state: TrainState, batch: dict):
-    step_key = jax.random.fold_in(base_key, state.step)
-    mask_key, dropout_key = jax.random.split(step_key)
+    mask_key, dropout_key = step_keys(seed, state.step)
     if accumulation_steps > 1:
       metrics, grads = accumulated(state.params, batch, mask_key, dropout_key)
     else:
