@@ -138,3 +138,23 @@ def test_activations_stay_split_over_the_batch_axes_under_fsdp():
   assert constrain(x, ACTIVATION_AXES) is x
   odd = jax.jit(pinned)(jnp.ones((3, 5, 16)))
   assert odd.sharding.is_fully_replicated
+
+
+def test_prefetch_sends_the_next_batches_ahead_in_order():
+  from item_jax.train import sharding
+  from item_jax.train.loop import prefetch_to_devices
+  mesh = sharding.make_mesh({"data": 8, "fsdp": 1, "model": 1}, jax.devices()[:8])
+  pulled = []
+
+  def local_batches():
+    for i in range(5):
+      pulled.append(i)
+      yield {"x": np.full((8, 3), i, np.float32)}
+
+  batches = prefetch_to_devices(local_batches(), mesh, size=2)
+  first = next(batches)
+  # The first batch comes back once two more are already on their way.
+  assert pulled == [0, 1, 2]
+  assert first["x"].sharding.is_equivalent_to(sharding.batch_sharding(mesh), 2)
+  rest = [int(batch["x"][0, 0]) for batch in batches]
+  assert [int(first["x"][0, 0])] + rest == [0, 1, 2, 3, 4]

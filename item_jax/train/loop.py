@@ -4,6 +4,7 @@ Config → mesh → state (restored or created sharded) → compiled step → lo
 metrics at log steps, async checkpoints, preemption and divergence handling.
 """
 
+import collections
 import logging
 import signal
 import threading
@@ -162,10 +163,9 @@ def train(settings: TrainSettings, workdir: str, devices=None) -> list[dict]:
                        "global_batch_size": config.global_batch_size,
                        "next_example_index": step * config.global_batch_size}
   try:
-    batches = source.batches(start_step)
+    batches = prefetch_to_devices(source.batches(start_step), mesh)
     for step in range(start_step + 1, config.total_steps + 1):
-      local_batch = next(batches)
-      state, metrics = compiled(state, sharding.global_batch(local_batch, mesh))
+      state, metrics = compiled(state, next(batches))
       pending.append(metrics)
       for hook in hooks:
         hook(step)
@@ -195,6 +195,18 @@ def train(settings: TrainSettings, workdir: str, devices=None) -> list[dict]:
     writer.flush()
     writer.close()
   return history
+
+
+def prefetch_to_devices(local_batches, mesh, size: int = 2):
+  """Global batches, with the next `size` already sent to the devices, so
+  their host-to-device copies overlap the running step. Reading ahead moves
+  no data position: batches are a function of the step, not of the iterator."""
+  queue = collections.deque()
+  for local_batch in local_batches:
+    queue.append(sharding.global_batch(local_batch, mesh))
+    if len(queue) > size:
+      yield queue.popleft()
+  yield from queue
 
 
 def _write_metrics(writer, step: int, pending: list, schedule, source) -> dict:
