@@ -94,8 +94,20 @@ def train(settings: TrainSettings, workdir: str, devices=None) -> list[dict]:
   """Runs (or resumes) pre-training in `workdir`.
 
   Returns the metrics written at each log step ({"step": ..., name: value}).
-  `devices` restricts the mesh to those devices (default: all).
+  `devices` restricts the mesh to those devices (default: all). SIGTERM and
+  SIGUSR1 are caught from the start (a signal during restore or compilation
+  stops the run after its first step, with a checkpoint), not left to their
+  default action of killing the process.
   """
+  stop = StopRequest().install()
+  try:
+    return _train(settings, workdir, devices, stop)
+  finally:
+    stop.uninstall()
+
+
+def _train(settings: TrainSettings, workdir: str, devices,
+           stop: StopRequest) -> list[dict]:
   config = settings.config
   workdir = epath.Path(workdir)
   is_lead = jax.process_index() == 0
@@ -157,7 +169,6 @@ def train(settings: TrainSettings, workdir: str, devices=None) -> list[dict]:
   # Retrieval on a validation subset every config.eval_every_steps (0: never).
   evaluate = PeriodicRetrieval(settings, graphdef, state_shardings.params, mesh,
                                writer)
-  stop = StopRequest().install()
   pending, history = [], []
   meta = lambda step: {"step": step, "seed": config.seed,
                        "global_batch_size": config.global_batch_size,
@@ -190,7 +201,6 @@ def train(settings: TrainSettings, workdir: str, devices=None) -> list[dict]:
                         "the same command", step)
         break
   finally:
-    stop.uninstall()
     checkpointer.close()
     writer.flush()
     writer.close()
