@@ -1,0 +1,136 @@
+"""How fast a config learns on a prepared catalogue, and what its embeddings are worth.
+
+  python benchmarks/learning.py --data runs/demo/prepared \
+      [--config configs/item_tiny.py] [--steps 300] [--config.optimizer.learning_rate=1e-3 ...]
+
+Decodes the training and test splits once into memory, trains on one device
+with the real jitted step (same masks, optimizer and schedule as `item-jax
+train`, no checkpoints), and prints each task's loss averaged over every log
+window. It then prints test macro Recall@10 for the three [CLS] views, and for
+the mean of the title tokens' and the patches' outputs. Comparing those says
+whether information is missing from the encoder or only from [CLS]. Fast to
+rerun when trying a recipe. The last line is
+`loss_ratio_at_step_<N>: <last window's mean loss / step 1's loss>`.
+"""
+
+import argparse
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from etils import epath
+from flax import nnx
+
+from item_jax.data import pipeline
+from item_jax.data.tokenizer import load_tokenizer
+from item_jax.eval import metrics
+from item_jax.objectives import TokenSpec
+from item_jax.train.config import load_config, validate
+from item_jax.train.optimizer import make_optimizer
+from item_jax.train.step import init_model, init_train_state, make_train_step
+
+LOSSES = ("loss", "itm", "itm_accuracy", "mlm", "gmlm", "mim", "gmim")
+
+
+def load_split(data_dir: str, split: str, image_size: int, title_len: int,
+               resize: str) -> dict:
+  """Every listing of a split as numpy arrays (valid rows only)."""
+  dataset = pipeline.make_dataset(data_dir, split, 256, image_size, title_len,
+                                  training=False, process_index=0,
+                                  process_count=1, resize=resize)
+  parts = {name: [] for name in ("title_ids", "image", "product_id", "category_id")}
+  for batch in dataset.as_numpy_iterator():
+    for name in parts:
+      parts[name].append(batch[name][batch["valid"]])
+  return {name: np.concatenate(values) for name, values in parts.items()}
+
+
+def embeddings(model, test: dict, batch: int = 256) -> dict:
+  """Unit rows per view: the three [CLS] views and two mean-pooled outputs."""
+
+  def views(title_ids, image):
+    encoded = model.encode(title_ids, image)
+    real = (title_ids != model.config.pad_token_id)[..., None]
+    return {"both": model.embed(title_ids, image),
+            "title": model.embed(title_ids, None),
+            "image": model.embed(None, image),
+            "title tokens, mean": (encoded.title_states * real).sum(1) / real.sum(1),
+            "patches, mean": encoded.patch_states.mean(1)}
+
+  views = jax.jit(views)
+  parts = [views(test["title_ids"][start:start + batch],
+                 test["image"][start:start + batch])
+           for start in range(0, len(test["title_ids"]), batch)]
+  out = {}
+  for name in parts[0]:
+    rows = np.concatenate([np.asarray(part[name], np.float32) for part in parts])
+    out[name] = rows / np.maximum(np.linalg.norm(rows, axis=-1, keepdims=True), 1e-12)
+  return out
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--data", required=True, help="a `prepare` output folder")
+  parser.add_argument("--config", default="configs/item_tiny.py")
+  parser.add_argument("--steps", type=int, default=None,
+                      help="default: the config's total_steps")
+  args, overrides = parser.parse_known_args()
+  config = load_config(args.config, [*overrides, f"--config.data.dir={args.data}"])
+  if args.steps:
+    config.total_steps = args.steps
+  settings = validate(config, num_devices=1)
+  model_config = settings.model
+
+  start = time.perf_counter()
+  split = lambda name: load_split(args.data, name, model_config.image_size,
+                                  config.data.max_title_len, config.data.resize)
+  train, test = split("train"), split("test")
+  print(f"decoded {len(train['title_ids'])} training and {len(test['title_ids'])} "
+        f"test listings in {time.perf_counter() - start:.0f} s")
+
+  tokenizer = load_tokenizer(str(epath.Path(args.data) / settings.dataset["tokenizer"]))
+  tokens = TokenSpec(model_config.vocab_size, tokenizer.mask_id, tokenizer.special_ids)
+  optimizer = make_optimizer(settings.optimizer)
+  graphdef, params = init_model(model_config, config.seed)
+  state = init_train_state(params, optimizer)
+  step = jax.jit(make_train_step(graphdef, optimizer, settings.objectives, tokens,
+                                 config.seed, config.grad_accumulation_steps),
+                 donate_argnums=0)
+
+  size, count = config.global_batch_size, len(train["title_ids"])
+  rng = np.random.default_rng(config.seed)
+  order = np.concatenate([rng.permutation(count)
+                          for _ in range(config.total_steps * size // count + 1)])
+  first, window = None, []
+  start = time.perf_counter()
+  for index in range(config.total_steps):
+    rows = order[index * size:(index + 1) * size]
+    batch = {"title_ids": train["title_ids"][rows], "image": train["image"][rows],
+             "valid": np.ones(size, bool),
+             "index": np.arange(index * size, (index + 1) * size, dtype=np.int32)}
+    state, step_metrics = step(state, batch)
+    window.append(step_metrics)
+    number = index + 1
+    if number == 1 or number % config.log_every_steps == 0 or number == config.total_steps:
+      window = jax.device_get(window)
+      means = {name: float(np.mean([m[name] for m in window]))
+               for name in LOSSES if name in window[0]}
+      first = first or means
+      print(f"step {number:5d}: " + " ".join(f"{name} {value:.3f}"
+                                              for name, value in means.items()),
+            flush=True)
+      window = []
+  print(f"trained {config.total_steps} steps of {size} in "
+        f"{time.perf_counter() - start:.0f} s")
+
+  model = nnx.merge(graphdef, state.params)
+  for name, rows in embeddings(model, test).items():
+    scores = metrics.same_product_retrieval(rows, test["product_id"],
+                                            test["category_id"])
+    print(f"test macro R@10, {name}: {scores['macro_recall@10']:.3f}")
+  print(f"loss_ratio_at_step_{config.total_steps}: {means['loss'] / first['loss']:.3f}")
+
+
+if __name__ == "__main__":
+  main()
