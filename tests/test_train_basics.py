@@ -118,7 +118,7 @@ def test_a_non_finite_step_applies_no_update():
 
 def test_activations_stay_split_over_the_batch_axes_under_fsdp():
   from jax.sharding import NamedSharding, PartitionSpec
-  from item_jax.model.layers import ACTIVATION_AXES, activation_sharding, constrain
+  from item_jax.model.layers import ACTIVATION_AXES, constrain
   from item_jax.train import sharding
   mesh = sharding.make_mesh({"data": 2, "fsdp": 4, "model": 1}, jax.devices()[:8])
   # The hidden dimension is sharded on the way in, as FSDP's weights would
@@ -127,7 +127,7 @@ def test_activations_stay_split_over_the_batch_axes_under_fsdp():
                      NamedSharding(mesh, PartitionSpec(None, None, "fsdp")))
 
   def pinned(x):
-    with activation_sharding(mesh, sharding.ACTIVATION_RULES):
+    with sharding.activation_shardings(mesh):
       return constrain(x * 2, ACTIVATION_AXES)
 
   out = jax.jit(pinned)(x)

@@ -83,7 +83,18 @@ def _pad_with_sep(pieces_per_title, max_len: int, pad_id: int, sep_id: int) -> n
   return title_ids
 
 
-class Tokenizer:
+class _SpecialIds:
+  """pad/unk/cls/sep/mask ids read from `special_ids`, set in that order."""
+
+  special_ids: tuple[int, ...]
+  pad_id = property(lambda self: self.special_ids[0])
+  unk_id = property(lambda self: self.special_ids[1])
+  cls_id = property(lambda self: self.special_ids[2])
+  sep_id = property(lambda self: self.special_ids[3])
+  mask_id = property(lambda self: self.special_ids[4])
+
+
+class Tokenizer(_SpecialIds):
   """Sentencepiece: encodes titles as `pieces + [SEP]`, truncated and padded."""
 
   FILE_NAME = "tokenizer.model"
@@ -110,34 +121,11 @@ class Tokenizer:
           f"bos={expected[CLS_ID]} eos={expected[SEP_ID]} "
           f"{MASK_PIECE}={expected[MASK_ID]}; train it with train_sentencepiece"
       )
+    self.special_ids = (PAD_ID, UNK_ID, CLS_ID, SEP_ID, MASK_ID)
 
   @property
   def vocab_size(self) -> int:
     return self._processor.get_piece_size()
-
-  @property
-  def pad_id(self) -> int:
-    return PAD_ID
-
-  @property
-  def unk_id(self) -> int:
-    return UNK_ID
-
-  @property
-  def cls_id(self) -> int:
-    return CLS_ID
-
-  @property
-  def sep_id(self) -> int:
-    return SEP_ID
-
-  @property
-  def mask_id(self) -> int:
-    return MASK_ID
-
-  @property
-  def special_ids(self) -> tuple[int, ...]:
-    return (PAD_ID, UNK_ID, CLS_ID, SEP_ID, MASK_ID)
 
   def encode_batch(self, titles: Sequence[str | bytes], max_len: int) -> np.ndarray:
     """Returns int32 (len(titles), max_len): pieces, then [SEP], then padding.
@@ -156,7 +144,7 @@ class Tokenizer:
     return self.FILE_NAME
 
 
-class WordPieceTokenizer:
+class WordPieceTokenizer(_SpecialIds):
   """A BERT checkpoint's WordPiece vocabulary, through Hugging Face `tokenizers`.
 
   `path` is a `tokenizers` JSON file (what `save` writes, or a checkpoint's
@@ -191,35 +179,11 @@ class WordPieceTokenizer:
     missing = [token for token, id_ in zip(self.SPECIAL_TOKENS, ids) if id_ is None]
     if missing:
       raise ValueError(f"WordPiece vocabulary {path} lacks {missing}")
-    self._pad, self._unk, self._cls, self._sep, self._mask = ids
+    self.special_ids = tuple(ids)
 
   @property
   def vocab_size(self) -> int:
     return self._tokenizer.get_vocab_size(with_added_tokens=True)
-
-  @property
-  def pad_id(self) -> int:
-    return self._pad
-
-  @property
-  def unk_id(self) -> int:
-    return self._unk
-
-  @property
-  def cls_id(self) -> int:
-    return self._cls
-
-  @property
-  def sep_id(self) -> int:
-    return self._sep
-
-  @property
-  def mask_id(self) -> int:
-    return self._mask
-
-  @property
-  def special_ids(self) -> tuple[int, ...]:
-    return (self._pad, self._unk, self._cls, self._sep, self._mask)
 
   def encode_batch(self, titles: Sequence[str | bytes], max_len: int) -> np.ndarray:
     """Returns int32 (len(titles), max_len): pieces, then [SEP], then padding;
@@ -228,7 +192,7 @@ class WordPieceTokenizer:
              for title in titles]
     encodings = self._tokenizer.encode_batch(texts, add_special_tokens=False)
     return _pad_with_sep([encoding.ids for encoding in encodings], max_len,
-                         self._pad, self._sep)
+                         self.pad_id, self.sep_id)
 
   def save(self, directory) -> str:
     """Writes the whole tokenizer (vocabulary, lower-casing) as one JSON file."""

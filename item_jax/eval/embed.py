@@ -24,7 +24,6 @@ from flax import nnx
 from item_jax.data import pipeline
 from item_jax.eval.search import fetch_global, put_global
 from item_jax.model import ItemModel
-from item_jax.model.layers import activation_sharding
 from item_jax.train import checkpoint as checkpoint_lib
 from item_jax.train import sharding
 from item_jax.train.config import TrainSettings, base_config, validate
@@ -157,7 +156,7 @@ class Embedder:
       raise ValueError(f"views {views}: expected some of {VIEWS}")
 
     def forward(params, title_ids, image):
-      with activation_sharding(mesh, sharding.ACTIVATION_RULES):
+      with sharding.activation_shardings(mesh):
         return _forward(params, title_ids, image)
 
     def _forward(params, title_ids, image):

@@ -14,17 +14,16 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-# (mesh, {logical activation axis: mesh axes}) while tracing under a mesh.
+# While tracing under a mesh: (logical axes, shape) -> the activation's sharding.
 _ACTIVATION_SHARDING = contextvars.ContextVar("activation_sharding", default=None)
 
 
 @contextlib.contextmanager
-def activation_sharding(mesh, rules: dict):
-  """Within this block, `constrain` pins activations to `mesh` by `rules`.
-
-  Enter it around the traced function (inside `jax.jit`), e.g. the train step.
-  """
-  token = _ACTIVATION_SHARDING.set((mesh, rules))
+def activation_sharding(sharding_of):
+  """Within this block, `constrain` pins activations to
+  `sharding_of(logical_axes, shape)`. Enter it around the traced function
+  (inside `jax.jit`), e.g. the train step."""
+  token = _ACTIVATION_SHARDING.set(sharding_of)
   try:
     yield
   finally:
@@ -33,21 +32,11 @@ def activation_sharding(mesh, rules: dict):
 
 def constrain(x: jax.Array, logical_axes) -> jax.Array:
   """`with_sharding_constraint` by logical axis names; the identity outside
-  `activation_sharding`. A dimension its mesh axes do not divide stays
-  replicated."""
-  context = _ACTIVATION_SHARDING.get()
-  if context is None:
+  `activation_sharding`."""
+  sharding_of = _ACTIVATION_SHARDING.get()
+  if sharding_of is None:
     return x
-  mesh, rules = context
-  spec = []
-  for name, size in zip(logical_axes, x.shape):
-    axes = rules[name]
-    axes_size = 1
-    for axis in (axes if isinstance(axes, tuple) else (axes,) if axes else ()):
-      axes_size *= mesh.shape[axis]
-    spec.append(axes if axes and axes_size > 1 and size % axes_size == 0 else None)
-  return jax.lax.with_sharding_constraint(
-      x, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*spec)))
+  return jax.lax.with_sharding_constraint(x, sharding_of(logical_axes, x.shape))
 
 
 def param(rngs: nnx.Rngs, initializer, shape, logical_axes) -> nnx.Param:

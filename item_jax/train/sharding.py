@@ -8,6 +8,8 @@ and vocabulary: the same code, another config. Activations are pinned by
 their own logical axes (`ACTIVATION_RULES`) while the step is traced.
 """
 
+import math
+
 import jax
 import jax.experimental.mesh_utils
 import numpy as np
@@ -46,7 +48,6 @@ ACTIVATION_RULES = {
     "activation_embed": None,
     "activation_heads": "model",
     "activation_mlp": "model",
-    None: None,
 }
 
 
@@ -64,20 +65,27 @@ def make_mesh(mesh_shape: dict, devices=None) -> Mesh:
   return Mesh(grid, MESH_AXES)
 
 
-def logical_to_spec(logical_axes, shape, mesh: Mesh) -> PartitionSpec:
-  """A PartitionSpec for one array; a dimension the mesh axis does not divide
-  stays replicated (e.g. the 2 ITM classes)."""
+def logical_to_spec(logical_axes, shape, mesh: Mesh,
+                    rules: dict = LOGICAL_AXIS_RULES) -> PartitionSpec:
+  """A PartitionSpec for one array; a dimension its mesh axes do not divide
+  (e.g. the 2 ITM classes) or a None name stays replicated."""
   spec = []
   for name, size in zip(logical_axes, shape):
-    if name not in LOGICAL_AXIS_RULES:
+    if name is not None and name not in rules:
       raise ValueError(f"logical axis {name!r} has no sharding rule")
-    mesh_axis = LOGICAL_AXIS_RULES[name]
-    if mesh_axis is not None and size % mesh.shape[mesh_axis] == 0 \
-        and mesh.shape[mesh_axis] > 1:
-      spec.append(mesh_axis)
-    else:
-      spec.append(None)
+    mesh_axes = rules[name] if name is not None else None
+    axes = (mesh_axes if isinstance(mesh_axes, tuple)
+            else () if mesh_axes is None else (mesh_axes,))
+    devices = math.prod(mesh.shape[axis] for axis in axes)
+    spec.append(mesh_axes if devices > 1 and size % devices == 0 else None)
   return PartitionSpec(*spec)
+
+
+def activation_shardings(mesh: Mesh):
+  """The context in which a traced function's activations follow
+  ACTIVATION_RULES on `mesh` (see item_jax.model.layers.constrain)."""
+  return activation_sharding(lambda logical_axes, shape: NamedSharding(
+      mesh, logical_to_spec(logical_axes, shape, mesh, ACTIVATION_RULES)))
 
 
 def tree_shardings(abstract_tree, mesh: Mesh):
@@ -146,7 +154,7 @@ def jit_train_step(train_step, state_shardings, mesh: Mesh):
   state keeps its shardings and is donated, the batch is split over the batch
   axes, metrics come back replicated."""
   def step(state, batch):
-    with activation_sharding(mesh, ACTIVATION_RULES):
+    with activation_shardings(mesh):
       return train_step(state, batch)
 
   return jax.jit(step, in_shardings=(state_shardings, batch_sharding(mesh)),
