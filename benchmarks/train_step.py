@@ -97,14 +97,23 @@ def main():
       remat=args.remat, attention_implementation=args.attention)
   batch_size = args.batch or DEFAULT_BATCH[args.config] * jax.device_count()
   objectives = ObjectiveConfig()
+  device = jax.devices()[0]
+  print(f"device: {jax.device_count()} x {device.device_kind} ({device.platform})")
+  print(f"model: {args.config}, dtype {args.dtype}, remat {args.remat}, "
+        f"attention {args.attention}, global batch {batch_size}, title "
+        f"{args.title_len} tokens, image {args.image_size} px", flush=True)
+  start = time.perf_counter()
   step, state, batch = build_step(
       config, OptimizerConfig(learning_rate=1e-4, warmup_steps=10, total_steps=1000),
       objectives, synthetic_tokens(args.vocab_size),
       synthetic_batch(batch_size, args.title_len, args.image_size, args.vocab_size))
+  jax.block_until_ready(state)
+  print(f"state initialised: {time.perf_counter() - start:.1f} s", flush=True)
 
   start = time.perf_counter()
   compiled = step.lower(state, batch).compile()
   compile_seconds = time.perf_counter() - start
+  print(f"compile: {compile_seconds:.1f} s", flush=True)
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   xla_flops = float(cost.get("flops", 0.0))
@@ -115,15 +124,9 @@ def main():
   step_seconds = statistics.median(times)
   examples_per_second = batch_size / step_seconds
 
-  device = jax.devices()[0]
   peak = (args.peak_tflops * 1e12 if args.peak_tflops
           else PEAK_FLOPS.get(device.device_kind))
   memory = compiled.memory_analysis()
-  print(f"device: {jax.device_count()} x {device.device_kind} ({device.platform})")
-  print(f"model: {args.config}, dtype {args.dtype}, remat {args.remat}, "
-        f"attention {args.attention}, global batch {batch_size}, title "
-        f"{args.title_len} tokens, image {args.image_size} px")
-  print(f"compile: {compile_seconds:.1f} s")
   print(f"step: {step_seconds * 1e3:.1f} ms median of {args.steps} "
         f"(min {min(times) * 1e3:.1f}, max {max(times) * 1e3:.1f})")
   print(f"analytic FLOPs per step: {analytic * batch_size:.4g}")

@@ -140,6 +140,17 @@ def test_activations_stay_split_over_the_batch_axes_under_fsdp():
   assert odd.sharding.is_fully_replicated
 
 
+def test_state_init_switches_the_gpu_prng_kernel_on_only_inside_its_block():
+  from item_jax.train import sharding
+  option = "jax_threefry_gpu_kernel_lowering"
+  before = getattr(jax.config, option)
+  with pytest.raises(RuntimeError, match="inside"):
+    with sharding._threefry_kernel_on_gpu():
+      assert getattr(jax.config, option) is True
+      raise RuntimeError("inside")
+  assert getattr(jax.config, option) == before
+
+
 def test_prefetch_sends_the_next_batches_ahead_in_order():
   from item_jax.train import sharding
   from item_jax.train.loop import prefetch_to_devices
