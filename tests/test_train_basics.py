@@ -140,15 +140,26 @@ def test_activations_stay_split_over_the_batch_axes_under_fsdp():
   assert odd.sharding.is_fully_replicated
 
 
-def test_state_init_switches_the_gpu_prng_kernel_on_only_inside_its_block():
+def test_state_init_lowers_threefry_to_the_gpu_kernel_only_inside_its_block():
   from item_jax.train import sharding
+  optimizer = make_optimizer(OptimizerConfig(learning_rate=1e-3, warmup_steps=1,
+                                             total_steps=10))
+  init = sharding._state_initializer(tiny_config(), optimizer, seed=0)
+  lower_for_gpu = lambda: jax.jit(init).trace().lower(
+      lowering_platforms=("cuda",)).as_text()
+  unrolled = lower_for_gpu()
+  with sharding._threefry_kernel_on_gpu():
+    kernel = lower_for_gpu()
+  # The unrolled hash is 20 rounds of shifts; the kernel is one custom call.
+  assert "cu_threefry2x32" not in unrolled and unrolled.count("shift_left") >= 40
+  assert "cu_threefry2x32" in kernel and kernel.count("shift_left") == 0
+  # The option is back as it was, also when the block raises.
   option = "jax_threefry_gpu_kernel_lowering"
   before = getattr(jax.config, option)
   with pytest.raises(RuntimeError, match="inside"):
     with sharding._threefry_kernel_on_gpu():
-      assert getattr(jax.config, option) is True
       raise RuntimeError("inside")
-  assert getattr(jax.config, option) == before
+  assert getattr(jax.config, option) == before is False
 
 
 def test_prefetch_sends_the_next_batches_ahead_in_order():
