@@ -9,10 +9,11 @@
 # headline rows; each log shows how far its variant got (state initialised,
 # compiled, timed). XLA_FLAGS from the environment apply to every variant.
 set -u
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/.." || exit 1
 log_dir="${1:-/tmp/item-jax-gpu}"
 mkdir -p "$log_dir"
-export PYTHONUNBUFFERED=1 TF_CPP_MIN_LOG_LEVEL=2
+# The checkout itself is importable, installed or not.
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 TF_CPP_MIN_LOG_LEVEL=2
 python="${PYTHON:-python3}"
 
 { nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv

@@ -21,7 +21,8 @@ REPO = pathlib.Path(__file__).resolve().parent.parent
 WHEEL = f"item_jax-{__version__}-py3-none-any.whl"
 SCRIPTS = sorted(glob.glob(str(REPO / "launch" / "*.sh"))
                  + glob.glob(str(REPO / "launch" / "*.sbatch"))
-                 + glob.glob(str(REPO / "tests" / "integration" / "*.sh")))
+                 + glob.glob(str(REPO / "tests" / "integration" / "*.sh"))
+                 + glob.glob(str(REPO / "benchmarks" / "*.sh")))
 
 
 @pytest.fixture
