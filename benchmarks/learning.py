@@ -22,6 +22,7 @@ import numpy as np
 from etils import epath
 from flax import nnx
 
+from item_jax.convert.workdir import restore_workdir
 from item_jax.data import pipeline
 from item_jax.data.tokenizer import load_tokenizer
 from item_jax.eval import metrics
@@ -75,6 +76,10 @@ def main():
   parser.add_argument("--config", default="configs/item_tiny.py")
   parser.add_argument("--steps", type=int, default=None,
                       help="default: the config's total_steps")
+  parser.add_argument("--init-from", default=None, metavar="WORKDIR",
+                      help="start from this workdir's latest checkpoint (e.g. a "
+                      "converted BERT's step 0; use its config: "
+                      "--config configs/item_converted.py:WORKDIR)")
   args, overrides = parser.parse_known_args()
   config = load_config(args.config, [*overrides, f"--config.data.dir={args.data}"])
   if args.steps:
@@ -93,6 +98,15 @@ def main():
   tokens = TokenSpec(model_config.vocab_size, tokenizer.mask_id, tokenizer.special_ids)
   optimizer = make_optimizer(settings.optimizer)
   graphdef, params = init_model(model_config, config.seed)
+  if args.init_from:
+    restored = restore_workdir(args.init_from)
+    shapes = lambda tree: jax.tree.map(jnp.shape, tree)
+    if shapes(restored.state.params) != shapes(params):
+      raise ValueError(f"--init-from {args.init_from}: its parameters do not fit "
+                       "--config's model; pass --config configs/item_converted.py:"
+                       f"{args.init_from}")
+    params = jax.device_get(restored.state.params)
+    print(f"starting from step {restored.step} of {args.init_from}")
   state = init_train_state(params, optimizer)
   step = jax.jit(make_train_step(graphdef, optimizer, settings.objectives, tokens,
                                  config.seed, config.grad_accumulation_steps),
