@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The GPU rows of BENCHMARKS.md in one go: `base` train steps on one GPU.
+# The GPU rows of BENCHMARKS.md in one go: a parity check of the tiny step
+# against the host CPU, then `base` train steps on one GPU.
 #
 #   bash benchmarks/gpu_suite.sh [LOG_DIR]
 #
@@ -26,6 +27,10 @@ run() {  # run NAME LIMIT_S ARGS...
   timeout "$limit" "$python" benchmarks/train_step.py "$@" >"$log_dir/$name.log" 2>&1
   echo "   exit $? ($(grep -E '^(state|compile|step|MFU|peak memory)' "$log_dir/$name.log" | tr '\n' ';'))"
 }
+
+echo "== parity: tiny, 3 steps, against the host CPU"
+timeout 120 "$python" benchmarks/gpu_parity.py --config tiny --steps 3 >"$log_dir/parity.log" 2>&1
+echo "   exit $? ($(grep -E '^(fp32|bf16|parity)' "$log_dir/parity.log" | tr '\n' ';'))"
 
 run base_bf16_cudnn_b256 240 --config base --dtype bf16 --attention cudnn --batch 256 --steps 20
 run base_bf16_xla_b256 200 --config base --dtype bf16 --attention xla --batch 256 --steps 20
