@@ -22,10 +22,8 @@ import numpy as np
 
 from item_jax.model import model_config
 from item_jax.objectives import ObjectiveConfig
-from item_jax.train import sharding
-from item_jax.train.optimizer import OptimizerConfig, make_optimizer
-from item_jax.train.step import make_train_step
-from train_step import synthetic_batch, synthetic_tokens
+from item_jax.train.optimizer import OptimizerConfig
+from train_step import build_step, synthetic_batch, synthetic_tokens
 
 TOLERANCE = {"fp32": 1e-2, "bf16": 5e-2}
 SIZES = {"tiny": dict(image_size=64, patch_size=8, title_len=24, vocab_size=1000, batch=16),
@@ -39,16 +37,11 @@ def run(device, name: str, dtype: str, attention: str, steps: int) -> list[dict]
                         patch_size=sizes["patch_size"], dropout_rate=0.0,
                         dtype="bfloat16" if dtype == "bf16" else "float32",
                         attention_implementation=attention)
-  optimizer = make_optimizer(OptimizerConfig(learning_rate=1e-3, warmup_steps=1,
-                                             total_steps=100))
-  mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "model": 1}, [device])
-  graphdef, state, shardings = sharding.create_train_state(config, optimizer, mesh, seed=0)
-  step = sharding.jit_train_step(
-      make_train_step(graphdef, optimizer, ObjectiveConfig(),
-                      synthetic_tokens(sizes["vocab_size"]), seed=0), shardings, mesh)
-  batch = sharding.global_batch(
+  step, state, batch = build_step(
+      config, OptimizerConfig(learning_rate=1e-3, warmup_steps=1, total_steps=100),
+      ObjectiveConfig(), synthetic_tokens(sizes["vocab_size"]),
       synthetic_batch(sizes["batch"], sizes["title_len"], sizes["image_size"],
-                      sizes["vocab_size"]), mesh)
+                      sizes["vocab_size"]), devices=[device])
   history = []
   for _ in range(steps):
     state, metrics = step(state, batch)

@@ -51,11 +51,12 @@ def synthetic_tokens(vocab: int) -> TokenSpec:
 
 def build_step(config, optimizer_config: OptimizerConfig,
                objectives: ObjectiveConfig, tokens: TokenSpec, local_batch: dict,
-               seed: int = 0):
+               seed: int = 0, devices=None):
   """(jitted step, fresh state, batch on device): the step as training runs
-  it, data parallel over all devices."""
+  it, data parallel over `devices` (default: all)."""
   optimizer = make_optimizer(optimizer_config)
-  mesh = sharding.make_mesh({"data": jax.device_count(), "fsdp": 1, "model": 1})
+  devices = jax.devices() if devices is None else devices
+  mesh = sharding.make_mesh({"data": len(devices), "fsdp": 1, "model": 1}, devices)
   graphdef, state, state_shardings = sharding.create_train_state(
       config, optimizer, mesh, seed=seed)
   step = sharding.jit_train_step(
