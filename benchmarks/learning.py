@@ -8,8 +8,11 @@ with the real jitted step (same masks, optimizer and schedule as `item-jax
 train`, no checkpoints), and prints each task's loss averaged over every log
 window. It then prints test macro Recall@10 for the three [CLS] views, and for
 the mean of the title tokens' and the patches' outputs. Comparing those says
-whether information is missing from the encoder or only from [CLS]. Fast to
-rerun when trying a recipe. The last line is
+whether information is missing from the encoder or only from [CLS].
+`--eval-at 0,50,300` also prints them at those steps (0: before any update),
+to see when training gains or loses them. `--word-bias unigram` starts the MLM
+and GMLM output biases at the training titles' log unigram frequencies instead
+of zero. Fast to rerun when trying a recipe. The last line is
 `loss_ratio_at_step_<N>: <last window's mean loss / step 1's loss>`.
 """
 
@@ -70,6 +73,25 @@ def embeddings(model, test: dict, batch: int = 256) -> dict:
   return out
 
 
+def unigram_log_frequencies(title_ids: np.ndarray, vocab_size: int,
+                            special_ids) -> np.ndarray:
+  """log p(piece) over the titles' pieces, specials excluded (add-0.1 smoothed)."""
+  counts = np.bincount(title_ids.ravel(), minlength=vocab_size).astype(np.float64)
+  counts[list(special_ids)] = 0
+  counts += 0.1
+  return np.log(counts / counts.sum()).astype(np.float32)
+
+
+def print_retrieval(model, test: dict, label: str) -> dict:
+  scores = {}
+  for name, rows in embeddings(model, test).items():
+    scores[name] = metrics.same_product_retrieval(
+        rows, test["product_id"], test["category_id"])["macro_recall@10"]
+  print(f"{label} test macro R@10: " + ", ".join(
+      f"{name} {value:.3f}" for name, value in scores.items()), flush=True)
+  return scores
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--data", required=True, help="a `prepare` output folder")
@@ -80,6 +102,11 @@ def main():
                       help="start from this workdir's latest checkpoint (e.g. a "
                       "converted BERT's step 0; use its config: "
                       "--config configs/item_converted.py:WORKDIR)")
+  parser.add_argument("--eval-at", default="", metavar="STEPS",
+                      help="comma-separated steps at which to print test R@10 "
+                      "(0: before the first update)")
+  parser.add_argument("--word-bias", choices=["zero", "unigram"], default="zero",
+                      help="initial MLM/GMLM output bias")
   args, overrides = parser.parse_known_args()
   config = load_config(args.config, [*overrides, f"--config.data.dir={args.data}"])
   if args.steps:
@@ -107,6 +134,14 @@ def main():
                        f"{args.init_from}")
     params = jax.device_get(restored.state.params)
     print(f"starting from step {restored.step} of {args.init_from}")
+  if args.word_bias == "unigram":
+    prior = unigram_log_frequencies(train["title_ids"], model_config.vocab_size,
+                                    tokens.special_token_ids)
+    params["mlm_bias"].value = jnp.asarray(prior)
+    params["gmlm_bias"].value = jnp.asarray(prior)
+  eval_at = {int(step) for step in args.eval_at.split(",") if step}
+  if 0 in eval_at:
+    print_retrieval(nnx.merge(graphdef, params), test, "step 0:")
   state = init_train_state(params, optimizer)
   step = jax.jit(make_train_step(graphdef, optimizer, settings.objectives, tokens,
                                  config.seed, config.grad_accumulation_steps),
@@ -126,6 +161,8 @@ def main():
     state, step_metrics = step(state, batch)
     window.append(step_metrics)
     number = index + 1
+    if number in eval_at:
+      print_retrieval(nnx.merge(graphdef, state.params), test, f"step {number}:")
     if number == 1 or number % config.log_every_steps == 0 or number == config.total_steps:
       window = jax.device_get(window)
       means = {name: float(np.mean([m[name] for m in window]))
@@ -138,11 +175,9 @@ def main():
   print(f"trained {config.total_steps} steps of {size} in "
         f"{time.perf_counter() - start:.0f} s")
 
-  model = nnx.merge(graphdef, state.params)
-  for name, rows in embeddings(model, test).items():
-    scores = metrics.same_product_retrieval(rows, test["product_id"],
-                                            test["category_id"])
-    print(f"test macro R@10, {name}: {scores['macro_recall@10']:.3f}")
+  scores = print_retrieval(nnx.merge(graphdef, state.params), test, "trained:")
+  for name, value in scores.items():
+    print(f"test macro R@10, {name}: {value:.3f}")
   print(f"loss_ratio_at_step_{config.total_steps}: {means['loss'] / first['loss']:.3f}")
 
 
