@@ -209,3 +209,60 @@ def test_rematerialised_blocks_give_the_same_gradients(remat):
   plain, rematerialised = grads(tiny_model()), grads(tiny_model(remat=remat))
   for a, b in zip(jax.tree.leaves(plain), jax.tree.leaves(rematerialised)):
     np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+def _attention_inputs(dtype, batch=3, length=9, heads=4, head_dim=8):
+  keys = jax.random.split(jax.random.key(7), 4)
+  q, k, v, d_out = (jax.random.normal(key, (batch, length, heads, head_dim)).astype(dtype)
+                    for key in keys)
+  # Padding at the end of two rows; row 1 keeps a single real key.
+  real_keys = jnp.array([length, 1, min(5, length)])[:batch, None]
+  key_mask = jnp.arange(length)[None, :] < real_keys
+  return q, k, v, d_out, key_mask
+
+
+@pytest.mark.parametrize("dtype, tolerance", [(jnp.float32, 2e-6), (jnp.bfloat16, 2e-2)])
+def test_attention_and_its_backward_match_jax_dot_product_attention(dtype, tolerance):
+  from item_jax.model.layers import attention
+  q, k, v, d_out, key_mask = _attention_inputs(dtype)
+
+  def vjp(function):
+    out, pullback = jax.vjp(function, q, k, v)
+    return (out, *pullback(d_out))
+
+  ours = jax.jit(lambda: vjp(lambda q, k, v: attention(q, k, v, key_mask)))()
+  theirs = jax.jit(lambda: vjp(lambda q, k, v: jax.nn.dot_product_attention(
+      q, k, v, mask=key_mask[:, None, None, :], implementation="xla")))()
+  for name, a, b in zip(("out", "d_query", "d_key", "d_value"), ours, theirs):
+    assert a.dtype == dtype, name
+    scale = float(jnp.abs(b.astype(jnp.float32)).max())
+    np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32),
+                               atol=tolerance * scale, err_msg=name)
+  # Padding keys get no gradient and change nothing.
+  _, _, d_key, d_value = ours
+  assert not np.asarray(d_key)[~np.asarray(key_mask)].any()
+  assert not np.asarray(d_value)[~np.asarray(key_mask)].any()
+
+
+def test_attention_gradients_match_a_float64_finite_difference():
+  from item_jax.model.layers import attention
+  q, k, v, d_out, key_mask = _attention_inputs(jnp.float32, batch=2, length=5,
+                                               heads=2, head_dim=4)
+  loss = lambda q, k, v: jnp.sum(attention(q, k, v, key_mask) * d_out)
+  grads = jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
+  with jax.enable_x64():
+    def loss64(q, k, v):
+      scores = jnp.einsum("btnh,bsnh->bnts", q, k) / 2.0
+      scores = jnp.where(key_mask[:, None, None, :], scores, -jnp.inf)
+      out = jnp.einsum("bnts,bsnh->btnh", jax.nn.softmax(scores, -1), v)
+      return jnp.sum(out * d_out.astype(jnp.float64))
+    inputs = [a.astype(jnp.float64) for a in (q, k, v)]
+    for argnum, grad in enumerate(grads):
+      # A central difference along one random direction per input.
+      direction = jax.random.normal(jax.random.key(argnum), grad.shape, jnp.float64)
+      step = 1e-4
+      shifted = lambda sign: loss64(*[a + sign * step * direction if i == argnum else a
+                                      for i, a in enumerate(inputs)])
+      numeric = (shifted(1) - shifted(-1)) / (2 * step)
+      analytic = jnp.sum(grad.astype(jnp.float64) * direction)
+      np.testing.assert_allclose(float(analytic), float(numeric), rtol=1e-4)

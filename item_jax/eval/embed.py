@@ -4,9 +4,9 @@ initialised), one jitted pass sharded over the mesh's batch axes (with the
 
 Every process reads the whole split and holds every result: evaluation sets
 are small next to training, and metrics need all listings in one place.
-The model attends through the fused `jax.nn.dot_product_attention`, which
-returns no weights, so the last block's [CLS] attention is recomputed here from
-that block's input and its own query and key projections.
+The model's attention (`item_jax.model.layers.attention`, or cuDNN's fused
+kernel) returns no weights, so the last block's [CLS] attention is recomputed
+here from that block's input and its own query and key projections.
 """
 
 import dataclasses

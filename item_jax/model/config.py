@@ -40,7 +40,8 @@ class ModelConfig:
   initializer_range: float = 0.02
   # Compute dtype of activations and matmuls; parameters stay float32.
   dtype: str = "float32"
-  # Which `jax.nn.dot_product_attention` implementation: None (XLA) or "cudnn".
+  # Attention (`layers.attention`): None or "xla" (XLA ops, hand-written
+  # backward pass) or "cudnn" (`jax.nn.dot_product_attention`'s cuDNN kernel).
   attention_implementation: str | None = None
   # Rematerialisation of encoder blocks in the backward pass: "none", "block"
   # (keep the blocks' matmul outputs, recompute the rest) or "full" (keep
