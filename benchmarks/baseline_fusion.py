@@ -1,7 +1,7 @@
 """How much can photos add to titles on a catalogue? Baselines and their fusion.
 
   python benchmarks/baseline_fusion.py --data runs/demo/prepared \
-      [--split test] [--synth-products 1250 --synth-seed 0]
+      [--split test] [--synth-products 1250 --synth-seed 0 --synth-group-sizes 2-3]
 
 Same-product retrieval on one split with `item-jax eval`'s two baselines: TF-IDF
 over the titles' character n-grams and the colour histogram of the photos. Then
@@ -10,10 +10,11 @@ histogram times sin(a * pi / 2), for a from 0 (titles only) to 1 (photos only),
 so the cosine of two listings is a weighted sum of the two similarities. No
 training and no model: the best fused score shows how far title matching
 leaves room for a cross-modal embedding on this catalogue, and the titles-only
-end is the bar `item-jax eval` holds ITEm to. With `--synth-products/--synth-seed`
-(the catalogue `item-jax synth` made with them), Recall@10 is also given per
-sibling-group kind. The last line is `best_fusion_over_tfidf_macro_recall@10:
-<best fused macro R@10 / TF-IDF's>`.
+end is the bar `item-jax eval` holds ITEm to. With --synth-products,
+--synth-seed and --synth-group-sizes (those the catalogue was made with by
+`item-jax synth`), Recall@10 is also given per sibling-group kind. The last
+line is `best_fusion_over_tfidf_macro_recall@10: <best fused macro R@10 /
+TF-IDF's>`.
 """
 
 import argparse
@@ -59,6 +60,8 @@ def main():
   parser.add_argument("--image-size", type=int, default=64)
   parser.add_argument("--synth-products", type=int, default=None)
   parser.add_argument("--synth-seed", type=int, default=0)
+  parser.add_argument("--synth-group-sizes", default="2-3",
+                      help="as given to `item-jax synth --group-sizes`")
   args = parser.parse_args()
 
   split = read(args.data, args.split, args.image_size)
@@ -83,7 +86,9 @@ def main():
   if args.synth_products:
     from item_jax.data import synth
     kinds = {product.product_id: product.group_kind
-             for product in synth.build_products(args.synth_products, args.synth_seed)}
+             for product in synth.build_products(
+                 args.synth_products, args.synth_seed,
+                 synth.parse_group_sizes(args.synth_group_sizes))}
     query_kinds = np.asarray([kinds[products[row]] for row in queries])
     best = max(scores, key=scores.get)
     for weight in sorted({0.0, best, 1.0}):

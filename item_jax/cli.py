@@ -31,10 +31,19 @@ def _demo(args, overrides):
   print(f"TensorBoard: tensorboard --logdir {summary['train_workdir']}")
 
 
+def _group_sizes(text: str) -> tuple[int, ...]:
+  from item_jax.data.synth import parse_group_sizes
+  try:
+    return parse_group_sizes(text)
+  except ValueError as error:
+    raise argparse.ArgumentTypeError(str(error)) from None
+
+
 def _synth(args):
   from item_jax.data.synth import synthesize
   summary = synthesize(args.output, args.num_products, seed=args.seed,
-                       image_size=args.image_size, num_workers=args.workers)
+                       image_size=args.image_size, num_workers=args.workers,
+                       group_sizes=args.group_sizes)
   print(f"wrote {summary['num_listings']} listings of {summary['num_products']} "
         f"products in {summary['num_categories']} categories to "
         f"{summary['paths']['catalogue']}")
@@ -48,7 +57,7 @@ def _prepare(args):
       vocab_size=args.vocab_size, tokenizer_model=args.tokenizer,
       columns=parse_column_mapping(args.columns) if args.columns else None,
       seed=args.seed, max_image_side=args.max_image_side,
-      num_workers=args.workers, lowercase=not args.cased)
+      num_workers=args.workers, lowercase=not args.cased, split_by=args.split_by)
   counts = {split: info["count"] for split, info in summary["splits"].items()}
   print(f"prepared {counts} listings into {args.output}; skipped rows and "
         f"their reasons are in {args.output}/dataset.json")
@@ -170,6 +179,9 @@ def build_parser() -> argparse.ArgumentParser:
   synth.add_argument("--image-size", type=int, default=128)
   synth.add_argument("--workers", type=int, default=None,
                      help="processes (default: all CPU cores)")
+  synth.add_argument("--group-sizes", type=_group_sizes, default="2-3",
+                     help="products per sibling group: MIN-MAX or a comma list "
+                     "(default 2-3; e.g. 5-8 for a catalogue where titles decide less)")
   synth.set_defaults(run=_synth)
 
   prepare = commands.add_parser(
@@ -185,7 +197,9 @@ def build_parser() -> argparse.ArgumentParser:
                        "tokenizer.json / vocab.txt (WordPiece)")
   prepare.add_argument("--columns", default=None,
                        help="renames, e.g. item_id=posting_id,product_id=label_group")
-  prepare.add_argument("--split-by", choices=["product"], default="product")
+  prepare.add_argument("--split-by", choices=["product", "group"], default="product",
+                       help="group: every product of a `group` column value in "
+                       "one split (look-alike siblings meet in evaluation)")
   prepare.add_argument("--seed", type=int, default=0)
   prepare.add_argument("--max-image-side", type=int, default=512)
   prepare.add_argument("--workers", type=int, default=None)

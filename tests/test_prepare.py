@@ -261,3 +261,44 @@ def test_jsonl_with_renamed_columns_and_given_tokenizer(prepared, tmp_path):
   assert {item: (r["product_id"], r["category"]) for item, r in records.items()} == {
       "7": (b"1", b"Home > Kitchen"), "8": (b"1", b"")}
   assert records["7"]["split"] == records["8"]["split"]
+
+
+def test_split_by_group_keeps_every_product_of_a_group_in_one_split(prepared, tmp_path):
+  root, _, _ = prepared
+  path = tmp_path / "groups.csv"
+  rows = [(f"{group}-{product}-{listing}", f"shirt model {group} {product} {listing}",
+           "good.jpg", f"P{group}-{product}", "", f"G{group}")
+          for group in range(30) for product in range(4) for listing in range(2)]
+  _write_csv(path, ["item_id", "title", "image", "product_id", "category", "group"], rows)
+  tokenizer_model = str(root / "out" / "tokenizer.model")
+  split = lambda split_by, out: {
+      item: record["split"] for item, record in _read_records(
+          _prepared_at(path, root, tmp_path / out, tokenizer_model, split_by)).items()}
+  by_group, by_product = split("group", "by_group"), split("product", "by_product")
+  splits_of = lambda splits, key: {
+      name: {splits[item] for item in splits if key(item) == name}
+      for name in {key(item) for item in splits}}
+  group_of = lambda item: item.split("-")[0]
+  assert all(len(s) == 1 for s in splits_of(by_group, group_of).values())
+  assert len(set(by_group.values())) > 1
+  # Split by product, products of one group scatter over the splits.
+  assert any(len(s) > 1 for s in splits_of(by_product, group_of).values())
+  assert json.loads((tmp_path / "by_group" / "dataset.json").read_text())["split_by"] == "group"
+
+
+def _prepared_at(path, root, out, tokenizer_model, split_by):
+  prepare.prepare(str(path), str(root / "images"), str(out), num_shards=2,
+                  tokenizer_model=tokenizer_model, num_workers=0, split_by=split_by)
+  return out
+
+
+def test_split_by_group_needs_the_group_column(tmp_path):
+  path = tmp_path / "listings.csv"
+  _write_csv(path, ["item_id", "title", "image", "product_id"], [("a", "shirt", "good.jpg", "1")])
+  with pytest.raises(ValueError, match="listings.csv has no column 'group'"):
+    prepare.prepare(str(path), str(tmp_path), str(tmp_path / "out"), num_workers=0,
+                    split_by="group")
+  with pytest.raises(ValueError, match="split_by"):
+    prepare.prepare(str(path), str(tmp_path), str(tmp_path / "out"), num_workers=0,
+                    split_by="category")
+  assert not (tmp_path / "out").exists()

@@ -73,7 +73,7 @@ def test_same_seed_gives_same_bytes_whatever_the_worker_count(tmp_path):
 def test_layout_is_a_user_catalogue(catalogue):
   summary, rows = catalogue
   header = pathlib.Path(summary["paths"]["catalogue"]).read_text(encoding="utf-8").splitlines()[0]
-  assert header == "item_id,title,image,product_id,category"
+  assert header == "item_id,title,image,product_id,category,group"
   assert len(rows) == summary["num_listings"]
   assert len({row["item_id"] for row in rows}) == len(rows)
   for row in rows:
@@ -185,3 +185,36 @@ def test_bad_arguments_are_refused(tmp_path, argument, value):
   arguments[argument] = value
   with pytest.raises(ValueError, match=argument):
     synth.synthesize(**arguments)
+
+
+def test_group_sizes_set_how_many_siblings_a_decisive_group_holds():
+  default = synth.build_products(120, seed=0)
+  larger = synth.build_products(120, seed=0, group_sizes=(5, 6, 7, 8))
+  for products, sizes in ((default, {2, 3}), (larger, {5, 6, 7, 8})):
+    # The last group may be cut short by num_products.
+    last_group = products[-1].group_index
+    for kind in (synth.IMAGE_DECISIVE, synth.TITLE_DECISIVE):
+      groups = [group for group in _sibling_groups(products, kind)
+                if group[0].group_index != last_group]
+      assert groups and {len(group) for group in groups} <= sizes
+      assert len({len(group) for group in groups}) >= 2
+  for group in _sibling_groups(larger, synth.IMAGE_DECISIVE):
+    # Still one model in as many colourways: only the photo tells them apart.
+    assert len({p.colour.name for p in group}) == len(group)
+    assert len({(p.brand, p.model_code, p.descriptors) for p in group}) == 1
+  # The default is what group_sizes=(2, 3) draws, product for product.
+  assert default == synth.build_products(120, seed=0, group_sizes=(2, 3))
+
+
+@pytest.mark.parametrize("text, sizes", [("5-8", (5, 6, 7, 8)), ("2,3", (2, 3)),
+                                         ("4", (4,))])
+def test_group_sizes_parse_from_a_range_or_a_list(text, sizes):
+  assert synth.parse_group_sizes(text) == sizes
+
+
+@pytest.mark.parametrize("text", ["1-3", "2-15", "x", "5-", ""])
+def test_bad_group_sizes_are_refused_with_the_text_named(text):
+  with pytest.raises(ValueError, match=f"group sizes '{text}'"):
+    synth.parse_group_sizes(text)
+  with pytest.raises(ValueError, match="group_sizes"):
+    synth.synthesize("/nonexistent/never-written", 3, group_sizes=(1, 2))

@@ -12,7 +12,9 @@ import json
 
 from etils import epath
 
-CATALOGUE_COLUMNS = ("item_id", "title", "image", "product_id", "category")
+# "group": a family of products that must stay in one split, e.g. the
+# colourways of one model (`prepare --split-by group`).
+CATALOGUE_COLUMNS = ("item_id", "title", "image", "product_id", "category", "group")
 # The image is required too: a listing without one can never be kept.
 REQUIRED_COLUMNS = ("item_id", "title", "image")
 CATEGORY_SEPARATOR = " > "
@@ -39,6 +41,7 @@ class Listing:
   image: str
   product_id: str = ""
   category: str = ""
+  group: str = ""
 
 
 def parse_column_mapping(text: str) -> dict[str, str]:
@@ -72,7 +75,7 @@ def normalise_category(category: str) -> str:
 
 
 def read_catalogue(
-    path: str, columns: dict[str, str] | None = None
+    path: str, columns: dict[str, str] | None = None, require: tuple[str, ...] = ()
 ) -> Iterator[tuple[Listing, str | None]]:
   """Yields every row as `(listing, reason)`, reason None when the text is usable.
 
@@ -82,10 +85,11 @@ def read_catalogue(
   with that id are duplicates even if the first is skipped for another reason.
   """
   columns = resolve_columns(columns)
-  # Required columns must exist, and so must any the user named explicitly.
+  # Required columns must exist, and so must any the user named explicitly or
+  # the caller needs (`require`).
   expected = {
       name: source for name, source in columns.items()
-      if name in REQUIRED_COLUMNS or source != name
+      if name in REQUIRED_COLUMNS or name in require or source != name
   }
   suffix = epath.Path(path).suffix.lower()
   if suffix == ".csv":
@@ -111,7 +115,8 @@ def printable_item_id(item_id: str) -> str:
 
 
 def _text_problem(listing: Listing, seen_item_ids: set[str]) -> str | None:
-  fields = (listing.item_id, listing.title, listing.image, listing.product_id, listing.category)
+  fields = (listing.item_id, listing.title, listing.image, listing.product_id, listing.category,
+            listing.group)
   if any(_has_undecodable_bytes(field) for field in fields):
     return NOT_UTF8
   if not listing.item_id.strip():

@@ -49,6 +49,9 @@ _LOG_EVERY_ROWS = 5000
 _log = logging.getLogger(__name__)
 
 
+SPLIT_BY = ("product", "group")
+
+
 def shard_file_name(split: str, shard: int, num_shards: int) -> str:
   return f"{split}-{shard:05d}-of-{num_shards:05d}.tfrecord"
 
@@ -76,6 +79,7 @@ def prepare(
     max_image_side: int = 512,
     num_workers: int | None = None,
     lowercase: bool = True,
+    split_by: str = "product",
 ) -> dict:
   """Converts a catalogue into `output`; returns the summary written to dataset.json.
 
@@ -88,7 +92,9 @@ def prepare(
   `if __name__ == "__main__":` guard. A sentencepiece model is trained on
   the kept titles unless `tokenizer_model` is given (a sentencepiece .model,
   or a converted checkpoint's WordPiece tokenizer.json or vocab.txt); it folds
-  case unless `lowercase` is False.
+  case unless `lowercase` is False. `split_by="group"` keeps every product of
+  a `group` (the catalogue column) in one split, so that look-alike siblings
+  meet in evaluation; listings without a group fall back to their product.
   dataset.json is written last: a directory without it holds an unfinished
   conversion.
   """
@@ -98,11 +104,14 @@ def prepare(
     raise ValueError(f"split_fractions must be 3 non-negative numbers, got {split_fractions}")
   if abs(sum(split_fractions) - 1) > 1e-6:
     raise ValueError(f"split_fractions must sum to 1, got {split_fractions}")
+  if split_by not in SPLIT_BY:
+    raise ValueError(f"split_by must be one of {SPLIT_BY}, got {split_by!r}")
   # A given tokenizer is loaded now: a model with other special ids is refused
   # before the images are read.
   tokenizer = tokenizer_lib.load_tokenizer(tokenizer_model) if tokenizer_model else None
   columns = catalogue_lib.resolve_columns(columns)
-  rows = catalogue_lib.read_catalogue(catalogue, columns)
+  rows = catalogue_lib.read_catalogue(
+      catalogue, columns, require=("group",) if split_by == "group" else ())
   # Reading the first row checks the catalogue's columns before any output exists.
   rows = itertools.chain(list(itertools.islice(rows, 1)), rows)
 
@@ -110,7 +119,8 @@ def prepare(
   output_dir.mkdir(parents=True, exist_ok=True)
   num_workers = (os.cpu_count() or 1) if num_workers is None else num_workers
   results = _with_images(rows, epath.Path(images), max_image_side, num_workers)
-  conversion = _write_records(results, output_dir, num_shards, split_fractions, seed)
+  conversion = _write_records(results, output_dir, num_shards, split_fractions, seed,
+                              split_by)
   if not conversion.kept_titles:
     raise ValueError(f"no usable listings in {catalogue}; "
                      f"reasons: {_reason_counts(conversion.skipped)}")
@@ -136,6 +146,7 @@ def prepare(
       "source": {"catalogue": str(catalogue), "images": str(images)},
       "seed": seed,
       "split_fractions": list(split_fractions),
+      "split_by": split_by,
       "skipped_reasons": _reason_counts(conversion.skipped),
       "skipped": conversion.skipped,
   }
@@ -163,6 +174,7 @@ def _write_records(
     num_shards: int,
     split_fractions: tuple[float, ...],
     seed: int,
+    split_by: str = "product",
 ) -> _Conversion:
   writers = {split: _SplitWriter(output_dir, split, num_shards) for split in SPLITS}
   categories: dict[str, int] = {}
@@ -183,6 +195,8 @@ def _write_records(
     # A listing without a product id is a product of its own.
     product_key = (f"product:{listing.product_id}" if listing.product_id
                    else f"item:{listing.item_id}")
+    if split_by == "group" and listing.group:
+      product_key = f"group:{listing.group}"
     writers[split_of_product(product_key, seed, split_fractions)].write(listing, jpeg, category_id)
     kept_titles.append(listing.title)
     num_reencoded += reencoded

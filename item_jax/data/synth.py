@@ -140,8 +140,10 @@ COLOURS = tuple(Colour(name, rgb, tuple(words.split("|"))) for name, rgb, words 
 # photo tells them apart. "title_decisive": siblings look exactly alike and differ
 # only in their model code, which every title carries.
 SINGLE, IMAGE_DECISIVE, TITLE_DECISIVE = "single", "image_decisive", "title_decisive"
-# Groups take kinds in this rotation; decisive groups hold 2-3 products, so about
-# 2/7 of products are singles and 5/14 fall in each decisive kind.
+# Groups take kinds in this rotation; by default decisive groups hold 2-3
+# products (each size equally likely), so about 2/7 of products are singles and
+# 5/14 fall in each decisive kind. Larger groups (`group_sizes`) make a harder
+# catalogue: more siblings that only the photo, or only the code, tells apart.
 GROUP_KIND_CYCLE = (SINGLE, IMAGE_DECISIVE, SINGLE, TITLE_DECISIVE)
 GROUP_SIZES = (2, 3)
 LISTINGS_PER_PRODUCT = (2, 6)  # inclusive range
@@ -196,9 +198,10 @@ def _look(rng: np.random.Generator, leaf: Leaf, colour: Colour, pattern: str) ->
   )
 
 
-def _group_products(rng: np.random.Generator, group_kind: str) -> list[dict]:
+def _group_products(rng: np.random.Generator, group_kind: str,
+                    group_sizes: tuple[int, ...] = GROUP_SIZES) -> list[dict]:
   """Fields of one group's products; siblings share what their kind says they share."""
-  size = 1 if group_kind == SINGLE else int(_pick(rng, GROUP_SIZES))
+  size = 1 if group_kind == SINGLE else int(_pick(rng, group_sizes))
   leaf = _pick(rng, LEAVES)
   brand = _pick(rng, BRANDS)
   descriptor_indices = rng.choice(len(leaf.descriptors), size=int(rng.integers(1, 3)), replace=False)
@@ -225,7 +228,32 @@ def _group_products(rng: np.random.Generator, group_kind: str) -> list[dict]:
   ]
 
 
-def build_products(num_products: int, seed: int) -> list[Product]:
+def check_group_sizes(group_sizes) -> tuple[int, ...]:
+  """The sizes a decisive group may take, as a tuple; each sibling needs its own colour."""
+  sizes = tuple(group_sizes)
+  if not sizes or any(isinstance(size, bool) or not isinstance(size, (int, np.integer))
+                      or not 2 <= size <= len(COLOURS) for size in sizes):
+    raise ValueError(f"group_sizes must be integers from 2 to {len(COLOURS)} (one colour "
+                     f"per sibling), got {group_sizes!r}")
+  return tuple(int(size) for size in sizes)
+
+
+def parse_group_sizes(text: str) -> tuple[int, ...]:
+  """'5-8' -> (5, 6, 7, 8); '2,3' -> (2, 3)."""
+  try:
+    if "-" in text:
+      low, high = (int(part) for part in text.split("-"))
+      sizes = tuple(range(low, high + 1))
+    else:
+      sizes = tuple(int(part) for part in text.split(","))
+    return check_group_sizes(sizes)
+  except ValueError as error:
+    raise ValueError(f"group sizes {text!r}: expected MIN-MAX or a comma list of "
+                     f"integers from 2 to {len(COLOURS)} ({error})") from None
+
+
+def build_products(num_products: int, seed: int,
+                   group_sizes: tuple[int, ...] = GROUP_SIZES) -> list[Product]:
   """The catalogue's products, without titles or photos: cheap, so every caller
   (the writer, tests, evaluation of the hard groups) can rebuild it."""
   products: list[Product] = []
@@ -234,7 +262,7 @@ def build_products(num_products: int, seed: int) -> list[Product]:
   while len(products) < num_products:
     rng = np.random.default_rng([seed, _GROUP_STREAM, group_index])
     group_kind = GROUP_KIND_CYCLE[group_index % len(GROUP_KIND_CYCLE)]
-    for fields in _group_products(rng, group_kind)[: num_products - len(products)]:
+    for fields in _group_products(rng, group_kind, group_sizes)[: num_products - len(products)]:
       index = len(products)
       products.append(Product(index=index, product_id=f"P{index:06d}", group_index=group_index,
                               first_listing_index=listing_count, **fields))
@@ -315,7 +343,8 @@ def _listing_rows(products: list[Product], seed: int, image_size: int, images_di
       pixels = synth_images.render_pixels(product.look, view, image_size, rng)
       image = f"{item_id}.jpg"
       pathlib.Path(images_dir, image).write_bytes(synth_images.jpeg_bytes(pixels, view.jpeg_quality))
-      rows.append([item_id, title, image, product.product_id, " > ".join(product.leaf.path)])
+      rows.append([item_id, title, image, product.product_id, " > ".join(product.leaf.path),
+                   f"G{product.group_index:06d}"])
   return rows
 
 
@@ -325,10 +354,13 @@ def _check_int(name: str, value, minimum: int) -> None:
 
 
 def synthesize(output_dir: str, num_products: int, seed: int = 0, image_size: int = 128,
-               num_workers: int | None = None) -> dict:
-  """Writes OUTPUT/catalogue.csv (item_id,title,image,product_id,category) and
-  OUTPUT/images/*.jpg; the same (num_products, seed, image_size) give the same
-  bytes whatever num_workers. Returns a summary of what was written.
+               num_workers: int | None = None,
+               group_sizes: tuple[int, ...] = GROUP_SIZES) -> dict:
+  """Writes OUTPUT/catalogue.csv (item_id,title,image,product_id,category,group:
+  the sibling group) and
+  OUTPUT/images/*.jpg; the same (num_products, seed, image_size, group_sizes)
+  give the same bytes whatever num_workers. Returns a summary of what was
+  written. `group_sizes`: the sizes a decisive sibling group may take.
 
   More than one worker means spawned processes, so a calling script needs the
   `if __name__ == "__main__":` guard."""
@@ -337,7 +369,8 @@ def synthesize(output_dir: str, num_products: int, seed: int = 0, image_size: in
   _check_int("image_size", image_size, 32)
   if num_workers is not None:
     _check_int("num_workers", num_workers, 1)
-  products = build_products(num_products, seed)
+  group_sizes = check_group_sizes(group_sizes)
+  products = build_products(num_products, seed, group_sizes)
   images_dir = os.path.join(output_dir, "images")
   os.makedirs(images_dir, exist_ok=True)
   processes = min(num_workers or os.cpu_count() or 1, num_products)
@@ -354,7 +387,7 @@ def synthesize(output_dir: str, num_products: int, seed: int = 0, image_size: in
   catalogue_path = os.path.join(output_dir, "catalogue.csv")
   with open(catalogue_path, "w", newline="", encoding="utf-8") as catalogue_file:
     writer = csv.writer(catalogue_file, lineterminator="\n")
-    writer.writerow(["item_id", "title", "image", "product_id", "category"])
+    writer.writerow(["item_id", "title", "image", "product_id", "category", "group"])
     for rows in chunk_rows:
       writer.writerows(rows)
   return {
@@ -362,5 +395,6 @@ def synthesize(output_dir: str, num_products: int, seed: int = 0, image_size: in
       "num_listings": sum(product.num_listings for product in products),
       "num_categories": len({product.leaf.path for product in products}),
       "products_per_kind": dict(collections.Counter(product.group_kind for product in products)),
+      "group_sizes": list(group_sizes),
       "paths": {"catalogue": catalogue_path, "images": images_dir},
   }
