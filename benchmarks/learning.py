@@ -82,14 +82,13 @@ def unigram_log_frequencies(title_ids: np.ndarray, vocab_size: int,
   return np.log(counts / counts.sum()).astype(np.float32)
 
 
-def print_retrieval(model, test: dict, label: str) -> dict:
+def print_retrieval(model, test: dict, label: str):
   scores = {}
   for name, rows in embeddings(model, test).items():
     scores[name] = metrics.same_product_retrieval(
         rows, test["product_id"], test["category_id"])["macro_recall@10"]
   print(f"{label} test macro R@10: " + ", ".join(
       f"{name} {value:.3f}" for name, value in scores.items()), flush=True)
-  return scores
 
 
 def main():
@@ -175,9 +174,7 @@ def main():
   print(f"trained {config.total_steps} steps of {size} in "
         f"{time.perf_counter() - start:.0f} s")
 
-  scores = print_retrieval(nnx.merge(graphdef, state.params), test, "trained:")
-  for name, value in scores.items():
-    print(f"test macro R@10, {name}: {value:.3f}")
+  print_retrieval(nnx.merge(graphdef, state.params), test, "trained:")
   print(f"loss_ratio_at_step_{config.total_steps}: {means['loss'] / first['loss']:.3f}")
 
 
