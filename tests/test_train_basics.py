@@ -110,6 +110,8 @@ def test_a_non_finite_step_applies_no_update():
   assert int(after.step) == 1
   for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(after.params)):
     np.testing.assert_array_equal(a, b)
+  for a, b in zip(jax.tree.leaves(state.opt_state), jax.tree.leaves(after.opt_state)):
+    np.testing.assert_array_equal(a, b)
   again, _ = step(after, poisoned)
   assert int(again.nonfinite_streak) == 2
   recovered, metrics = step(again, batch)

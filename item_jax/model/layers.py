@@ -75,32 +75,46 @@ def _softmax_attention(query, key, value, bias):
   return _softmax_attention_forward(query, key, value, bias)[0]
 
 
+def _heads_major(x):
+  """(batch, length, heads, head_dim) <-> (batch, heads, length, head_dim)."""
+  return jnp.swapaxes(x, 1, 2)
+
+
 def _softmax_attention_forward(query, key, value, bias):
+  # Everything between the first and the last transpose is heads-major, and
+  # the residuals are kept that way, so that the backward pass starts from the
+  # layout its batched matmuls want instead of transposing q, k and v again.
+  # The query is scaled before the scores (a (length x head_dim) pass instead
+  # of a (length x length) one).
   scale = 1.0 / float(query.shape[-1]) ** 0.5
-  scores = jnp.einsum("btnh,bsnh->bnts", query, key,
-                      preferred_element_type=jnp.float32) * scale + bias
+  q = _heads_major(query * jnp.asarray(scale, query.dtype))
+  k, v = _heads_major(key), _heads_major(value)
+  scores = jnp.einsum("bnth,bnsh->bnts", q, k,
+                      preferred_element_type=jnp.float32) + bias
   exps = jnp.exp(scores - scores.max(-1, keepdims=True))
   probs = (exps * (1.0 / exps.sum(-1, keepdims=True))).astype(value.dtype)
-  out = jnp.einsum("bnts,bsnh->btnh", probs, value)
-  return out, (query, key, value, probs, out, bias)
+  out = jnp.einsum("bnts,bnsh->bnth", probs, v)
+  return _heads_major(out), (q, k, v, probs, out, bias)
 
 
 def _softmax_attention_backward(residuals, d_out):
   # The softmax's backward as flash attention writes it: with O = P V,
   # sum_s dP * P = sum_h dO * O, a (batch, heads, queries) reduction of the
   # outputs instead of another pass over the (queries x keys) scores.
-  query, key, value, probs, out, bias = residuals
-  scale = 1.0 / float(query.shape[-1]) ** 0.5
-  d_value = jnp.einsum("bnts,btnh->bsnh", probs, d_out)
-  d_probs = jnp.einsum("btnh,bsnh->bnts", d_out, value,
+  q, k, v, probs, out, bias = residuals
+  scale = 1.0 / float(q.shape[-1]) ** 0.5
+  d_out = _heads_major(d_out)
+  d_value = jnp.einsum("bnts,bnth->bnsh", probs, d_out)
+  d_probs = jnp.einsum("bnth,bnsh->bnts", d_out, v,
                        preferred_element_type=jnp.float32)
-  row_dot = jnp.einsum("btnh,btnh->bnt", d_out.astype(jnp.float32),
-                       out.astype(jnp.float32))[..., None]
-  d_scores = (probs.astype(jnp.float32) * (d_probs - row_dot) * scale
-              ).astype(query.dtype)
-  d_query = jnp.einsum("bnts,bsnh->btnh", d_scores, key)
-  d_key = jnp.einsum("bnts,btnh->bsnh", d_scores, query)
-  return d_query, d_key, d_value, jnp.zeros_like(bias)
+  row_dot = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), -1,
+                    keepdims=True)
+  d_scores = (probs.astype(jnp.float32) * (d_probs - row_dot)).astype(q.dtype)
+  # q was scaled before the scores, so d_key needs no scale and d_query one.
+  d_query = jnp.einsum("bnts,bnsh->bnth", d_scores, k) * jnp.asarray(scale, q.dtype)
+  d_key = jnp.einsum("bnts,bnth->bnsh", d_scores, q)
+  return (_heads_major(d_query), _heads_major(d_key), _heads_major(d_value),
+          jnp.zeros_like(bias))
 
 
 _softmax_attention.defvjp(_softmax_attention_forward, _softmax_attention_backward)
@@ -113,9 +127,10 @@ def attention(query: jax.Array, key: jax.Array, value: jax.Array,
   `key_mask` (batch, length) is True for keys that may be attended to. "cudnn"
   runs `jax.nn.dot_product_attention`'s fused cuDNN kernel. Otherwise (None or
   "xla") plain XLA ops with a hand-written backward pass: it keeps only the
-  probabilities and saves the passes over the scores that autodiff of
-  `jax.nn.dot_product_attention`'s XLA path makes (about 9 % of the tiny
-  step on CPU). Scores and softmax are float32 whatever the input dtype.
+  probabilities, saves the passes over the scores that autodiff of
+  `jax.nn.dot_product_attention`'s XLA path makes, and works heads-major
+  (the tiny step on CPU 1.17x and small 1.08x faster than with `jax.nn`'s).
+  Scores and softmax are float32 whatever the input dtype.
   """
   if implementation == "cudnn":
     return jax.nn.dot_product_attention(query, key, value,
