@@ -47,8 +47,8 @@ def apply_update(optimizer: optax.GradientTransformation, grads, params,
   `finite` (a boolean scalar) is False.
 
   A branch, not a select per array: selecting between the new and the old
-  values would read the whole state once more every step (about 40 % more
-  time for the update on CPU; benchmarks/optimizer_update.py).
+  values would read the whole state once more every step (1.3x the update's
+  time for `small` on CPU; benchmarks/optimizer_update.py).
   """
   def update(operands):
     params, opt_state = operands
