@@ -34,7 +34,8 @@ from item_jax.train.config import load_config, validate
 from item_jax.train.optimizer import make_optimizer
 from item_jax.train.step import init_model, init_train_state, make_train_step
 
-LOSSES = ("loss", "itm", "itm_accuracy", "mlm", "gmlm", "mim", "gmim")
+LOSSES = ("loss", "itm", "itm_accuracy", "mlm", "gmlm", "mim", "gmim", "itc",
+          "itc_temperature")
 
 
 def load_split(data_dir: str, split: str, image_size: int, title_len: int,

@@ -195,7 +195,8 @@ def run_config(name: str, args, torch_side: TorchSide) -> float:
       adamw=args.torch_adamw))
   worst = 0.0
   print("first step        jax        torch      rel. diff")
-  for key in ("loss", *TASKS, "grad_norm"):
+  for key in ("loss", *(task for task in TASKS if objectives.weight(task) > 0),
+              "grad_norm"):
     diff = abs(torch_first[key] - jax_first[key]) / abs(jax_first[key])
     worst = max(worst, diff)
     print(f"  {key:10s} {jax_first[key]:11.6f} {torch_first[key]:11.6f}   {diff:.1e}")

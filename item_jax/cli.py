@@ -65,13 +65,15 @@ def _prepare(args):
 
 def _train(args, overrides):
   import jax
+  from item_jax.eval.evaluate import PeriodicRetrieval
   from item_jax.train.config import load_config, validate
   from item_jax.train.loop import train
   _initialize_distributed(args)
   # A bad config fails here, before any device work.
   config = load_config(args.config, overrides)
   settings = validate(config, jax.device_count(), jax.process_count())
-  history = train(settings, args.workdir)
+  # Retrieval on a validation subset every config.eval_every_steps (0: never).
+  history = train(settings, args.workdir, evaluator=PeriodicRetrieval)
   if history:
     print(f"step {history[-1]['step']}: " + " ".join(
         f"{name}={value:.4f}" for name, value in sorted(history[-1].items())

@@ -10,7 +10,7 @@ import pytest
 from train_helpers import tensorboard_scalars, tiny_settings
 from item_jax.cli import main
 from item_jax.eval import evaluate as evaluate_lib
-from item_jax.eval.evaluate import ENTRIES
+from item_jax.eval.evaluate import ENTRIES, PeriodicRetrieval
 from item_jax.eval.report import eval_command
 from item_jax.train.loop import train
 
@@ -25,7 +25,8 @@ def run(prepared_catalogue, tmp_path_factory):
   workdir = tmp_path_factory.mktemp("evaluated")
   train(tiny_settings(data_dir, "--config.total_steps=4",
                       "--config.eval_every_steps=2",
-                      "--config.eval_num_examples=30"), str(workdir))
+                      "--config.eval_num_examples=30"), str(workdir),
+        evaluator=PeriodicRetrieval)
   return data_dir, workdir
 
 

@@ -11,7 +11,7 @@ from flax import nnx
 
 from helpers import SPECIAL_TOKEN_IDS, TOKENS, tiny_batch, tiny_model
 from item_jax.model import ItemModel, model_config
-from item_jax.objectives import (TASKS, ObjectiveConfig, example_keys,
+from item_jax.objectives import (PAPER_TASKS, TASKS, ObjectiveConfig, example_keys,
                                  mask_patches, mask_tokens, pair_for_itm,
                                  pretraining_loss)
 from item_jax.objectives.flops import training_flops_per_example
@@ -103,9 +103,9 @@ def _loss(model, batch, objectives, seed=0):
 
 def test_all_five_losses_are_finite_and_positive():
   total, metrics = _loss(tiny_model(), tiny_batch(batch=8), ObjectiveConfig())
-  for task in TASKS:
+  for task in PAPER_TASKS:
     assert np.isfinite(metrics[task]) and metrics[task] > 0, task
-  expected = sum(metrics[task] for task in TASKS)
+  expected = sum(metrics[task] for task in PAPER_TASKS)
   assert float(total) == pytest.approx(float(expected), rel=1e-5)
 
 
@@ -233,3 +233,97 @@ def test_disabled_tasks_cost_no_flops():
       config, 40, ObjectiveConfig(gmlm_weight=0.0, gmim_weight=0.0))
   assert "gmlm" not in no_global and "gmim" not in no_global
   assert no_global["total"] == all_on["total"] - all_on["gmlm"] - all_on["gmim"]
+
+
+# -- ITC: the image-text contrastive task ------------------------------------
+
+from item_jax.objectives import contrastive_loss  # noqa: E402
+
+
+def test_itc_of_identical_rows_is_ln_batch_at_temperature_one():
+  rows = jnp.ones((16, 8))
+  loss = contrastive_loss(rows, rows, jnp.float32(1.0), jnp.ones(16))
+  assert float(loss) == pytest.approx(np.log(16), rel=1e-6)
+
+
+def test_itc_matches_a_numpy_infonce_and_permuting_images_raises_it():
+  rng = np.random.default_rng(0)
+  a = rng.normal(size=(8, 16)).astype(np.float32)
+  b = (a + 0.3 * rng.normal(size=(8, 16))).astype(np.float32)
+  scale = 5.0
+  unit = lambda x: x / np.linalg.norm(x, axis=1, keepdims=True)
+  logits = scale * unit(a) @ unit(b).T
+  log_softmax = lambda x: x - np.log(np.exp(x).sum(1, keepdims=True))
+  expected = -0.5 * (np.diag(log_softmax(logits)).mean()
+                     + np.diag(log_softmax(logits.T)).mean())
+  loss = float(contrastive_loss(jnp.asarray(a), jnp.asarray(b),
+                                jnp.float32(scale), jnp.ones(8)))
+  assert loss == pytest.approx(expected, rel=1e-5)
+  permuted = float(contrastive_loss(jnp.asarray(a), jnp.asarray(b[::-1]),
+                                    jnp.float32(scale), jnp.ones(8)))
+  assert permuted > loss + 1.0
+
+
+def test_itc_padding_rows_are_neither_queries_nor_candidates():
+  rng = np.random.default_rng(1)
+  a, b = rng.normal(size=(2, 6, 8)).astype(np.float32)
+  weight = jnp.asarray([1, 1, 1, 1, 0, 0], jnp.float32)
+  padded = contrastive_loss(a, b, jnp.float32(3.0), weight)
+  alone = contrastive_loss(a[:4], b[:4], jnp.float32(3.0), jnp.ones(4))
+  assert float(padded) == pytest.approx(float(alone), rel=1e-6)
+  # Same-product rows are no negatives: with rows 0 and 1 one product, row 0
+  # competes only with rows 2 and 3.
+  products = jnp.asarray([7, 7, 8, 9])
+  grouped = contrastive_loss(a[:4], b[:4], jnp.float32(3.0), jnp.ones(4), products)
+  keep = [0, 2, 3]
+  first = contrastive_loss(a[keep], b[keep], jnp.float32(3.0), jnp.ones(3))
+  assert float(grouped) != pytest.approx(float(alone))
+  assert np.isfinite(float(grouped)) and float(first) > 0
+
+
+def test_itc_is_a_sixth_task_off_by_default_with_a_learnable_temperature():
+  model, batch = tiny_model(), tiny_batch(batch=8)
+  _, paper = _loss(model, batch, ObjectiveConfig())
+  assert "itc" not in paper
+  objectives = ObjectiveConfig(itc_weight=2.0)
+  total, metrics = _loss(model, batch, objectives)
+  assert float(metrics["itc_temperature"]) == pytest.approx(0.07, rel=1e-4)
+  assert float(total) == pytest.approx(
+      float(paper["loss"]) + 2.0 * float(metrics["itc"]), rel=1e-5)
+  grads = nnx.grad(lambda m: _loss(m, batch, objectives)[0])(model)
+  assert float(jnp.abs(grads.itc_logit_scale[...])) > 0
+  only_itc = ObjectiveConfig(**{f"{task}_weight": 0.0 for task in PAPER_TASKS},
+                             itc_weight=1.0)
+  total, metrics = _loss(model, batch, only_itc)
+  assert set(metrics) == {"loss", "itc", "itc_temperature"}
+  grads = nnx.grad(lambda m: _loss(m, batch, only_itc)[0])(model)
+  assert float(jnp.abs(grads.mlm_transform.kernel[...]).max()) == 0.0
+  assert float(jnp.abs(grads.layers[0].intermediate.kernel[...]).max()) > 0
+
+
+def test_itc_joint_view_uses_matched_pairs_of_the_main_pass():
+  model, batch = tiny_model(), tiny_batch(batch=8)
+  pairs = "title:image,joint:title,joint:image"
+  _, with_joint = _loss(model, batch, ObjectiveConfig(itc_weight=1.0,
+                                                      itc_pairs=pairs))
+  _, plain = _loss(model, batch, ObjectiveConfig(itc_weight=1.0))
+  assert np.isfinite(float(with_joint["itc"]))
+  assert float(with_joint["itc"]) != pytest.approx(float(plain["itc"]))
+
+
+@pytest.mark.parametrize("pairs", ["title", "title:title", "title:photo",
+                                   "title:image,image:title:joint",
+                                   "title:image,title:image"])
+def test_bad_itc_pairs_are_a_config_error(pairs):
+  with pytest.raises(ValueError, match="itc_pairs"):
+    ObjectiveConfig(itc_weight=1.0, itc_pairs=pairs)
+
+
+def test_itc_costs_its_extra_passes_in_flops():
+  config = model_config("base")
+  paper = training_flops_per_example(config, 40)
+  with_itc = training_flops_per_example(config, 40, ObjectiveConfig(itc_weight=1.0))
+  extra = with_itc["total"] - paper["total"]
+  per_token = 6 * 12 * (4 * 768**2 + 2 * 768 * 3072)
+  assert with_itc["itc_encoder"] == per_token * (41 + 197)
+  assert extra > with_itc["itc_encoder"]

@@ -1,4 +1,5 @@
-"""The PyTorch reference's five losses and gradients equal item-jax's on the same masks."""
+"""The PyTorch reference's losses (the five and ITC) and gradients equal item-jax's
+on the same masks."""
 
 import numpy as np
 import pytest
@@ -23,7 +24,10 @@ TOLERANCE = 1e-4
 @pytest.mark.parametrize("objectives", [
     ObjectiveConfig(mlm_weight=2.0, gmim_weight=0.5),
     ObjectiveConfig(itm_weight=0.0, mim_weight=0.0, normalize_patch_targets=False),
-], ids=["all", "no-itm-no-mim"])
+    ObjectiveConfig(itc_weight=1.5, itc_pairs="title:image,joint:title,joint:image"),
+    ObjectiveConfig(itm_weight=0.0, mlm_weight=0.0, mim_weight=0.0, gmlm_weight=0.0,
+                    gmim_weight=0.0, itc_weight=1.0, itc_pairs="title:image,joint:image"),
+], ids=["all", "no-itm-no-mim", "all-and-itc", "itc-only"])
 def test_torch_losses_and_gradients_match_item_jax(objectives):
   config = tiny_config()
   torch_model = random_torch_model(config, seed=1).train()
@@ -42,10 +46,10 @@ def test_torch_losses_and_gradients_match_item_jax(objectives):
 
   ((total, metrics), grads), masked = jax_side(state)
   inputs = {name: torch.from_numpy(value)
-            for name, value in loss_inputs(masked).items()}
+            for name, value in loss_inputs(masked, batch).items()}
   torch_total, losses = item_losses(
       torch_model, inputs, {task: objectives.weight(task) for task in TASKS},
-      objectives.normalize_patch_targets)
+      objectives.normalize_patch_targets, objectives.itc_view_pairs())
   torch_total.backward()
 
   active = [task for task in TASKS if objectives.weight(task) > 0]

@@ -182,3 +182,46 @@ def test_prefetch_sends_the_next_batches_ahead_in_order():
   assert first["x"].sharding.is_equivalent_to(sharding.batch_sharding(mesh), 2)
   rest = [int(batch["x"][0, 0]) for batch in batches]
   assert [int(first["x"][0, 0])] + rest == [0, 1, 2, 3, 4]
+
+
+def test_itc_negatives_span_the_global_batch_on_eight_devices():
+  """The sharded step's ITC loss (and update) equals the one-device step's,
+  and differs from the mean of per-device losses: every listing meets the
+  whole global batch as negatives, not only its device's share."""
+  from item_jax.objectives import contrastive_loss
+  from item_jax.train import sharding
+  config = tiny_config()
+  optimizer = make_optimizer(OptimizerConfig(learning_rate=1e-3, warmup_steps=0,
+                                             total_steps=10))
+  objectives = ObjectiveConfig(itc_weight=1.0, mim_weight=0.5)
+  step_fn = make_train_step(init_model(config, 0)[0], optimizer, objectives,
+                            TOKENS, seed=0)
+  host_batch = {name: np.asarray(value)
+                for name, value in tiny_batch(batch=16, seed=4).items()}
+  host_batch["index"] = np.arange(16, dtype=np.int32)
+  results = {}
+  for devices in (1, 8):
+    mesh = sharding.make_mesh({"data": devices, "fsdp": 1, "model": 1},
+                              jax.devices()[:devices])
+    graphdef, state, shardings = sharding.create_train_state(config, optimizer,
+                                                             mesh, 0)
+    step = sharding.jit_train_step(step_fn, shardings, mesh)
+    after, metrics = step(state, sharding.global_batch(host_batch, mesh))
+    results[devices] = (jax.device_get(after.params), jax.device_get(metrics))
+  (params_1, metrics_1), (params_8, metrics_8) = results[1], results[8]
+  assert float(metrics_8["itc"]) == pytest.approx(float(metrics_1["itc"]), rel=1e-5)
+  assert float(metrics_8["loss"]) == pytest.approx(float(metrics_1["loss"]), rel=1e-5)
+  for a, b in zip(jax.tree.leaves(params_1), jax.tree.leaves(params_8)):
+    np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-6)
+  # What per-device negatives would give: 8 contrastive losses over 2 rows.
+  graphdef, params = init_model(config, 0)
+  from flax import nnx
+  model = nnx.merge(graphdef, params)
+  title = model.encode(host_batch["title_ids"], None).cls
+  image = model.encode(None, host_batch["image"]).cls
+  scale = model.itc_scale()
+  local = np.mean([float(contrastive_loss(title[i:i + 2], image[i:i + 2], scale,
+                                          jnp.ones(2))) for i in range(0, 16, 2)])
+  whole = float(contrastive_loss(title, image, scale, jnp.ones(16)))
+  assert float(metrics_1["itc"]) == pytest.approx(whole, rel=1e-5)
+  assert abs(whole - local) > 0.5

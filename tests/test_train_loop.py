@@ -121,11 +121,21 @@ def _wait_for(predicate, process, timeout=240):
   raise AssertionError("timed out")
 
 
+WINDOW_TAGS = ("train/loss", "train/itm", "train/mlm", "train/mim", "train/gmlm",
+               "train/gmim", "train/grad_norm", "train/nonfinite_steps")
+
+
 @pytest.mark.timeout(600)
 def test_a_killed_run_resumes_with_identical_losses(data_dir, tmp_path, reference_run):
-  _, reference = reference_run
+  """Killed after a checkpoint that falls inside a log window (every 3 steps,
+  checkpoints every 2): the resumed run logs the uninterrupted run's windows,
+  step by step and metric by metric, not a shorter window after the resume."""
+  reference_dir = tmp_path / "uninterrupted"
+  train(tiny_settings(data_dir, "--config.total_steps=8",
+                      "--config.log_every_steps=3",
+                      "--config.checkpoint_every_steps=2"), str(reference_dir))
   workdir = tmp_path / "killed"
-  command = _train_command(data_dir, workdir)
+  command = _train_command(data_dir, workdir, "--config.log_every_steps=3")
   process = subprocess.Popen(command, stdout=subprocess.DEVNULL,
                              stderr=subprocess.DEVNULL)
   _wait_for(lambda: (workdir / "checkpoints" / "4").exists(), process)
@@ -134,10 +144,13 @@ def test_a_killed_run_resumes_with_identical_losses(data_dir, tmp_path, referenc
   assert process.returncode == -signal.SIGKILL
   subprocess.run(command, check=True, stdout=subprocess.DEVNULL,
                  stderr=subprocess.DEVNULL)
-  resumed = tensorboard_scalars(workdir, "train/loss")
-  assert sorted(resumed) == list(range(1, 9))
-  for step in range(1, 9):
-    assert resumed[step] == pytest.approx(reference[step], rel=2e-5), step
+  for tag in WINDOW_TAGS:
+    expected = tensorboard_scalars(reference_dir, tag)
+    resumed = tensorboard_scalars(workdir, tag)
+    assert sorted(expected) == [1, 3, 6, 8], tag
+    assert sorted(resumed) == sorted(expected), tag
+    for step in expected:
+      assert resumed[step] == pytest.approx(expected[step], rel=2e-5), (tag, step)
 
 
 @pytest.mark.timeout(600)

@@ -74,6 +74,7 @@ def bert_layout(cls_id: int, exporting: bool = False) -> Layout:
           "mim_*": ITEM_HEADS,
           "gmlm_*": ITEM_HEADS,
           "gmim_*": ITEM_HEADS,
+          "itc_*": ITEM_HEADS,
           # A BertModel checkpoint (no BertForMaskedLM / ForPreTraining head).
           "mlm_*": "the checkpoint has no MLM head",
       })

@@ -47,6 +47,7 @@ def vit_layout(patch_size: int) -> Layout:
           "layers.*": "shared encoder", "pooler.*": "shared encoder",
           "itm_*": "ITEm's heads", "mlm_*": "ITEm's heads", "mim_*": "ITEm's heads",
           "gmlm_*": "ITEm's heads", "gmim_*": "ITEm's heads",
+          "itc_*": "ITEm's heads",
       })
 
 

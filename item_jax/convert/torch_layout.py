@@ -36,7 +36,8 @@ TORCH_LAYOUT = Layout(
        Rule("gmlm_bias", "cls.gmlm.bias"),
        *dense("gmim_transform", "cls.gmim.transform.dense"),
        *norm("gmim_norm", "cls.gmim.transform.LayerNorm"),
-       *dense("gmim_decoder", "cls.gmim.decoder")))
+       *dense("gmim_decoder", "cls.gmim.decoder"),
+       Rule("itc_logit_scale", "cls.itc.logit_scale")))
 
 
 def torch_layout(patch_size: int) -> Layout:

@@ -1,5 +1,6 @@
 """A PyTorch reference of the ITEm model, built on BERT's module names, for
-parity tests and benchmarks: same embeddings, post-LN blocks and five heads.
+parity tests and benchmarks: same embeddings, post-LN blocks, five heads and
+the ITC logit scale.
 
 Names follow `transformers`' BertForPreTraining ("bert.embeddings...",
 "bert.encoder.layer.N...", "cls.predictions...") plus ITEm's own parts (a
@@ -7,7 +8,7 @@ learned [CLS] vector, ViT-style patch embedding Conv2d, image positions, heads
 under "cls."). Images are NCHW as torch vision models take them. Keep it in
 step with item_jax/model: tests/test_convert_torch.py compares the two.
 
-`item_losses` is the five pre-training losses of item_jax/objectives/losses.py
+`item_losses` is the six pre-training losses of item_jax/objectives/losses.py
 on inputs masked by item-jax (`loss_inputs`), so that both sides train on the
 same masks, and `adamw` + `train_step` the update of item_jax/train/step.py:
 tests/test_torch_vs_jax.py compares the losses, benchmarks/torch_vs_jax.py
@@ -22,7 +23,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from item_jax.model import ModelConfig
-from item_jax.objectives import TASKS
+from item_jax.model.item import ITC_INITIAL_LOGIT_SCALE, ITC_MAX_LOGIT_SCALE
+from item_jax.objectives import PAPER_TASKS, TASKS
 from item_jax.train.optimizer import OptimizerConfig
 
 TEXT_TYPE, IMAGE_TYPE = 0, 1
@@ -150,6 +152,8 @@ class ItemTorch(nn.Module):
     self.cls.gmim = nn.Module()
     self.cls.gmim.transform = HeadTransform(2 * hidden, hidden, eps)
     self.cls.gmim.decoder = nn.Linear(hidden, config.patch_dim)
+    self.cls.itc = nn.Module()
+    self.cls.itc.logit_scale = nn.Parameter(torch.tensor(ITC_INITIAL_LOGIT_SCALE))
     self.dropout = nn.Dropout(config.dropout_rate)
 
   def encode(self, title_ids=None, pixel_values=None, title_mask=None,
@@ -174,6 +178,9 @@ class ItemTorch(nn.Module):
     title_len = 0 if title_ids is None else title_ids.shape[1]
     return (x[:, 0], None if title_ids is None else x[:, 1:1 + title_len],
             None if pixel_values is None else x[:, 1 + title_len:])
+
+  def itc_scale(self) -> torch.Tensor:
+    return torch.exp(self.cls.itc.logit_scale.clamp(max=ITC_MAX_LOGIT_SCALE))
 
   def itm_logits(self, cls: torch.Tensor) -> torch.Tensor:
     return self.cls.itm(torch.tanh(self.bert.pooler.dense(cls)))
@@ -203,12 +210,16 @@ class ItemTorch(nn.Module):
 
 # -- The pre-training losses, on masks drawn by item-jax -------------------------
 
-def loss_inputs(masked) -> dict[str, np.ndarray]:
+def loss_inputs(masked, batch: dict | None = None) -> dict[str, np.ndarray]:
   """item-jax's `MaskedBatch` (item_jax.objectives.mask_batch; jax or numpy
-  arrays) -> the numpy arrays `item_losses` takes: images NCHW, ids int64."""
+  arrays) -> the numpy arrays `item_losses` takes: images NCHW, ids int64.
+  ITC also needs the clean `batch` (its title_ids and image)."""
   arrays = {"input_ids": masked.input_ids, "title_mask": masked.title_mask,
             "pixel_values": np.asarray(masked.image).transpose(0, 3, 1, 2),
             "matched": masked.matched, "example_weight": masked.example_weight}
+  if batch is not None:
+    arrays.update(clean_title_ids=batch["title_ids"],
+                  clean_pixel_values=np.asarray(batch["image"]).transpose(0, 3, 1, 2))
   if masked.tokens is not None:
     arrays.update(token_indices=masked.tokens.indices,
                   token_labels=masked.tokens.labels,
@@ -256,29 +267,68 @@ def _cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
                          reduction="none").view(labels.shape)
 
 
+def contrastive_loss(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor,
+                     weight: torch.Tensor) -> torch.Tensor:
+  """Symmetric InfoNCE, as item_jax.objectives.losses.contrastive_loss."""
+  a, b = F.normalize(a.float(), dim=-1), F.normalize(b.float(), dim=-1)
+  logits = scale * a @ b.T
+  eye = torch.eye(len(a), dtype=torch.bool)
+  excluded = (weight[None, :] <= 0) & ~eye
+  labels = torch.arange(len(a))
+  a_to_b = F.cross_entropy(logits.masked_fill(excluded, -1e9), labels,
+                           reduction="none")
+  b_to_a = F.cross_entropy(logits.T.masked_fill(excluded, -1e9), labels,
+                           reduction="none")
+  per_example = torch.where(weight > 0, 0.5 * (a_to_b + b_to_a), 0.0)
+  return _weighted_mean(per_example, weight)
+
+
 def item_losses(model: ItemTorch, inputs: dict, weights: dict | None = None,
-                normalize_patch_targets: bool = True):
+                normalize_patch_targets: bool = True,
+                itc_pairs: tuple = (("title", "image"),)):
   """(total, {task: loss}) as item_jax.objectives.pretraining_loss computes them.
 
   Args:
     model: the reference model.
     inputs: `loss_inputs`' arrays as tensors: the masked titles, the paired
       images and the masks item-jax drew.
-    weights: {task: weight} (ObjectiveConfig's *_weight); default all 1.
+    weights: {task: weight} (ObjectiveConfig's *_weight); default the
+      paper's five at 1.
     normalize_patch_targets: as ObjectiveConfig's.
+    itc_pairs: ObjectiveConfig.itc_view_pairs().
   """
-  weights = dict.fromkeys(TASKS, 1.0) if weights is None else weights
+  weights = dict.fromkeys(PAPER_TASKS, 1.0) if weights is None else weights
   active = {task for task in TASKS if weights.get(task, 0) > 0}
   patch_size = model.config.patch_size
   example_weight = inputs["example_weight"]
   matched = inputs["matched"]
   # Reconstruction is learnt on matched pairs only.
   reconstruction_weight = example_weight * matched.float()
-  cls, title_states, patch_states = model.encode(
-      inputs["input_ids"], inputs["pixel_values"], title_mask=inputs["title_mask"],
-      masked_patches=inputs.get("masked_patches"))
+  cls = title_states = patch_states = None
+  if active - {"itc"}:
+    cls, title_states, patch_states = model.encode(
+        inputs["input_ids"], inputs["pixel_values"],
+        title_mask=inputs["title_mask"],
+        masked_patches=inputs.get("masked_patches"))
 
   losses = {}
+  if "itc" in active:
+    views = {}
+    needed = {view for pair in itc_pairs for view in pair}
+    if "title" in needed:
+      views["title"] = (model.encode(inputs["clean_title_ids"])[0], example_weight)
+    if "image" in needed:
+      views["image"] = (model.encode(None, inputs["clean_pixel_values"])[0],
+                        example_weight)
+    if "joint" in needed:
+      views["joint"] = ((model.encode(inputs["clean_title_ids"],
+                                      inputs["clean_pixel_values"])[0],
+                         example_weight) if cls is None
+                        else (cls, reconstruction_weight))
+    per_pair = [contrastive_loss(views[a][0], views[b][0], model.itc_scale(),
+                                 torch.minimum(views[a][1], views[b][1]))
+                for a, b in itc_pairs]
+    losses["itc"] = sum(per_pair) / len(per_pair)
   if "itm" in active:
     per_example = _cross_entropy(model.itm_logits(cls), matched.long())
     losses["itm"] = _weighted_mean(per_example, example_weight)
@@ -324,13 +374,15 @@ def adamw(model: ItemTorch, config: OptimizerConfig,
 def train_step(model: ItemTorch, optimizer: torch.optim.Optimizer, inputs: dict,
                learning_rate: float, grad_clip_norm: float,
                weights: dict | None = None,
-               normalize_patch_targets: bool = True) -> dict:
+               normalize_patch_targets: bool = True,
+               itc_pairs: tuple = (("title", "image"),)) -> dict:
   """One step as item_jax.train.step's: losses, gradients, global-norm
   clipping (0: none) and the update, skipped when the loss or the gradient is
   not finite. Returns the losses and `grad_norm` (before clipping, torch's
   float32 norm)."""
   optimizer.zero_grad(set_to_none=True)
-  total, losses = item_losses(model, inputs, weights, normalize_patch_targets)
+  total, losses = item_losses(model, inputs, weights, normalize_patch_targets,
+                              itc_pairs)
   total.backward()
   grad_norm = torch.nn.utils.clip_grad_norm_(
       model.parameters(), grad_clip_norm if grad_clip_norm > 0 else math.inf)

@@ -15,6 +15,9 @@ from item_jax.model.layers import (ACTIVATION_AXES, Dense, EncoderBlock, LayerNo
                                    constrain, dropout, gelu, param)
 
 TEXT_TYPE, IMAGE_TYPE = 0, 1
+# log(1 / 0.07) and log(100): CLIP's initial and largest contrastive logit scale.
+ITC_INITIAL_LOGIT_SCALE = 2.6592600369327779
+ITC_MAX_LOGIT_SCALE = 4.605170185988092
 
 
 class Encoded(NamedTuple):
@@ -100,7 +103,8 @@ class Embeddings(nnx.Module):
 
 
 class ItemModel(nnx.Module):
-  """ITEm: a joint title + image encoder with ITM, MLM, MIM, GMLM and GMIM heads."""
+  """ITEm: a joint title + image encoder with ITM, MLM, MIM, GMLM and GMIM heads
+  and the ITC logit scale."""
 
   def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
     hidden, dtype = config.hidden_size, config.compute_dtype
@@ -132,6 +136,10 @@ class ItemModel(nnx.Module):
     self.gmim_transform = dense(2 * hidden, hidden, ("embed", "embed_out"))
     self.gmim_norm = norm()
     self.gmim_decoder = dense(hidden, config.patch_dim, ("embed", "patch"))
+    # ITC: the learnable logit scale (inverse temperature, as a log) of the
+    # image-text contrastive task, CLIP's start of 1 / 0.07.
+    self.itc_logit_scale = param(
+        rngs, jax.nn.initializers.constant(ITC_INITIAL_LOGIT_SCALE), (), ())
 
   def encode(self, title_ids: jax.Array | None = None,
              image: jax.Array | None = None, *,
@@ -186,6 +194,10 @@ class ItemModel(nnx.Module):
     cls = self.encode(title_ids, image, title_mask=title_mask).cls
     cls = cls.astype(jnp.float32)
     return cls / jnp.maximum(jnp.linalg.norm(cls, axis=-1, keepdims=True), 1e-12)
+
+  def itc_scale(self) -> jax.Array:
+    """The contrastive logits' multiplier exp(logit scale), at most 100."""
+    return jnp.exp(jnp.minimum(self.itc_logit_scale[...], ITC_MAX_LOGIT_SCALE))
 
   def itm_logits(self, cls: jax.Array) -> jax.Array:
     """(batch, hidden) -> (batch, 2) logits: [no match, match]."""

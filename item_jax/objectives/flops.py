@@ -5,7 +5,7 @@ and the backward's two matmuls per forward matmul). Only matmuls are counted.
 """
 
 from item_jax.model import ModelConfig
-from item_jax.objectives.losses import ObjectiveConfig
+from item_jax.objectives.losses import PAPER_TASKS, ObjectiveConfig
 from item_jax.objectives.masking import max_predictions, num_masked_patches
 
 TRAIN_MULTIPLIER = 3  # forward + backward (grads w.r.t. inputs and weights)
@@ -17,22 +17,48 @@ def encoder_matmul_params(config: ModelConfig) -> int:
   return config.num_layers * (4 * hidden * hidden + 2 * hidden * mlp)
 
 
+def _encoder_pass(config: ModelConfig, tokens: int, image: bool) -> dict:
+  """Forward matmul FLOPs of one encoder pass over `tokens` positions."""
+  hidden = config.hidden_size
+  flops = {"encoder": 2 * encoder_matmul_params(config) * tokens,
+           # QK^T and attention-weighted values: two (tokens x tokens x hidden)
+           # matmuls.
+           "attention": config.num_layers * 2 * 2 * tokens * tokens * hidden}
+  if image:
+    flops["patch_embedding"] = 2 * config.num_patches * config.patch_dim * hidden
+  return flops
+
+
 def training_flops_per_example(config: ModelConfig, title_len: int,
                                objectives: ObjectiveConfig | None = None) -> dict:
   """FLOPs of one training example, by part, and their `total`.
 
   Heads are counted on the positions the step actually computes: the masked
   title slots and masked patches (the vocabulary projection never runs on the
-  whole sequence).
+  whole sequence). ITC's extra encoder passes are `itc_encoder`,
+  `itc_attention` and `itc_patch_embedding`.
   """
   objectives = objectives or ObjectiveConfig()
   hidden, vocab = config.hidden_size, config.vocab_size
-  tokens = 1 + title_len + config.num_patches
+  joint = 1 + title_len + config.num_patches
   forward = {}
-  forward["encoder"] = 2 * encoder_matmul_params(config) * tokens
-  # QK^T and attention-weighted values: two (tokens x tokens x hidden) matmuls.
-  forward["attention"] = config.num_layers * 2 * 2 * tokens * tokens * hidden
-  forward["patch_embedding"] = 2 * config.num_patches * config.patch_dim * hidden
+  if any(objectives.weight(task) > 0 for task in PAPER_TASKS):
+    forward.update(_encoder_pass(config, joint, image=True))
+  if objectives.weight("itc") > 0:
+    # Extra passes over the clean listing: title-only, image-only, and the
+    # joint view when no other task runs the joint pass.
+    views = {view for pair in objectives.itc_view_pairs() for view in pair}
+    lengths = {"title": (1 + title_len, False),
+               "image": (1 + config.num_patches, True)}
+    if "joint" in views and not forward:
+      lengths["joint"] = (joint, True)
+    itc = {}
+    for view, (length, image) in lengths.items():
+      if view in views:
+        for part, value in _encoder_pass(config, length, image).items():
+          itc[part] = itc.get(part, 0) + value
+    for part, value in itc.items():
+      forward[f"itc_{part}"] = value
   token_slots = max_predictions(title_len, objectives.token_mask_rate)
   masked_patches = num_masked_patches(config.num_patches,
                                       objectives.patch_mask_ratio)
@@ -42,6 +68,8 @@ def training_flops_per_example(config: ModelConfig, title_len: int,
       "gmlm": token_slots * (2 * hidden * hidden + hidden * vocab),
       "mim": masked_patches * (hidden * hidden + hidden * config.patch_dim),
       "gmim": masked_patches * (2 * hidden * hidden + hidden * config.patch_dim),
+      # The (batch x batch) similarities are per pair of examples: not
+      # counted per example.
   }
   for task, multiply_adds in head_costs.items():
     if objectives.weight(task) > 0:

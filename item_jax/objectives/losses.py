@@ -1,8 +1,11 @@
-"""The five pre-training losses (ITM, MLM, MIM, GMLM, GMIM) and their weighted sum.
+"""The pre-training losses: the paper's five (ITM, MLM, MIM, GMLM, GMIM), the
+image-text contrastive task (ITC), and their weighted sum.
 
 `pretraining_loss` is pure and jittable: masks are drawn on device from
 per-example keys (`mask_batch`), the model runs once on the masked, re-paired
-batch, and each head sees only the positions it must predict.
+batch, and each head sees only the positions it must predict. ITC adds one
+title-only and one image-only pass over the clean listing (see
+`contrastive_loss`).
 """
 
 import dataclasses
@@ -15,7 +18,12 @@ import optax
 from item_jax.model import ItemModel, ModelConfig, patchify
 from item_jax.objectives import masking
 
-TASKS = ("itm", "mlm", "mim", "gmlm", "gmim")
+TASKS = ("itm", "mlm", "mim", "gmlm", "gmim", "itc")
+# The paper's five; ITC is off unless its weight is set.
+PAPER_TASKS = TASKS[:5]
+# The [CLS] views ITC can contrast: the title-only pass, the image-only pass,
+# and the joint pass (title and image together).
+ITC_VIEWS = ("title", "image", "joint")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,6 +35,12 @@ class ObjectiveConfig:
   mim_weight: float = 1.0
   gmlm_weight: float = 1.0
   gmim_weight: float = 1.0
+  # Image-text contrastive (InfoNCE, in-batch negatives both ways, learnable
+  # temperature); 0 is the paper's recipe.
+  itc_weight: float = 0.0
+  # The pairs of [CLS] views ITC contrasts, "a:b" comma-separated, from
+  # "title", "image" and "joint" (e.g. "title:image,joint:title,joint:image").
+  itc_pairs: str = "title:image"
   token_mask_rate: float = 0.15
   patch_mask_ratio: float = 0.4
   patch_mask_block_size: int = 2
@@ -44,6 +58,22 @@ class ObjectiveConfig:
       raise ValueError("objectives.token_mask_rate must be in (0, 1)")
     if not 0.0 <= self.itm_negative_rate < 1.0:
       raise ValueError("objectives.itm_negative_rate must be in [0, 1)")
+    self.itc_view_pairs()  # validates itc_pairs
+
+  def itc_view_pairs(self) -> tuple[tuple[str, str], ...]:
+    """`itc_pairs` parsed: ((view, view), ...)."""
+    pairs = []
+    for text in self.itc_pairs.split(","):
+      views = tuple(part.strip() for part in text.split(":"))
+      if (len(views) != 2 or views[0] == views[1]
+          or not set(views) <= set(ITC_VIEWS)):
+        raise ValueError(
+            f"objectives.itc_pairs={self.itc_pairs!r}: each pair is two "
+            f"different views of {ITC_VIEWS} as 'a:b', comma-separated")
+      pairs.append(views)
+    if len(set(pairs)) != len(pairs):
+      raise ValueError(f"objectives.itc_pairs={self.itc_pairs!r} repeats a pair")
+    return tuple(pairs)
 
   def weight(self, task: str) -> float:
     return getattr(self, f"{task}_weight")
@@ -70,6 +100,48 @@ def normalized_patch_targets(image: jax.Array, patch_size: int,
 
 def _weighted_mean(values: jax.Array, weights: jax.Array) -> jax.Array:
   return jnp.sum(values * weights) / jnp.maximum(jnp.sum(weights), 1.0)
+
+
+_EXCLUDED_LOGIT = -1e9
+
+
+def contrastive_loss(a: jax.Array, b: jax.Array, scale: jax.Array,
+                     weight: jax.Array,
+                     product_ids: jax.Array | None = None) -> jax.Array:
+  """Symmetric InfoNCE between rows of `a` and `b` (row i of each is a pair).
+
+  Both are L2-normalised; the logits are scale * cosine. Each row of `a` picks
+  its partner among all rows of `b` and the other way round (the mean of both
+  cross-entropies). Rows of weight 0 (padding) are neither queries nor
+  candidates. With `product_ids`, another listing of the same product is not
+  counted as a negative. Inside a jitted step over a sharded batch, the
+  (batch x batch) similarity covers the global batch.
+
+  Args:
+    a, b: (batch, dim) the two views' embeddings.
+    scale: scalar multiplier of the cosine similarities (1 / temperature).
+    weight: (batch,) float, 0 for rows that take no part.
+    product_ids: optional (batch,) int.
+  """
+  normalize = lambda x: x * jax.lax.rsqrt(
+      jnp.maximum(jnp.sum(jnp.square(x), -1, keepdims=True), 1e-24))
+  a = normalize(a.astype(jnp.float32))
+  b = normalize(b.astype(jnp.float32))
+  logits = scale * jnp.einsum("id,jd->ij", a, b)
+  batch = a.shape[0]
+  # Candidates (columns, both ways) of weight 0 are excluded; a row's own
+  # partner never is, so every cross-entropy is finite.
+  excluded = (weight[None, :] <= 0) & ~jnp.eye(batch, dtype=bool)
+  if product_ids is not None:
+    same = product_ids[:, None] == product_ids[None, :]
+    excluded = excluded | (same & ~jnp.eye(batch, dtype=bool))
+  labels = jnp.arange(batch)
+  a_to_b = optax.softmax_cross_entropy_with_integer_labels(
+      jnp.where(excluded, _EXCLUDED_LOGIT, logits), labels)
+  b_to_a = optax.softmax_cross_entropy_with_integer_labels(
+      jnp.where(excluded, _EXCLUDED_LOGIT, logits.T), labels)
+  per_example = jnp.where(weight > 0, 0.5 * (a_to_b + b_to_a), 0.0)
+  return _weighted_mean(per_example, weight)
 
 
 def _gather(states: jax.Array, indices: jax.Array) -> jax.Array:
@@ -137,7 +209,8 @@ def pretraining_loss(model: ItemModel, batch: dict, keys: jax.Array,
     model: the ITEm model.
     batch: `title_ids` (batch, len) int, `image` (batch, H, W, C) float, and
       optionally `valid` (batch,) bool (padding examples weigh nothing) and
-      `product_id` (batch,) int (ITM: same-product pairs count as matched).
+      `product_id` (batch,) int (ITM: same-product pairs count as matched;
+      ITC: another listing of the same product is no negative).
     keys: (batch,) per-example PRNG keys (see masking.example_keys).
     dropout_key: enables dropout when given.
   Returns:
@@ -150,13 +223,21 @@ def pretraining_loss(model: ItemModel, batch: dict, keys: jax.Array,
   image, matched, example_weight = masked.image, masked.matched, masked.example_weight
   # Reconstruction is learnt on matched pairs only.
   reconstruction_weight = example_weight * matched.astype(jnp.float32)
+  dropout_keys = ([None] * 3 if dropout_key is None
+                  else list(jax.random.split(dropout_key, 3)))
 
-  encoded = model.encode(
-      masked.input_ids, image, title_mask=masked.title_mask,
-      masked_patches=None if patch_masking is None else patch_masking.masked,
-      dropout_key=dropout_key)
+  encoded = None
+  if active - {"itc"}:
+    encoded = model.encode(
+        masked.input_ids, image, title_mask=masked.title_mask,
+        masked_patches=None if patch_masking is None else patch_masking.masked,
+        dropout_key=dropout_keys[0])
 
   losses = {}
+  if "itc" in active:
+    losses.update(_itc_losses(model, batch, objectives, encoded,
+                              reconstruction_weight, example_weight,
+                              dropout_keys[1:]))
   if "itm" in active:
     logits = model.itm_logits(encoded.cls)
     per_example = optax.softmax_cross_entropy_with_integer_labels(
@@ -192,3 +273,41 @@ def pretraining_loss(model: ItemModel, batch: dict, keys: jax.Array,
   total = sum(objectives.weight(task) * losses[task] for task in TASKS
               if task in active)
   return total, {"loss": total, **losses}
+
+
+def _itc_losses(model: ItemModel, batch: dict, objectives: ObjectiveConfig,
+                encoded, joint_weight: jax.Array, example_weight: jax.Array,
+                dropout_keys) -> dict:
+  """ITC over `objectives.itc_pairs`: the mean of each pair's InfoNCE.
+
+  The title-only and image-only views are extra passes over the clean title
+  and image. The joint view is the main (masked, ITM re-paired) pass's
+  [CLS] when another task runs it, counting only matched pairs; otherwise a
+  clean joint pass.
+  """
+  pairs = objectives.itc_view_pairs()
+  needed = {view for pair in pairs for view in pair}
+  title_ids, image = batch["title_ids"], batch["image"]
+  views, weights = {}, {}
+  if "title" in needed:
+    views["title"] = model.encode(title_ids, None,
+                                  dropout_key=dropout_keys[0]).cls
+    weights["title"] = example_weight
+  if "image" in needed:
+    views["image"] = model.encode(None, image, dropout_key=dropout_keys[1]).cls
+    weights["image"] = example_weight
+  if "joint" in needed:
+    if encoded is None:
+      views["joint"] = model.encode(title_ids, image,
+                                    dropout_key=dropout_keys[0]).cls
+      weights["joint"] = example_weight
+    else:
+      views["joint"] = encoded.cls
+      weights["joint"] = joint_weight
+  scale = model.itc_scale()
+  per_pair = [contrastive_loss(views[a], views[b], scale,
+                               jnp.minimum(weights[a], weights[b]),
+                               batch.get("product_id"))
+              for a, b in pairs]
+  return {"itc": sum(per_pair) / len(per_pair),
+          "itc_temperature": 1.0 / scale}

@@ -40,6 +40,10 @@ class Checkpointer:
   def all_steps(self) -> list[int]:
     return list(self.manager.all_steps())
 
+  def should_save(self, step: int) -> bool:
+    """Whether `save(step, ...)` without `force` would save."""
+    return self.manager.should_save(step)
+
   def save(self, step: int, state, meta: dict, force: bool = False) -> bool:
     """Saves if `step` is due (or `force`); every process must call this."""
     saved = self.manager.save(

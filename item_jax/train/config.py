@@ -58,8 +58,11 @@ def base_config() -> ml_collections.ConfigDict:
       None, field_type=str)
 
   config.objectives = ml_collections.ConfigDict()
+  # The paper's five tasks at weight 1; ITC (image-text contrastive) off.
   for task in ("itm", "mlm", "mim", "gmlm", "gmim"):
     config.objectives[f"{task}_weight"] = 1.0
+  config.objectives.itc_weight = 0.0
+  config.objectives.itc_pairs = "title:image"
   config.objectives.token_mask_rate = 0.15
   config.objectives.patch_mask_ratio = 0.4
   config.objectives.patch_mask_block_size = 2

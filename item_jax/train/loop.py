@@ -17,7 +17,6 @@ from jax.experimental import multihost_utils
 
 from item_jax.data.indexed import IndexedSource
 from item_jax.data.tokenizer import load_tokenizer
-from item_jax.eval.evaluate import PeriodicRetrieval
 from item_jax.objectives import TokenSpec
 from item_jax.objectives.flops import training_flops_per_example
 from item_jax.train import checkpoint as checkpoint_lib
@@ -90,24 +89,29 @@ def _log_compiled(compiled, settings: TrainSettings, batch: int):
                  memory.temp_size_in_bytes / 2**20)
 
 
-def train(settings: TrainSettings, workdir: str, devices=None) -> list[dict]:
+def train(settings: TrainSettings, workdir: str, devices=None,
+          evaluator=None) -> list[dict]:
   """Runs (or resumes) pre-training in `workdir`.
 
   Returns the metrics written at each log step ({"step": ..., name: value}).
-  `devices` restricts the mesh to those devices (default: all). SIGTERM and
-  SIGUSR1 are caught from the start (a signal during restore or compilation
-  stops the run after its first step, with a checkpoint), not left to their
-  default action of killing the process.
+  `devices` restricts the mesh to those devices (default: all). `evaluator`,
+  when given, is called once as evaluator(settings, graphdef, param
+  shardings, mesh, metric writer) and the result after every step as
+  result(step, params) (e.g. `item_jax.eval.evaluate.PeriodicRetrieval`, which
+  acts every config.eval_every_steps). SIGTERM and SIGUSR1 are caught from
+  the start (a signal during restore or compilation stops the run after its
+  first step, with a checkpoint), not left to their default action of killing
+  the process.
   """
   stop = StopRequest().install()
   try:
-    return _train(settings, workdir, devices, stop)
+    return _train(settings, workdir, devices, stop, evaluator)
   finally:
     stop.uninstall()
 
 
 def _train(settings: TrainSettings, workdir: str, devices,
-           stop: StopRequest) -> list[dict]:
+           stop: StopRequest, evaluator) -> list[dict]:
   config = settings.config
   workdir = epath.Path(workdir)
   is_lead = jax.process_index() == 0
@@ -122,6 +126,9 @@ def _train(settings: TrainSettings, workdir: str, devices,
       workdir / "checkpoints", config.checkpoint_every_steps,
       config.keep_checkpoints)
   graphdef, state, state_shardings = None, None, None
+  # Metrics of the steps since the last log step: a checkpoint carries them,
+  # so a resumed run logs the windows an uninterrupted one does.
+  pending = []
   latest = checkpointer.latest_step()
   if latest is None:
     graphdef, state, state_shardings = sharding.create_train_state(
@@ -137,6 +144,7 @@ def _train(settings: TrainSettings, workdir: str, devices,
                       "%s/%s: the data order differs from the original run",
                       config.global_batch_size, config.seed,
                       meta["global_batch_size"], meta["seed"])
+    pending = _unpack_window(meta.get("pending_metrics"))
   start_step = int(state.step)
 
   process_batch = config.global_batch_size // jax.process_count()
@@ -166,10 +174,15 @@ def _train(settings: TrainSettings, workdir: str, devices,
     hooks.append(periodic_actions.Profile(
         logdir=str(workdir), first_profile=config.profile_start_step,
         num_profile_steps=config.profile_num_steps))
-  # Retrieval on a validation subset every config.eval_every_steps (0: never).
-  evaluate = PeriodicRetrieval(settings, graphdef, state_shardings.params, mesh,
-                               writer)
-  pending, history = [], []
+  if evaluator is not None:
+    evaluate = evaluator(settings, graphdef, state_shardings.params, mesh, writer)
+  else:
+    if config.eval_every_steps:
+      logging.warning("config.eval_every_steps=%d, but this caller passed no "
+                      "evaluator: no evaluation during training",
+                      config.eval_every_steps)
+    evaluate = lambda step, params: None
+  history = []
   meta = lambda step: {"step": step, "seed": config.seed,
                        "global_batch_size": config.global_batch_size,
                        "next_example_index": step * config.global_batch_size}
@@ -181,9 +194,10 @@ def _train(settings: TrainSettings, workdir: str, devices,
       for hook in hooks:
         hook(step)
       evaluate(step, state.params)
-      # The first step is logged too: it is the baseline losses fall from.
+      # A fresh run's first step is logged too: the baseline losses fall from.
+      # Windows end at multiples of log_every_steps, resumed or not.
       if (step % config.log_every_steps == 0 or step == config.total_steps
-          or step == start_step + 1):
+          or step == 1):
         scalars = _write_metrics(writer, step, pending, schedule, source)
         history.append({"step": step, **scalars})
         pending = []
@@ -194,8 +208,11 @@ def _train(settings: TrainSettings, workdir: str, devices,
               f"config.max_nonfinite_steps={config.max_nonfinite_steps}); no "
               "update was applied on them and no such state was checkpointed")
       preempted = stop.agreed() or checkpointer.reached_preemption(step)
-      checkpointer.save(step, state, meta(step),
-                        force=preempted or step == config.total_steps)
+      force = preempted or step == config.total_steps
+      step_meta = meta(step)
+      if pending and (force or checkpointer.should_save(step)):
+        step_meta["pending_metrics"] = _pack_window(pending)
+      checkpointer.save(step, state, step_meta, force=force)
       if preempted:
         logging.warning("stopping at step %d after a stop signal; resume with "
                         "the same command", step)
@@ -217,6 +234,21 @@ def prefetch_to_devices(local_batches, mesh, size: int = 2):
     if len(queue) > size:
       yield queue.popleft()
   yield from queue
+
+
+def _pack_window(pending: list) -> dict:
+  """The unlogged steps' metrics as JSON: {name: [value per step]}."""
+  window = jax.device_get(pending)
+  return {name: [float(m[name]) for m in window] for name in window[0]}
+
+
+def _unpack_window(packed: dict | None) -> list:
+  """`_pack_window`'s inverse, as float32 scalars like the step's outputs."""
+  if not packed:
+    return []
+  names = list(packed)
+  return [{name: np.float32(packed[name][i]) for name in names}
+          for i in range(len(packed[names[0]]))]
 
 
 def _write_metrics(writer, step: int, pending: list, schedule, source) -> dict:
