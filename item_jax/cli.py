@@ -4,6 +4,7 @@ import argparse
 import json
 import logging
 import os
+import pathlib
 import sys
 
 
@@ -14,21 +15,28 @@ def _quiet_tensorflow():
 
 def _demo(args, overrides):
   from item_jax.demo import run_demo
+  from item_jax.eval.report import recipes_table
   summary = run_demo(args.workdir, num_products=args.num_products,
                      seed=args.seed, overrides=overrides)
-  first, last = summary.get("first_step"), summary.get("last_step")
-  print(f"\nITEm demo in {summary['workdir']}")
-  if first and last:
+  print(f"\nITEm demo in {summary['workdir']}: the hard synthetic catalogue "
+        "(look-alike siblings meet in the test split)")
+  for name, recipe in summary["recipes"].items():
+    first, last = recipe.get("first_step"), recipe.get("last_step")
+    if not (first and last):
+      continue
+    print(f"\n{name} recipe ({pathlib.Path(recipe['config']).name})")
     print(f"{'task':<10}{'step ' + str(first['step']):>12}{'step ' + str(last['step']):>12}")
-    for task in ("loss", "itm", "mlm", "mim", "gmlm", "gmim"):
-      if task in last:
+    for task in ("loss", "itc", "itm", "mlm", "mim", "gmlm", "gmim"):
+      if task in last and task in first:
         print(f"{task:<10}{first[task]:>12.4f}{last[task]:>12.4f}")
-  from item_jax.eval.report import headline_table
-  print(f"\nEvaluation at step {summary['report']['meta']['step']} "
-        "(test split; k-NN and probe trained on the training split)")
-  print(headline_table(summary["report"], markdown=False))
-  print(f"report: {summary['eval'].get('markdown')}")
-  print(f"TensorBoard: tensorboard --logdir {summary['train_workdir']}")
+  steps = ", ".join(f"{name} at step {report['meta']['step']}"
+                    for name, report in summary["reports"].items())
+  print(f"\nEvaluation ({steps}; test split; k-NN and probe trained on the "
+        "training split)")
+  print(recipes_table(summary["reports"], markdown=False))
+  for name, recipe in summary["recipes"].items():
+    print(f"report ({name}): {recipe['eval'].get('markdown')}")
+  print(f"TensorBoard: tensorboard --logdir {summary['workdir']}")
 
 
 def _group_sizes(text: str) -> tuple[int, ...]:
@@ -271,8 +279,9 @@ def build_parser() -> argparse.ArgumentParser:
   _add_convert_parser(commands)
 
   demo = commands.add_parser(
-      "demo", help="synthetic catalogue -> prepare -> pre-train the tiny model "
-      "-> evaluate against baselines")
+      "demo", help="hard synthetic catalogue -> prepare -> pre-train the tiny "
+      "model (recommended recipe and the paper's) -> evaluate against baselines",
+      epilog="--config.* overrides apply to both recipes")
   demo.add_argument("--workdir", default="runs/demo")
   demo.add_argument("--num-products", type=int, default=1250)
   demo.add_argument("--seed", type=int, default=0)

@@ -1,5 +1,13 @@
-"""The embedded default end to end: synthetic catalogue → prepare → pre-train
-tiny → evaluate against the baselines.
+"""The embedded default end to end: the hard synthetic catalogue → prepare →
+pre-train two recipes → evaluate both against the baselines.
+
+The catalogue is `synth --group-sizes 5-8` prepared with `--split-by group`:
+look-alike sibling products (same leaf, same title words but for colour,
+pattern or model code) meet in the test split, so titles alone decide less
+(TF-IDF macro R@10 0.750 there) and the photo has to earn its place. Two
+recipes train on it: the recommended one (`configs/item_recommended.py`, the
+summary's `train_workdir` and `eval`) and the paper's five tasks
+(`configs/item_tiny.py`, under `train-paper`).
 
 Every stage writes under one work directory and is skipped when its output is
 already there, so an interrupted demo picks up where it stopped (training
@@ -15,35 +23,60 @@ from etils import epath
 
 from item_jax.data.prepare import prepare
 from item_jax.data.synth import synthesize
+from item_jax.eval.evaluate import PeriodicRetrieval
 from item_jax.eval.report import eval_command
 from item_jax.train.config import load_config, validate
 from item_jax.train.loop import train
 
-TINY_CONFIG = pathlib.Path(__file__).resolve().parents[1] / "configs" / "item_tiny.py"
+CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"
+# (name, config file, train workdir under the demo's): the first is the
+# recommended recipe, the one the summary names.
+RECIPES = (("recommended", CONFIGS / "item_recommended.py", "train"),
+           ("paper", CONFIGS / "item_tiny.py", "train-paper"))
+HARD_GROUP_SIZES = (5, 6, 7, 8)
 
 
 def run_demo(workdir: str, num_products: int = 1250, seed: int = 0,
-             overrides=()) -> dict:
-  """Runs every stage; returns a summary with the first and last losses, the
-  evaluation report and the paths of its files."""
+             overrides=(), group_sizes=HARD_GROUP_SIZES,
+             split_by: str = "group") -> dict:
+  """Runs every stage; returns a summary with each recipe's first and last
+  losses, evaluation report and the paths of its files."""
   root = epath.Path(workdir)
   catalogue, prepared = root / "catalogue", root / "prepared"
   if not (catalogue / "catalogue.csv").exists():
-    logging.info("demo: generating %d synthetic products", num_products)
-    synthesize(str(catalogue), num_products, seed=seed)
+    logging.info("demo: generating %d synthetic products (sibling groups of %s)",
+                 num_products, group_sizes)
+    synthesize(str(catalogue), num_products, seed=seed, group_sizes=group_sizes)
   if not (prepared / "dataset.json").exists():
-    logging.info("demo: preparing TFRecords")
+    logging.info("demo: preparing TFRecords (split by %s)", split_by)
     prepare(str(catalogue / "catalogue.csv"), str(catalogue / "images"),
-            str(prepared), num_shards=8, vocab_size=1000, seed=seed)
-  config = load_config(str(TINY_CONFIG),
-                       [f"--config.data.dir={prepared}", *overrides])
-  settings = validate(config, jax.device_count(), jax.process_count())
-  history = train(settings, str(root / "train"))
-  logging.info("demo: evaluating")
-  report, paths, _ = eval_command(str(root / "train"), str(prepared))
+            str(prepared), num_shards=8, vocab_size=1000, seed=seed,
+            split_by=split_by)
+  recipes = {}
+  for name, config_file, train_dir in RECIPES:
+    config = load_config(str(config_file),
+                         [f"--config.data.dir={prepared}", *overrides])
+    settings = validate(config, jax.device_count(), jax.process_count())
+    logging.info("demo: training the %s recipe (%s)", name, config_file.name)
+    history = train(settings, str(root / train_dir), evaluator=PeriodicRetrieval)
+    logging.info("demo: evaluating the %s recipe", name)
+    report, paths, _ = eval_command(str(root / train_dir), str(prepared))
+    recipes[name] = {"config": str(config_file),
+                     "train_workdir": str(root / train_dir), "eval": paths,
+                     "report": report}
+    if history:
+      recipes[name].update(first_step=history[0], last_step=history[-1])
+  recommended = recipes[RECIPES[0][0]]
   summary = {"workdir": str(root), "dataset": str(prepared / "dataset.json"),
-             "train_workdir": str(root / "train"), "eval": paths}
-  if history:
-    summary.update(first_step=history[0], last_step=history[-1])
+             "recipe": RECIPES[0][0],
+             "train_workdir": recommended["train_workdir"],
+             "eval": recommended["eval"],
+             "recipes": {name: {key: value for key, value in recipe.items()
+                                if key != "report"}
+                         for name, recipe in recipes.items()}}
+  for key in ("first_step", "last_step"):
+    if key in recommended:
+      summary[key] = recommended[key]
   (root / "summary.json").write_text(json.dumps(summary, indent=2))
-  return {**summary, "report": report}
+  return {**summary, "report": recommended["report"],
+          "reports": {name: recipe["report"] for name, recipe in recipes.items()}}

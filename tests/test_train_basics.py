@@ -225,3 +225,32 @@ def test_itc_negatives_span_the_global_batch_on_eight_devices():
   whole = float(contrastive_loss(title, image, scale, jnp.ones(16)))
   assert float(metrics_1["itc"]) == pytest.approx(whole, rel=1e-5)
   assert abs(whole - local) > 0.5
+
+
+def test_task_gradient_norms_are_each_tasks_own_gradient_on_due_steps():
+  import optax
+  from flax import nnx
+  from item_jax.objectives import example_keys, pretraining_loss
+  from item_jax.train.step import step_keys
+  config = tiny_config()
+  graphdef, params = init_model(config, seed=0)
+  optimizer = make_optimizer(OptimizerConfig(learning_rate=1e-3, warmup_steps=0,
+                                             total_steps=10))
+  objectives = ObjectiveConfig(itc_weight=1.0, mlm_weight=2.0)
+  step = jax.jit(make_train_step(graphdef, optimizer, objectives, TOKENS, seed=0,
+                                 task_gradient_every=2))
+  batch = dict(tiny_batch(batch=8), index=jnp.arange(8, dtype=jnp.int32))
+  state = init_train_state(params, optimizer)
+  first, metrics = step(state, batch)
+  mask_key, _ = step_keys(0, 0)
+  keys = example_keys(mask_key, batch["index"])
+  for task in ("itm", "mlm", "mim", "gmlm", "gmim", "itc"):
+    loss = lambda p: objectives.weight(task) * pretraining_loss(
+        nnx.merge(graphdef, p), batch, keys, objectives, TOKENS)[1][task]
+    expected = float(optax.global_norm(jax.grad(loss)(params)))
+    assert float(metrics[f"grad_norm_{task}"]) == pytest.approx(expected, rel=1e-4)
+  # Step 2 (state.step 1) is due, step 3 is not: zeros there.
+  second, due = step(first, batch)
+  _, not_due = step(second, batch)
+  assert float(due["grad_norm_itc"]) > 0
+  assert all(float(not_due[f"grad_norm_{t}"]) == 0 for t in ("itc", "mlm"))

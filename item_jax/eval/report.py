@@ -76,6 +76,20 @@ def headline_table(report: dict, markdown: bool = True) -> str:
        for entry in ENTRIES], markdown)
 
 
+def recipes_table(reports: dict, markdown: bool = True) -> str:
+  """Several recipes' three views on one catalogue, then the baselines (of
+  the first report: they do not depend on the recipe)."""
+  rows = []
+  for name, report in reports.items():
+    for view in ("both", "title", "image"):
+      rows.append([f"{name}: {LABELS[view]}",
+                   *(report[view][metric] for metric in HEADLINE)])
+  first = next(iter(reports.values()))
+  for entry in ("tfidf", "image_baseline", "random_init"):
+    rows.append([LABELS[entry], *(first[entry][metric] for metric in HEADLINE)])
+  return format_table(["", *HEADLINE_NAMES.values()], rows, markdown)
+
+
 def compare_table(reports: dict, markdown: bool = True) -> str:
   """The model's three views in several workdirs, side by side."""
   rows = []

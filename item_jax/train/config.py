@@ -25,6 +25,10 @@ def base_config() -> ml_collections.ConfigDict:
   config.total_steps = 100_000
   config.global_batch_size = 512
   config.log_every_steps = 100
+  # Also log each task's own gradient norm and its share of their sum
+  # (train/grad_norm_<task>, train/grad_share_<task>) at log steps: one extra
+  # backward pass per task on those steps.
+  config.log_task_gradients = False
   config.checkpoint_every_steps = 1000
   config.keep_checkpoints = 3
   # Gradient accumulation: the global batch is split into this many micro-batches.

@@ -156,7 +156,9 @@ def _train(settings: TrainSettings, workdir: str, devices,
   train_step = sharding.jit_train_step(
       make_train_step(graphdef, optimizer, settings.objectives,
                       _token_spec(settings), config.seed,
-                      config.grad_accumulation_steps),
+                      config.grad_accumulation_steps,
+                      task_gradient_every=(config.log_every_steps
+                                           if config.log_task_gradients else 0)),
       state_shardings, mesh)
   compiled = train_step.lower(
       state, source.abstract_global_batch(sharding.batch_sharding(mesh))).compile()
@@ -236,6 +238,9 @@ def prefetch_to_devices(local_batches, mesh, size: int = 2):
   yield from queue
 
 
+TASK_GRADIENT_PREFIX = "grad_norm_"
+
+
 def _pack_window(pending: list) -> dict:
   """The unlogged steps' metrics as JSON: {name: [value per step]}."""
   window = jax.device_get(pending)
@@ -255,7 +260,16 @@ def _write_metrics(writer, step: int, pending: list, schedule, source) -> dict:
   """Reads the window's device metrics (the only host sync) and writes them."""
   window = jax.device_get(pending)
   names = [name for name in window[0] if name != "nonfinite_streak"]
-  scalars = {name: float(np.mean([m[name] for m in window])) for name in names}
+  scalars = {name: float(np.mean([m[name] for m in window])) for name in names
+             if not name.startswith(TASK_GRADIENT_PREFIX)}
+  # Per-task gradient norms are computed on log steps only: the window's last.
+  task_norms = {name[len(TASK_GRADIENT_PREFIX):]: float(window[-1][name])
+                for name in names if name.startswith(TASK_GRADIENT_PREFIX)}
+  total_norm = sum(task_norms.values())
+  if total_norm > 0:  # 0: a window that ends off the log grid (the last step)
+    for task, norm in task_norms.items():
+      scalars[f"{TASK_GRADIENT_PREFIX}{task}"] = norm
+      scalars[f"grad_share_{task}"] = norm / total_norm
   scalars["max_nonfinite_streak"] = float(max(m["nonfinite_streak"] for m in window))
   scalars["nonfinite_steps"] = float(sum(m["nonfinite"] for m in window))
   scalars.pop("nonfinite")

@@ -1,4 +1,5 @@
-"""The pure training step: masks from a step-folded key, five losses, AdamW update.
+"""The pure training step: masks from a step-folded key, the weighted task
+losses, AdamW update.
 
 Parameters cross the JAX boundary as a plain `nnx.State` pytree (`nnx.split`),
 so the same trees go to jit, orbax and conversion. A step whose loss or
@@ -14,8 +15,8 @@ import optax
 from flax import nnx
 
 from item_jax.model import ItemModel, ModelConfig
-from item_jax.objectives import (ObjectiveConfig, TokenSpec, example_keys,
-                                 pretraining_loss)
+from item_jax.objectives import (TASKS, ObjectiveConfig, TokenSpec,
+                                 example_keys, pretraining_loss)
 
 
 class TrainState(NamedTuple):
@@ -61,7 +62,7 @@ def apply_update(optimizer: optax.GradientTransformation, grads, params,
 
 def make_train_step(graphdef, optimizer: optax.GradientTransformation,
                     objectives: ObjectiveConfig, tokens: TokenSpec, seed: int,
-                    accumulation_steps: int = 1):
+                    accumulation_steps: int = 1, task_gradient_every: int = 0):
   """Returns train_step(state, batch) -> (state, metrics), ready for jax.jit.
 
   Masks are drawn from fold_in(fold_in(seed, step), global example index), so
@@ -69,17 +70,37 @@ def make_train_step(graphdef, optimizer: optax.GradientTransformation,
   `title_ids`, `image` and `index` (global example indices), optionally
   `valid`. With accumulation_steps > 1 the batch is split into that many
   micro-batches whose gradients are averaged before one update.
+
+  With task_gradient_every = N > 0, every N-th step (and the first) also
+  reports `grad_norm_<task>`: the global norm of each active task's weighted
+  gradient alone, before clipping (one extra backward pass per task on those
+  steps only; 0 on the others). Their ratios say which task the clipped
+  update follows.
   """
-  def loss_and_grads(params, batch, mask_key, dropout_key):
+  active = [task for task in TASKS if objectives.weight(task) > 0]
+
+  def make_loss_fn(batch, mask_key, dropout_key):
     keys = example_keys(mask_key, batch["index"])
 
     def loss_fn(params):
       model = nnx.merge(graphdef, params)
       return pretraining_loss(model, batch, keys, objectives, tokens,
                               dropout_key=dropout_key)
+    return loss_fn
 
+  def loss_and_grads(params, batch, mask_key, dropout_key):
+    loss_fn = make_loss_fn(batch, mask_key, dropout_key)
     (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
     return metrics, grads
+
+  def task_gradient_norms(params, batch, mask_key, dropout_key):
+    loss_fn = make_loss_fn(batch, mask_key, dropout_key)
+    norms = {}
+    for task in active:
+      task_loss = lambda params, task=task: (
+          objectives.weight(task) * loss_fn(params)[1][task])
+      norms[f"grad_norm_{task}"] = optax.global_norm(jax.grad(task_loss)(params))
+    return norms
 
   def accumulated(params, batch, mask_key, dropout_key):
     micro = jax.tree.map(
@@ -111,6 +132,14 @@ def make_train_step(graphdef, optimizer: optax.GradientTransformation,
                                      state.opt_state, finite)
     streak = jnp.where(finite, 0, state.nonfinite_streak + 1)
     metrics["grad_norm"] = grad_norm
+    if task_gradient_every:
+      due = (state.step % task_gradient_every == task_gradient_every - 1) | (
+          state.step == 0)
+      zeros = {f"grad_norm_{task}": jnp.zeros((), jnp.float32) for task in active}
+      metrics.update(jax.lax.cond(
+          due, lambda: task_gradient_norms(state.params, batch, mask_key,
+                                           dropout_key),
+          lambda: zeros))
     metrics["nonfinite"] = (~finite).astype(jnp.float32)
     metrics["nonfinite_streak"] = streak
     return TrainState(state.step + 1, params, opt_state, streak), metrics
