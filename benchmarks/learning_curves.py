@@ -8,8 +8,13 @@
       --steps 3000 --eval-at 0,500,1000,2000,3000 --seeds 0,1,2 \
       --output runs/curves
 
-A recipe is `NAME=CONFIG[:ARG] [--config.field=value ...]`; its config's
-schedule is stretched to `--steps` (warmup kept). Each (catalogue, recipe,
+A recipe is `NAME=CONFIG[:ARG] [--config.field=value ...] [--init-from=WORKDIR]`;
+its config's schedule is stretched to `--steps` (warmup kept); `--init-from`
+starts from that workdir's latest checkpoint's parameters (e.g. a converted
+BERT's step 0, with `configs/item_converted.py:WORKDIR`) with a fresh
+optimizer state. A recipe may carry its own `--data NAME=DIR` (a catalogue
+prepared with another tokenizer): it then runs on that catalogue only, under
+that name. Each (catalogue, recipe,
 seed) trains in memory on one device with the real jitted step (the masks,
 optimizer and schedule of `item-jax train`, no checkpoints) and, at each
 `--eval-at` step (0: before any update), scores the test split: macro R@10 of
@@ -70,7 +75,8 @@ def score(model, train: dict, test: dict, num_classes: int) -> dict:
 
 
 def run_one(config_spec: str, overrides: list, data_dir: str, splits: dict,
-            seed: int, steps: int, eval_at: set, log) -> list[dict]:
+            seed: int, steps: int, eval_at: set, log,
+            init_from: str | None = None) -> list[dict]:
   config = load_config(config_spec, [*overrides, f"--config.data.dir={data_dir}",
                                      f"--config.seed={seed}",
                                      f"--config.total_steps={steps}"])
@@ -81,6 +87,14 @@ def run_one(config_spec: str, overrides: list, data_dir: str, splits: dict,
                      tokenizer.special_ids)
   optimizer = make_optimizer(settings.optimizer)
   graphdef, params = init_model(settings.model, config.seed)
+  if init_from:
+    from item_jax.convert.workdir import restore_workdir
+    restored = jax.device_get(restore_workdir(init_from).state.params)
+    shape = lambda tree: jax.tree.map(np.shape, tree)
+    if shape(restored) != shape(params):
+      raise SystemExit(f"--init-from={init_from}: its parameters do not fit the "
+                       f"recipe's model (use configs/item_converted.py:{init_from})")
+    params = restored
   train, test = splits["train"], splits["test"]
   num_classes = len(dataset["categories"])
   points = []
@@ -181,7 +195,7 @@ def plot(rows: list[dict], path: pathlib.Path):
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--data", action="append", required=True,
+  parser.add_argument("--data", action="append", default=[],
                       metavar="NAME=DIR", help="a `prepare` output folder")
   parser.add_argument("--recipe", action="append", required=True,
                       metavar="NAME=CONFIG [OVERRIDES]")
@@ -196,7 +210,14 @@ def main():
   for text in args.recipe:
     name, spec = parse_named(text, "recipe")
     config_spec, *overrides = shlex.split(spec)
-    recipes.append((name, config_spec, overrides))
+    options = {key: [o.split("=", 1)[1] for o in overrides
+                     if o.startswith(f"--{key}=")] for key in ("init-from", "data")}
+    overrides = [o for o in overrides
+                 if not o.startswith(("--init-from=", "--data="))]
+    recipes.append((name, config_spec, overrides,
+                    (options["init-from"] or [None])[0],
+                    parse_named(options["data"][0], "data")
+                    if options["data"] else None))
   eval_at = {int(s) for s in args.eval_at.split(",") if s} or {0, args.steps}
   eval_at.add(args.steps)
   seeds = [int(s) for s in args.seeds.split(",")]
@@ -210,9 +231,14 @@ def main():
     log_file.flush()
 
   rows = []
-  for catalogue, data_dir in datas:
+  own = [recipe[4] for recipe in recipes if recipe[4]]
+  for catalogue, data_dir in list(dict.fromkeys(datas + own)):
     splits, shapes = {}, None
-    for name, config_spec, overrides in recipes:
+    for name, config_spec, overrides, init_from, recipe_data in recipes:
+      runs_here = (recipe_data == (catalogue, data_dir) if recipe_data
+                   else (catalogue, data_dir) in datas)
+      if not runs_here:
+        continue
       config = load_config(config_spec, [*overrides, f"--config.data.dir={data_dir}"])
       wanted = (config.model.image_size, config.data.max_title_len, config.data.resize)
       if wanted != shapes:
@@ -227,7 +253,7 @@ def main():
         log(f"{catalogue} / {name} / seed {seed}")
         started = time.perf_counter()
         for point in run_one(config_spec, overrides, data_dir, splits, seed,
-                             args.steps, eval_at, log):
+                             args.steps, eval_at, log, init_from):
           rows.append({"catalogue": catalogue, "recipe": name, "seed": seed, **point})
         log(f"  {time.perf_counter() - started:.0f} s")
         (output / "curves.json").write_text(json.dumps(rows, indent=1))

@@ -254,3 +254,28 @@ def test_task_gradient_norms_are_each_tasks_own_gradient_on_due_steps():
   _, not_due = step(second, batch)
   assert float(due["grad_norm_itc"]) > 0
   assert all(float(not_due[f"grad_norm_{t}"]) == 0 for t in ("itc", "mlm"))
+
+
+def test_text_learning_rate_scale_slows_only_the_text_side():
+  from item_jax.train.optimizer import is_text_side
+  graphdef, params = init_model(tiny_config(), seed=0)
+  grads = jax.tree.map(jnp.ones_like, params)
+  moved = {}
+  for scale in (1.0, 0.1):
+    optimizer = make_optimizer(OptimizerConfig(
+        learning_rate=1e-2, warmup_steps=0, total_steps=10, weight_decay=0.0,
+        text_learning_rate_scale=scale))
+    updates, _ = optimizer.update(grads, optimizer.init(params), params)
+    moved[scale] = {
+        ".".join(str(getattr(k, "key", k)) for k in path
+                 if str(getattr(k, "key", k)) not in ("", "value")): np.abs(u).max()
+        for path, u in jax.tree_util.tree_flatten_with_path(updates)[0]}
+  assert is_text_side("layers.0.attention.key.kernel")
+  assert is_text_side("mlm_bias") and not is_text_side("gmlm_bias")
+  assert not is_text_side("embeddings.patch_embedding.kernel")
+  for name, full in moved[1.0].items():
+    expected = full * (0.1 if is_text_side(name) else 1.0)
+    assert moved[0.1][name] == pytest.approx(expected, rel=1e-5), name
+  assert sum(map(is_text_side, moved[1.0])) > 10
+  with pytest.raises(ValueError, match="text_learning_rate_scale"):
+    OptimizerConfig(text_learning_rate_scale=0.0)

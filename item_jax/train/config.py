@@ -83,6 +83,8 @@ def base_config() -> ml_collections.ConfigDict:
   config.optimizer.b2 = 0.999
   config.optimizer.eps = 1e-6
   config.optimizer.grad_clip_norm = 1.0
+  # < 1: the pretrained text side learns slower than the fresh image side.
+  config.optimizer.text_learning_rate_scale = 1.0
 
   # Device mesh: one axis may be -1 (all remaining devices).
   config.mesh = ml_collections.ConfigDict()

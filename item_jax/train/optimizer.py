@@ -22,6 +22,15 @@ class OptimizerConfig:
   b2: float = 0.999
   eps: float = 1e-6
   grad_clip_norm: float = 1.0    # 0 disables clipping
+  # Multiplies the learning rate of the text side a BERT checkpoint sets
+  # (TEXT_SIDE: word, title-position and type embeddings, [CLS], the
+  # embedding LayerNorm, every encoder layer, the pooler, the MLM head)
+  # against the rest (the image side, ITEm's other heads): below 1 keeps a
+  # converted text side while the fresh image side learns at the full rate.
+  # 1 adds nothing to the optimizer state; another value adds an empty state
+  # entry, so convert with the recipe's config (`convert hf-bert --config`)
+  # to resume a converted workdir under it.
+  text_learning_rate_scale: float = 1.0
 
   def __post_init__(self):
     if self.decay not in ("cosine", "linear"):
@@ -32,6 +41,8 @@ class OptimizerConfig:
       raise ValueError("optimizer.warmup_steps must be in [0, total_steps]")
     if self.learning_rate <= 0:
       raise ValueError("optimizer.learning_rate must be > 0")
+    if self.text_learning_rate_scale <= 0:
+      raise ValueError("optimizer.text_learning_rate_scale must be > 0")
 
 
 def learning_rate_schedule(config: OptimizerConfig) -> optax.Schedule:
@@ -53,10 +64,41 @@ def weight_decay_mask(params):
   return jax.tree.map(lambda p: p.ndim >= 2, params)
 
 
+# Parameter-name prefixes of the text side (what `convert hf-bert` sets).
+TEXT_SIDE = ("embeddings.word_embeddings", "embeddings.title_position_embeddings",
+             "embeddings.type_embeddings", "embeddings.cls_token",
+             "embeddings.norm", "layers", "pooler", "mlm_")
+
+
+def _path_name(path) -> str:
+  keys = [str(getattr(key, "key", getattr(key, "idx", key))) for key in path]
+  return ".".join(key for key in keys if key not in ("", "value"))
+
+
+def is_text_side(name: str) -> bool:
+  return any(name == prefix or name.startswith(prefix if prefix.endswith("_")
+                                                else prefix + ".")
+             for prefix in TEXT_SIDE)
+
+
+def scale_text_side(factor: float) -> optax.GradientTransformation:
+  """Multiplies the updates of TEXT_SIDE parameters by `factor` (stateless)."""
+  def update(updates, state, params=None):
+    del params
+    scaled = jax.tree_util.tree_map_with_path(
+        lambda path, u: u * factor if is_text_side(_path_name(path)) else u,
+        updates)
+    return scaled, state
+  return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+
+
 def make_optimizer(config: OptimizerConfig) -> optax.GradientTransformation:
   adamw = optax.adamw(learning_rate_schedule(config), b1=config.b1, b2=config.b2,
                       eps=config.eps, weight_decay=config.weight_decay,
                       mask=weight_decay_mask)
+  parts = [adamw]
+  if config.text_learning_rate_scale != 1.0:
+    parts.append(scale_text_side(config.text_learning_rate_scale))
   if config.grad_clip_norm > 0:
-    return optax.chain(optax.clip_by_global_norm(config.grad_clip_norm), adamw)
-  return adamw
+    parts.insert(0, optax.clip_by_global_norm(config.grad_clip_norm))
+  return parts[0] if len(parts) == 1 else optax.chain(*parts)
