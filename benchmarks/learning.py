@@ -74,6 +74,21 @@ def embeddings(model, test: dict, batch: int = 256) -> dict:
   return out
 
 
+def training_batches(train: dict, batch_size: int, steps: int, seed: int):
+  """The in-memory training batches of `steps` steps: epochs of a seeded
+  permutation, each example's global index as the step's mask key input."""
+  count = len(train["title_ids"])
+  rng = np.random.default_rng(seed)
+  order = np.concatenate([rng.permutation(count)
+                          for _ in range(steps * batch_size // count + 1)])
+  for index in range(steps):
+    rows = order[index * batch_size:(index + 1) * batch_size]
+    yield {"title_ids": train["title_ids"][rows], "image": train["image"][rows],
+           "valid": np.ones(batch_size, bool),
+           "index": np.arange(index * batch_size, (index + 1) * batch_size,
+                              dtype=np.int32)}
+
+
 def unigram_log_frequencies(title_ids: np.ndarray, vocab_size: int,
                             special_ids) -> np.ndarray:
   """log p(piece) over the titles' pieces, specials excluded (add-0.1 smoothed)."""
@@ -147,17 +162,11 @@ def main():
                                  config.seed, config.grad_accumulation_steps),
                  donate_argnums=0)
 
-  size, count = config.global_batch_size, len(train["title_ids"])
-  rng = np.random.default_rng(config.seed)
-  order = np.concatenate([rng.permutation(count)
-                          for _ in range(config.total_steps * size // count + 1)])
+  size = config.global_batch_size
   first, window = None, []
   start = time.perf_counter()
-  for index in range(config.total_steps):
-    rows = order[index * size:(index + 1) * size]
-    batch = {"title_ids": train["title_ids"][rows], "image": train["image"][rows],
-             "valid": np.ones(size, bool),
-             "index": np.arange(index * size, (index + 1) * size, dtype=np.int32)}
+  for index, batch in enumerate(training_batches(train, size, config.total_steps,
+                                                 config.seed)):
     state, step_metrics = step(state, batch)
     window.append(step_metrics)
     number = index + 1

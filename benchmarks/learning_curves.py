@@ -41,7 +41,7 @@ from etils import epath
 from flax import nnx
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from learning import embeddings, load_split  # noqa: E402  (the sibling script)
+from learning import embeddings, load_split, training_batches  # noqa: E402  (the sibling script)
 
 from item_jax.data.tokenizer import load_tokenizer  # noqa: E402
 from item_jax.eval import metrics  # noqa: E402
@@ -113,16 +113,9 @@ def run_one(config_spec: str, overrides: list, data_dir: str, splits: dict,
                                     tokens, config.seed,
                                     config.grad_accumulation_steps),
                     donate_argnums=0)
-  size, count = config.global_batch_size, len(train["title_ids"])
-  rng = np.random.default_rng(config.seed)
-  order = np.concatenate([rng.permutation(count)
-                          for _ in range(steps * size // count + 1)])
   window, started = [], time.perf_counter()
-  for index in range(steps):
-    rows = order[index * size:(index + 1) * size]
-    batch = {"title_ids": train["title_ids"][rows], "image": train["image"][rows],
-             "valid": np.ones(size, bool),
-             "index": np.arange(index * size, (index + 1) * size, dtype=np.int32)}
+  for index, batch in enumerate(training_batches(
+      train, config.global_batch_size, steps, config.seed)):
     state, step_metrics = step_fn(state, batch)
     window.append(step_metrics)
     number = index + 1
