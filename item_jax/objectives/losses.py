@@ -223,21 +223,22 @@ def pretraining_loss(model: ItemModel, batch: dict, keys: jax.Array,
   image, matched, example_weight = masked.image, masked.matched, masked.example_weight
   # Reconstruction is learnt on matched pairs only.
   reconstruction_weight = example_weight * matched.astype(jnp.float32)
-  dropout_keys = ([None] * 3 if dropout_key is None
-                  else list(jax.random.split(dropout_key, 3)))
+  # The joint pass keeps the step's dropout key; ITC's passes fold in theirs.
+  itc_dropout_keys = ((None, None) if dropout_key is None else
+                      tuple(jax.random.fold_in(dropout_key, i) for i in (1, 2)))
 
   encoded = None
   if active - {"itc"}:
     encoded = model.encode(
         masked.input_ids, image, title_mask=masked.title_mask,
         masked_patches=None if patch_masking is None else patch_masking.masked,
-        dropout_key=dropout_keys[0])
+        dropout_key=dropout_key)
 
   losses = {}
   if "itc" in active:
     losses.update(_itc_losses(model, batch, objectives, encoded,
                               reconstruction_weight, example_weight,
-                              dropout_keys[1:]))
+                              dropout_key, itc_dropout_keys))
   if "itm" in active:
     logits = model.itm_logits(encoded.cls)
     per_example = optax.softmax_cross_entropy_with_integer_labels(
@@ -277,7 +278,7 @@ def pretraining_loss(model: ItemModel, batch: dict, keys: jax.Array,
 
 def _itc_losses(model: ItemModel, batch: dict, objectives: ObjectiveConfig,
                 encoded, joint_weight: jax.Array, example_weight: jax.Array,
-                dropout_keys) -> dict:
+                joint_dropout_key, dropout_keys) -> dict:
   """ITC over `objectives.itc_pairs`: the mean of each pair's InfoNCE.
 
   The title-only and image-only views are extra passes over the clean title
@@ -299,7 +300,7 @@ def _itc_losses(model: ItemModel, batch: dict, objectives: ObjectiveConfig,
   if "joint" in needed:
     if encoded is None:
       views["joint"] = model.encode(title_ids, image,
-                                    dropout_key=dropout_keys[0]).cls
+                                    dropout_key=joint_dropout_key).cls
       weights["joint"] = example_weight
     else:
       views["joint"] = encoded.cls
