@@ -291,7 +291,7 @@ def test_itc_is_a_sixth_task_off_by_default_with_a_learnable_temperature():
   assert float(total) == pytest.approx(
       float(paper["loss"]) + 2.0 * float(metrics["itc"]), rel=1e-5)
   grads = nnx.grad(lambda m: _loss(m, batch, objectives)[0])(model)
-  assert float(jnp.abs(grads.itc_logit_scale[...])) > 0
+  assert float(jnp.abs(grads.itc_logit_scale[0])) > 0
   only_itc = ObjectiveConfig(**{f"{task}_weight": 0.0 for task in PAPER_TASKS},
                              itc_weight=1.0)
   total, metrics = _loss(model, batch, only_itc)

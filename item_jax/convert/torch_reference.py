@@ -153,7 +153,7 @@ class ItemTorch(nn.Module):
     self.cls.gmim.transform = HeadTransform(2 * hidden, hidden, eps)
     self.cls.gmim.decoder = nn.Linear(hidden, config.patch_dim)
     self.cls.itc = nn.Module()
-    self.cls.itc.logit_scale = nn.Parameter(torch.tensor(ITC_INITIAL_LOGIT_SCALE))
+    self.cls.itc.logit_scale = nn.Parameter(torch.tensor([ITC_INITIAL_LOGIT_SCALE]))
     self.dropout = nn.Dropout(config.dropout_rate)
 
   def encode(self, title_ids=None, pixel_values=None, title_mask=None,
@@ -180,7 +180,7 @@ class ItemTorch(nn.Module):
             None if pixel_values is None else x[:, 1 + title_len:])
 
   def itc_scale(self) -> torch.Tensor:
-    return torch.exp(self.cls.itc.logit_scale.clamp(max=ITC_MAX_LOGIT_SCALE))
+    return torch.exp(self.cls.itc.logit_scale.clamp(max=ITC_MAX_LOGIT_SCALE)[0])
 
   def itm_logits(self, cls: torch.Tensor) -> torch.Tensor:
     return self.cls.itm(torch.tanh(self.bert.pooler.dense(cls)))

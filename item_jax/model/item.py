@@ -137,9 +137,11 @@ class ItemModel(nnx.Module):
     self.gmim_norm = norm()
     self.gmim_decoder = dense(hidden, config.patch_dim, ("embed", "patch"))
     # ITC: the learnable logit scale (inverse temperature, as a log) of the
-    # image-text contrastive task, CLIP's start of 1 / 0.07.
+    # image-text contrastive task, CLIP's start of 1 / 0.07. Shape (1,), not
+    # (): safetensors stores no 0-d tensors.
     self.itc_logit_scale = param(
-        rngs, jax.nn.initializers.constant(ITC_INITIAL_LOGIT_SCALE), (), ())
+        rngs, jax.nn.initializers.constant(ITC_INITIAL_LOGIT_SCALE), (1,),
+        ("scalar",))
 
   def encode(self, title_ids: jax.Array | None = None,
              image: jax.Array | None = None, *,
@@ -197,7 +199,7 @@ class ItemModel(nnx.Module):
 
   def itc_scale(self) -> jax.Array:
     """The contrastive logits' multiplier exp(logit scale), at most 100."""
-    return jnp.exp(jnp.minimum(self.itc_logit_scale[...], ITC_MAX_LOGIT_SCALE))
+    return jnp.exp(jnp.minimum(self.itc_logit_scale[0], ITC_MAX_LOGIT_SCALE))
 
   def itm_logits(self, cls: jax.Array) -> jax.Array:
     """(batch, hidden) -> (batch, 2) logits: [no match, match]."""

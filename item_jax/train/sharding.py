@@ -37,6 +37,7 @@ LOGICAL_AXIS_RULES = {
     "type": None,
     "patch": None,
     "classes": None,
+    "scalar": None,
 }
 
 
