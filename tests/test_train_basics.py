@@ -191,9 +191,12 @@ def test_itc_negatives_span_the_global_batch_on_eight_devices():
   from item_jax.objectives import contrastive_loss
   from item_jax.train import sharding
   config = tiny_config()
-  optimizer = make_optimizer(OptimizerConfig(learning_rate=1e-3, warmup_steps=0,
-                                             total_steps=10))
-  objectives = ObjectiveConfig(itc_weight=1.0, mim_weight=0.5)
+  import optax
+  # Plain SGD at rate 1: the update is the gradient itself (Adam's first
+  # step would turn round-off in near-zero gradients into whole steps).
+  optimizer = optax.sgd(1.0)
+  objectives = ObjectiveConfig(itc_weight=1.0, mim_weight=0.5, itm_weight=0.0,
+                               mlm_weight=0.0, gmlm_weight=0.0, gmim_weight=0.0)
   step_fn = make_train_step(init_model(config, 0)[0], optimizer, objectives,
                             TOKENS, seed=0)
   host_batch = {name: np.asarray(value)
@@ -212,7 +215,7 @@ def test_itc_negatives_span_the_global_batch_on_eight_devices():
   assert float(metrics_8["itc"]) == pytest.approx(float(metrics_1["itc"]), rel=1e-5)
   assert float(metrics_8["loss"]) == pytest.approx(float(metrics_1["loss"]), rel=1e-5)
   for a, b in zip(jax.tree.leaves(params_1), jax.tree.leaves(params_8)):
-    np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-6)
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
   # What per-device negatives would give: 8 contrastive losses over 2 rows.
   graphdef, params = init_model(config, 0)
   from flax import nnx
