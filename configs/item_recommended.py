@@ -2,9 +2,11 @@
 paper's masked-word tasks (MLM, GMLM); the tiny model and schedule of
 `configs/item_tiny.py` (the paper's five tasks), more steps.
 
-What it is for: embeddings that beat the untrained model, the colour
-histogram and their own single-modality views within minutes of a CPU (the
-demo), and keep improving with steps. The paper's recipe alone first makes
+What it is for: embeddings that beat the untrained model and the colour
+histogram within minutes of a CPU (the demo: title + image macro R@10 0.544
+against 0.049 untrained on the hard split; the joint view is level with the
+title-only view across seeds), and keep improving with steps (0.698 at
+8,000). The paper's recipe alone first makes
 the embeddings worse: MLM sits at the unigram plateau and ITM at chance for
 thousands of steps, and at weight 1 their gradients drown a contrastive term
 under the global-norm clip (BENCHMARKS.md, "Embeddings worth using").
