@@ -12,9 +12,8 @@ A recipe is `NAME=CONFIG[:ARG] [--config.field=value ...] [--init-from=WORKDIR]`
 its config's schedule is stretched to `--steps` (warmup kept); `--init-from`
 starts from that workdir's latest checkpoint's parameters (e.g. a converted
 BERT's step 0, with `configs/item_converted.py:WORKDIR`) with a fresh
-optimizer state. A recipe may carry its own `--data NAME=DIR` (a catalogue
-prepared with another tokenizer): it then runs on that catalogue only, under
-that name. Each (catalogue, recipe,
+optimizer state (a catalogue prepared with that checkpoint's tokenizer is a
+run of its own: `--data` accepts any prepared folder). Each (catalogue, recipe,
 seed) trains in memory on one device with the real jitted step (the masks,
 optimizer and schedule of `item-jax train`, no checkpoints) and, at each
 `--eval-at` step (0: before any update), scores the test split: macro R@10 of
@@ -137,10 +136,9 @@ def summarise(rows: list[dict]) -> str:
   lines = ["| catalogue | recipe | step | seeds | both R@10 | title R@10 | "
            "image R@10 | probe acc. |", "| --- | --- | ---: | ---: | --- | --- "
            "| --- | --- |"]
-  keys = sorted({(r["catalogue"], r["recipe"], r["step"]) for r in rows},
-                key=lambda k: (k[0], k[1], k[2]))
   order = {name: i for i, name in enumerate(dict.fromkeys(r["recipe"] for r in rows))}
-  keys.sort(key=lambda k: (k[0], order[k[1]], k[2]))
+  keys = sorted({(r["catalogue"], r["recipe"], r["step"]) for r in rows},
+                key=lambda k: (k[0], order[k[1]], k[2]))
   for catalogue, recipe, step in keys:
     group = [r for r in rows if (r["catalogue"], r["recipe"], r["step"])
              == (catalogue, recipe, step)]
@@ -188,7 +186,7 @@ def plot(rows: list[dict], path: pathlib.Path):
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--data", action="append", default=[],
+  parser.add_argument("--data", action="append", required=True,
                       metavar="NAME=DIR", help="a `prepare` output folder")
   parser.add_argument("--recipe", action="append", required=True,
                       metavar="NAME=CONFIG [OVERRIDES]")
@@ -203,14 +201,10 @@ def main():
   for text in args.recipe:
     name, spec = parse_named(text, "recipe")
     config_spec, *overrides = shlex.split(spec)
-    options = {key: [o.split("=", 1)[1] for o in overrides
-                     if o.startswith(f"--{key}=")] for key in ("init-from", "data")}
-    overrides = [o for o in overrides
-                 if not o.startswith(("--init-from=", "--data="))]
-    recipes.append((name, config_spec, overrides,
-                    (options["init-from"] or [None])[0],
-                    parse_named(options["data"][0], "data")
-                    if options["data"] else None))
+    init_from = [o.split("=", 1)[1] for o in overrides
+                 if o.startswith("--init-from=")]
+    overrides = [o for o in overrides if not o.startswith("--init-from=")]
+    recipes.append((name, config_spec, overrides, (init_from or [None])[0]))
   eval_at = {int(s) for s in args.eval_at.split(",") if s} or {0, args.steps}
   eval_at.add(args.steps)
   seeds = [int(s) for s in args.seeds.split(",")]
@@ -224,14 +218,9 @@ def main():
     log_file.flush()
 
   rows = []
-  own = [recipe[4] for recipe in recipes if recipe[4]]
-  for catalogue, data_dir in list(dict.fromkeys(datas + own)):
+  for catalogue, data_dir in datas:
     splits, shapes = {}, None
-    for name, config_spec, overrides, init_from, recipe_data in recipes:
-      runs_here = (recipe_data == (catalogue, data_dir) if recipe_data
-                   else (catalogue, data_dir) in datas)
-      if not runs_here:
-        continue
+    for name, config_spec, overrides, init_from in recipes:
       config = load_config(config_spec, [*overrides, f"--config.data.dir={data_dir}"])
       wanted = (config.model.image_size, config.data.max_title_len, config.data.resize)
       if wanted != shapes:
