@@ -100,6 +100,17 @@ def test_a_half_written_checkpoint_is_ignored(reference_run, tmp_path):
   checkpointer.close()
 
 
+def test_checkpoints_are_saved_only_when_due_or_forced(tmp_path):
+  checkpointer = checkpoint_lib.Checkpointer(tmp_path / "checkpoints", 3, 10)
+  state = {"w": np.arange(4, dtype=np.float32)}
+  saved = [step for step in range(1, 8)
+           if checkpointer.save(step, state, {"step": step}, force=step == 7)]
+  checkpointer.close()
+  # No extra save at the first step: a run that stops at step k before its
+  # first interval leaves exactly one checkpoint.
+  assert saved == [3, 6, 7]
+
+
 def _train_command(data_dir, workdir, *overrides):
   return [sys.executable, "-m", "item_jax", "train",
           "--config", "configs/item_tiny.py:runlocal", "--workdir", str(workdir),

@@ -24,9 +24,15 @@ class Checkpointer:
     # Orbax needs absolute paths; gs:// and other URLs already are.
     self.directory = epath.Path(directory if "://" in directory
                                 else os.path.abspath(directory))
+    # Every `every_steps`, or at the cluster's preemption notice; not orbax's
+    # default extra save at the first step, which would write a checkpoint
+    # nobody asked for (and one more than `keep` counts on).
+    policies = ocp.checkpoint_managers
     options = ocp.CheckpointManagerOptions(
-        save_interval_steps=every_steps, max_to_keep=keep, create=True,
-        enable_async_checkpointing=async_saves)
+        save_decision_policy=policies.AnySavePolicy([
+            policies.FixedIntervalPolicy(every_steps),
+            policies.PreemptionCheckpointingPolicy()]),
+        max_to_keep=keep, create=True, enable_async_checkpointing=async_saves)
     # Handlers named up front (not just item names) let `saved_shapes` read a
     # step's metadata before anything is restored.
     self.manager = ocp.CheckpointManager(
