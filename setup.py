@@ -20,8 +20,10 @@ INSTALL_REQUIRES = [
     "ml-collections==1.1.0",
     "etils[epath]==1.15.0",
     "pillow==13.0.0",
-    # Evaluation: the TF-IDF baseline's sparse matrices, the report's plots.
+    # Evaluation: the TF-IDF baseline's sparse matrices and classifiers, the
+    # report's plots.
     "scipy==1.17.1",
+    "scikit-learn==1.9.1",
     "matplotlib==3.11.2",
 ]
 
@@ -34,7 +36,10 @@ TORCH_STACK = ["torch==2.13.0", "safetensors==0.8.0", "tokenizers==0.23.3",
                "transformers==5.18.0"]
 
 EXTRAS_REQUIRE = {
-    "test": ["pytest==9.2.0", "pytest-timeout==2.4.0", *TORCH_STACK],
+    # sentence-transformers: the reference the MiniLM baseline is checked
+    # against (tests only; the baseline itself runs on our own encoder).
+    "test": ["pytest==9.2.0", "pytest-timeout==2.4.0", *TORCH_STACK,
+             "sentence-transformers==6.2.0"],
     "torch": TORCH_STACK,
     # benchmarks/retrieval.py compares exact search with faiss.
     "bench": ["faiss-cpu==1.15.1"],
