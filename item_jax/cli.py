@@ -60,15 +60,19 @@ def _synth(args):
 def _prepare(args):
   from item_jax.data.catalogue import parse_column_mapping
   from item_jax.data.prepare import prepare
+  images = args.images or os.path.dirname(os.path.abspath(args.catalogue))
   summary = prepare(
-      args.catalogue, args.images, args.output, num_shards=args.num_shards,
+      args.catalogue, images, args.output, num_shards=args.num_shards,
       vocab_size=args.vocab_size, tokenizer_model=args.tokenizer,
       columns=parse_column_mapping(args.columns) if args.columns else None,
       seed=args.seed, max_image_side=args.max_image_side,
-      num_workers=args.workers, lowercase=not args.cased, split_by=args.split_by)
+      num_workers=args.workers, lowercase=not args.cased, split_by=args.split_by,
+      modalities=args.modalities)
   counts = {split: info["count"] for split, info in summary["splits"].items()}
-  print(f"prepared {counts} listings into {args.output}; skipped rows and "
-        f"their reasons are in {args.output}/dataset.json")
+  kinds = ", ".join(f"{count} {kind.replace('_', ' ')}"
+                    for kind, count in summary["listings"].items() if count)
+  print(f"prepared {counts} listings ({kinds}) into {args.output}; skipped "
+        f"rows and their reasons are in {args.output}/dataset.json")
 
 
 def _train(args, overrides):
@@ -197,7 +201,9 @@ def build_parser() -> argparse.ArgumentParser:
   prepare = commands.add_parser(
       "prepare", help="catalogue + images -> tokenizer and sharded TFRecords")
   prepare.add_argument("--catalogue", required=True, help="CSV or JSONL file")
-  prepare.add_argument("--images", required=True, help="folder of image files")
+  prepare.add_argument("--images", default=None,
+                       help="folder the image column's paths are relative to "
+                       "(default: the catalogue's folder)")
   prepare.add_argument("--output", required=True)
   prepare.add_argument("--num-shards", type=int, default=8)
   prepare.add_argument("--vocab-size", type=int, default=8000)
@@ -210,6 +216,10 @@ def build_parser() -> argparse.ArgumentParser:
   prepare.add_argument("--split-by", choices=["product", "group"], default="product",
                        help="group: every product of a `group` column value in "
                        "one split (look-alike siblings meet in evaluation)")
+  prepare.add_argument("--modalities", choices=["both", "any"], default="both",
+                       help="both: a listing needs a title and an image (rows "
+                       "lacking one are skipped and named in dataset.json); "
+                       "any: keep title-only and image-only listings too")
   prepare.add_argument("--seed", type=int, default=0)
   prepare.add_argument("--max-image-side", type=int, default=512)
   prepare.add_argument("--workers", type=int, default=None)

@@ -102,6 +102,8 @@ def test_training_batches_have_fixed_shapes(dataset):
         "index": ((4,), np.int64),
         "category_id": ((4,), np.int32),
         "valid": ((4,), np.bool_),
+        "has_title": ((4,), np.bool_),
+        "has_image": ((4,), np.bool_),
     }
     assert batch["valid"].all() and (batch["category_id"] >= 0).all()
 

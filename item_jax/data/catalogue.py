@@ -15,9 +15,13 @@ from etils import epath
 # "group": a family of products that must stay in one split, e.g. the
 # colourways of one model (`prepare --split-by group`).
 CATALOGUE_COLUMNS = ("item_id", "title", "image", "product_id", "category", "group")
-# The image is required too: a listing without one can never be kept.
 REQUIRED_COLUMNS = ("item_id", "title", "image")
 CATEGORY_SEPARATOR = " > "
+# What a kept listing must have: "both" a title and an image (the paper's
+# setting, the default); "any" a title, an image or both, so title-only and
+# image-only listings are kept (and the image or title column may be absent).
+MODALITIES = ("both", "any")
+MODALITIES_SWITCH = "--modalities any"
 
 # Reasons a row is skipped, as written to dataset.json.
 NOT_UTF8 = "non-UTF-8 text"
@@ -75,27 +79,36 @@ def normalise_category(category: str) -> str:
 
 
 def read_catalogue(
-    path: str, columns: dict[str, str] | None = None, require: tuple[str, ...] = ()
+    path: str, columns: dict[str, str] | None = None, require: tuple[str, ...] = (),
+    modalities: str = "both",
 ) -> Iterator[tuple[Listing, str | None]]:
   """Yields every row as `(listing, reason)`, reason None when the text is usable.
 
   `columns` maps canonical names to the file's column names. A missing
   required (or explicitly mapped) column raises ValueError, naming the column
-  and the file, when iteration starts, before any row. The first row carrying an item id claims it; later rows
-  with that id are duplicates even if the first is skipped for another reason.
+  and the file, when iteration starts, before any row. With `modalities`
+  "any" (see MODALITIES) the title and image columns are optional, one of
+  them must exist, and an empty title is no text problem (the caller keeps
+  the row if its image is usable). The first row carrying an item id claims
+  it; later rows with that id are duplicates even if the first is skipped
+  for another reason.
   """
+  if modalities not in MODALITIES:
+    raise ValueError(f"modalities must be one of {MODALITIES}, got {modalities!r}")
   columns = resolve_columns(columns)
+  optional = ("title", "image") if modalities == "any" else ()
   # Required columns must exist, and so must any the user named explicitly or
   # the caller needs (`require`).
   expected = {
       name: source for name, source in columns.items()
-      if name in REQUIRED_COLUMNS or name in require or source != name
+      if (name in REQUIRED_COLUMNS and name not in optional) or name in require
+      or source != name
   }
   suffix = epath.Path(path).suffix.lower()
   if suffix == ".csv":
-    records = _read_csv(path, expected)
+    records = _read_csv(path, expected, optional and (columns["title"], columns["image"]))
   elif suffix in (".jsonl", ".ndjson"):
-    records = _read_jsonl(path, expected)
+    records = _read_jsonl(path, expected, optional and (columns["title"], columns["image"]))
   else:
     raise ValueError(f"catalogue {path} must end in .csv or .jsonl")
   seen_item_ids = set()
@@ -106,7 +119,7 @@ def read_catalogue(
     fields = {name: _as_text(record.get(source)) for name, source in columns.items()}
     fields["category"] = normalise_category(fields["category"])
     listing = Listing(row=row, **fields)
-    yield listing, _text_problem(listing, seen_item_ids)
+    yield listing, _text_problem(listing, seen_item_ids, modalities == "both")
 
 
 def printable_item_id(item_id: str) -> str:
@@ -114,7 +127,8 @@ def printable_item_id(item_id: str) -> str:
   return item_id.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
-def _text_problem(listing: Listing, seen_item_ids: set[str]) -> str | None:
+def _text_problem(listing: Listing, seen_item_ids: set[str],
+                  title_required: bool = True) -> str | None:
   fields = (listing.item_id, listing.title, listing.image, listing.product_id, listing.category,
             listing.group)
   if any(_has_undecodable_bytes(field) for field in fields):
@@ -124,7 +138,7 @@ def _text_problem(listing: Listing, seen_item_ids: set[str]) -> str | None:
   if listing.item_id in seen_item_ids:
     return DUPLICATE_ITEM_ID
   seen_item_ids.add(listing.item_id)
-  if not listing.title.strip():
+  if title_required and not listing.title.strip():
     return EMPTY_TITLE
   return None
 
@@ -155,26 +169,37 @@ def _open_text(path: str) -> io.TextIOWrapper:
   )
 
 
-def _check_columns(path: str, found: list[str], expected: dict[str, str]):
+def _check_columns(path: str, found: list[str], expected: dict[str, str],
+                   one_of: tuple[str, ...] = ()):
   for name, source in expected.items():
     if source not in found:
       renamed = f" (the {name} column)" if source != name else ""
+      hint = ""
+      if name in ("title", "image"):
+        hint = (f"; `prepare {MODALITIES_SWITCH}` keeps listings with only "
+                "a title or only an image and needs just one of the two columns")
       raise ValueError(
-          f"catalogue {path} has no column {source!r}{renamed}; its columns are {found}"
+          f"catalogue {path} has no column {source!r}{renamed}; its columns are "
+          f"{found}{hint}"
       )
+  if one_of and not set(one_of) & set(found):
+    raise ValueError(f"catalogue {path} has neither a title column {one_of[0]!r} "
+                     f"nor an image column {one_of[1]!r}; its columns are {found}")
 
 
-def _read_csv(path: str, expected: dict[str, str]) -> Iterator[tuple[int, dict | None]]:
+def _read_csv(path: str, expected: dict[str, str], one_of: tuple[str, ...] = ()
+              ) -> Iterator[tuple[int, dict | None]]:
   with _open_text(path) as file:
     reader = csv.DictReader(file)
-    _check_columns(path, list(reader.fieldnames or []), expected)
+    _check_columns(path, list(reader.fieldnames or []), expected, one_of)
     row_start = reader.line_num + 1
     for record in reader:
       yield row_start, record
       row_start = reader.line_num + 1
 
 
-def _read_jsonl(path: str, expected: dict[str, str]) -> Iterator[tuple[int, dict | None]]:
+def _read_jsonl(path: str, expected: dict[str, str], one_of: tuple[str, ...] = ()
+                ) -> Iterator[tuple[int, dict | None]]:
   # JSONL has no header: the first record shows which columns the file has;
   # a later record lacking a required key is skipped by the usual checks.
   checked = False
@@ -190,6 +215,6 @@ def _read_jsonl(path: str, expected: dict[str, str]) -> Iterator[tuple[int, dict
         yield line_number, None
         continue
       if not checked:
-        _check_columns(path, list(record), expected)
+        _check_columns(path, list(record), expected, one_of)
         checked = True
       yield line_number, record

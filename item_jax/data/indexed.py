@@ -120,7 +120,8 @@ class IndexedSource:
     return handles[shard]
 
   def _read_one(self, record_id: int):
-    """(title bytes, jpeg bytes) of a record, or None if it is unusable."""
+    """(title bytes, jpeg bytes, has_title, has_image) of a record, or None
+    if it is unusable. A listing without an image has empty jpeg bytes."""
     shard = int(np.searchsorted(self._first_record, record_id, side="right") - 1)
     position = record_id - self._first_record[shard]
     try:
@@ -134,9 +135,12 @@ class IndexedSource:
       features = tf.train.Example.FromString(data).features.feature
       title = features["title"].bytes_list.value[0]
       jpeg = features["image"].bytes_list.value[0]
-      if not _whole_jpeg(jpeg):
+      # Records written before these fields existed have both inputs.
+      has = {name: bool(features[name].int64_list.value[0]) if name in features
+             else True for name in ("has_title", "has_image")}
+      if has["has_image"] and not _whole_jpeg(jpeg):
         raise ValueError("image is not a whole JPEG")
-      return title, jpeg
+      return title, jpeg if has["has_image"] else b"", has["has_title"], has["has_image"]
     except Exception as error:  # any failure of one record skips only that record
       _log.warning("skipping record %d of %s: %s", position, self._files[shard], error)
       with self._skipped_lock:
@@ -152,8 +156,10 @@ class IndexedSource:
     valid = np.asarray([record is not None for record in records])
     titles = [record[0] if record else b"" for record in records]
     jpegs = [record[1] if record else b"" for record in records]
+    has_title = np.asarray([bool(record and record[2]) for record in records])
+    has_image = np.asarray([bool(record and record[3]) for record in records])
     return (np.asarray(titles, object), np.asarray(jpegs, object), valid,
-            indices.astype(np.int32))
+            indices.astype(np.int32), has_title, has_image)
 
   # -- the tf.data pipeline ----------------------------------------------------
 
@@ -162,19 +168,19 @@ class IndexedSource:
     size = self.image_size
 
     def read(step):
-      titles, jpegs, valid, indices = tf.numpy_function(
-          self._read_step, [step], [tf.string, tf.string, tf.bool, tf.int32],
-          stateful=False)
-      return (tf.ensure_shape(titles, [batch]), tf.ensure_shape(jpegs, [batch]),
-              tf.ensure_shape(valid, [batch]), tf.ensure_shape(indices, [batch]))
+      outputs = tf.numpy_function(
+          self._read_step, [step],
+          [tf.string, tf.string, tf.bool, tf.int32, tf.bool, tf.bool], stateful=False)
+      return tuple(tf.ensure_shape(output, [batch]) for output in outputs)
 
-    def decode(title, jpeg, valid, index):
+    def decode(title, jpeg, valid, index, has_title, has_image):
       image = tf.cond(
-          valid,
+          has_image,
           lambda: pipeline.preprocess_image(jpeg, size, self.resize,
                                             (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
           lambda: tf.zeros([size, size, 3], tf.float32))
-      return {"title": title, "image": image, "valid": valid, "index": index}
+      return {"title": title, "image": image, "valid": valid, "index": index,
+              "has_title": has_title, "has_image": has_image}
 
     def tokenise(examples):
       examples = dict(examples)
@@ -211,6 +217,7 @@ def abstract_global_batch(global_batch_size: int, image_size: int,
   batch, size = global_batch_size, image_size
   shapes = {"title_ids": ((batch, max_title_len), np.int32),
             "image": ((batch, size, size, 3), np.float32),
-            "valid": ((batch,), np.bool_), "index": ((batch,), np.int32)}
+            "valid": ((batch,), np.bool_), "index": ((batch,), np.int32),
+            "has_title": ((batch,), np.bool_), "has_image": ((batch,), np.bool_)}
   return {name: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
           for name, (shape, dtype) in shapes.items()}

@@ -147,8 +147,9 @@ def make_dataset(
   """Batches of this process's shards of `split`; `batch_size` is per process.
 
   Each batch is a dict of fixed shapes: title_ids int32 (b, max_title_len),
-  image float32 (b, image_size, image_size, 3) (see `preprocess_image`),
-  index int64 (b,), category_id int32 (b,) and valid bool (b,). Training
+  image float32 (b, image_size, image_size, 3) (see `preprocess_image`;
+  zeros for a listing without one), index int64 (b,), category_id int32
+  (b,), and bool (b,) valid, has_title and has_image. Training
   repeats forever, shuffled from `seed` (None: faster, not reproducible),
   and every example is valid. Evaluation makes one pass and adds item_id and
   product_id (bytes); the last batches are padded with invalid zero examples
@@ -190,12 +191,19 @@ def make_dataset(
     records = records.repeat().shuffle(shuffle_buffer, seed=shard_seed)
 
   def to_example(record):
+    has_image = record["has_image"] > 0
     example = {
         "title": record["title"],
-        "image": preprocess_image(record["image"], image_size, resize, image_mean, image_std),
+        "image": tf.cond(
+            has_image,
+            lambda: preprocess_image(record["image"], image_size, resize, image_mean,
+                                     image_std),
+            lambda: tf.zeros([image_size, image_size, 3], tf.float32)),
         "index": record["index"],
         "category_id": tf.cast(record["category_id"], tf.int32),
         "valid": tf.constant(True),
+        "has_title": record["has_title"] > 0,
+        "has_image": has_image,
     }
     if not training:
       example.update(item_id=record["item_id"], product_id=record["product_id"])
@@ -262,7 +270,8 @@ def _read_shard(path: tf.Tensor, expected_count: tf.Tensor, skipped_records: tf.
 
 
 def _parse_jpeg_records(serialized: tf.Tensor) -> dict[str, tf.Tensor]:
-  """A vector of serialized records → those whose image looks like a JPEG."""
+  """A vector of serialized records → those whose image looks like a JPEG
+  (or that have no image and say so)."""
   records = tf.io.parse_example(serialized, prepare_lib.RECORD_FEATURES)
   # Start-of-image and end-of-image markers: catches foreign bytes and cut
   # files without decoding, so the check itself cannot fail.
@@ -272,7 +281,10 @@ def _parse_jpeg_records(serialized: tf.Tensor) -> dict[str, tf.Tensor]:
       tf.equal(tf.strings.substr(images, 0, 2), b"\xff\xd8"),
       tf.equal(tf.strings.substr(images, last_two, tf.fill(tf.shape(images), 2)), b"\xff\xd9"),
   )
-  return {name: tf.boolean_mask(values, looks_like_jpeg) for name, values in records.items()}
+  no_image = tf.logical_and(tf.equal(records["has_image"], 0),
+                            tf.equal(tf.strings.length(images), 0))
+  usable = tf.logical_or(looks_like_jpeg, no_image)
+  return {name: tf.boolean_mask(values, usable) for name, values in records.items()}
 
 
 def _split_shards(info: dict, data_dir: str, split: str) -> tuple[list[str], list[int]]:

@@ -40,7 +40,16 @@ RECORD_FEATURES = {
     "category": tf.io.FixedLenFeature([], tf.string),
     "category_id": tf.io.FixedLenFeature([], tf.int64),
     "index": tf.io.FixedLenFeature([], tf.int64),
+    # Which inputs the listing has (`prepare --modalities any`); an absent
+    # image is stored as empty bytes, an absent title as "". Records written
+    # before these fields existed have both.
+    "has_title": tf.io.FixedLenFeature([], tf.int64, default_value=1),
+    "has_image": tf.io.FixedLenFeature([], tf.int64, default_value=1),
 }
+# The kinds of listing by the inputs they have, as counted in dataset.json.
+LISTING_KINDS = ("title_and_image", "title_only", "image_only")
+NO_TITLE_NO_IMAGE = "neither a title nor an image"
+NO_IMAGE_NAMED = "no image named"  # an empty image cell, with --modalities any
 
 _ROWS_PER_TASK = 32  # images per worker task: big enough to amortise IPC.
 _TASKS_IN_FLIGHT_PER_WORKER = 4  # bounds memory while keeping workers busy.
@@ -80,6 +89,7 @@ def prepare(
     num_workers: int | None = None,
     lowercase: bool = True,
     split_by: str = "product",
+    modalities: str = "both",
 ) -> dict:
   """Converts a catalogue into `output`; returns the summary written to dataset.json.
 
@@ -97,7 +107,18 @@ def prepare(
   meet in evaluation; listings without a group fall back to their product.
   dataset.json is written last: a directory without it holds an unfinished
   conversion.
+
+  `modalities="any"` keeps listings with only a title or only an image (see
+  catalogue.MODALITIES): a row whose image is absent or unusable keeps its
+  title (dataset.json counts those images by reason under
+  "images_dropped" and lists them under "without_image"), a row with an
+  empty title keeps its image, and only a row with neither is skipped.
+  dataset.json counts the listings of each kind (LISTING_KINDS), overall
+  and per split.
   """
+  if modalities not in catalogue_lib.MODALITIES:
+    raise ValueError(f"modalities must be one of {catalogue_lib.MODALITIES}, "
+                     f"got {modalities!r}")
   if num_shards < 1:
     raise ValueError(f"num_shards must be at least 1, got {num_shards}")
   if len(split_fractions) != len(SPLITS) or min(split_fractions) < 0:
@@ -111,19 +132,36 @@ def prepare(
   tokenizer = tokenizer_lib.load_tokenizer(tokenizer_model) if tokenizer_model else None
   columns = catalogue_lib.resolve_columns(columns)
   rows = catalogue_lib.read_catalogue(
-      catalogue, columns, require=("group",) if split_by == "group" else ())
+      catalogue, columns, require=("group",) if split_by == "group" else (),
+      modalities=modalities)
   # Reading the first row checks the catalogue's columns before any output exists.
   rows = itertools.chain(list(itertools.islice(rows, 1)), rows)
 
   output_dir = epath.Path(output)
   output_dir.mkdir(parents=True, exist_ok=True)
   num_workers = (os.cpu_count() or 1) if num_workers is None else num_workers
-  results = _with_images(rows, epath.Path(images), max_image_side, num_workers)
+  results = _with_images(rows, epath.Path(images), max_image_side, num_workers,
+                         modalities)
   conversion = _write_records(results, output_dir, num_shards, split_fractions, seed,
                               split_by)
-  if not conversion.kept_titles:
+  if not sum(conversion.kinds.values()):
+    hint = ""
+    if modalities == "both":
+      hint = (f"; `prepare {catalogue_lib.MODALITIES_SWITCH}` keeps listings "
+              "with only a title or only an image")
     raise ValueError(f"no usable listings in {catalogue}; "
-                     f"reasons: {_reason_counts(conversion.skipped)}")
+                     f"reasons: {_reason_counts(conversion.skipped)}{hint}")
+  if not conversion.kept_titles:
+    raise ValueError(f"no listing of {catalogue} has a title: the tokenizer has "
+                     "nothing to learn from; pass --tokenizer-model")
+  if modalities == "both" and conversion.skipped:
+    missing = sum(entry["reason"] in (catalogue_lib.EMPTY_TITLE,
+                                      images_lib.MISSING_IMAGE)
+                  for entry in conversion.skipped)
+    if missing:
+      _log.warning("prepare: %d rows skipped for a missing title or image; "
+                   "`prepare %s` keeps them as single-input listings", missing,
+                   catalogue_lib.MODALITIES_SWITCH)
 
   if tokenizer is None:
     tokenizer = tokenizer_lib.Tokenizer(tokenizer_lib.train_sentencepiece(
@@ -147,13 +185,19 @@ def prepare(
       "seed": seed,
       "split_fractions": list(split_fractions),
       "split_by": split_by,
+      "modalities": modalities,
+      "listings": conversion.kinds,
+      "images_dropped": _reason_counts(conversion.without_image),
       "skipped_reasons": _reason_counts(conversion.skipped),
       "skipped": conversion.skipped,
+      # Kept listings whose named image was refused (not those naming none).
+      "without_image": [entry for entry in conversion.without_image
+                        if entry["reason"] != NO_IMAGE_NAMED],
   }
   (output_dir / DATASET_INFO_FILE).write_text(json.dumps(info, indent=1, ensure_ascii=False))
-  _log.info("prepare: wrote %s: %s records, skipped %s", output_dir,
+  _log.info("prepare: wrote %s: %s records (%s), skipped %s", output_dir,
             {split: summary["count"] for split, summary in conversion.splits.items()},
-            info["skipped_reasons"])
+            conversion.kinds, info["skipped_reasons"])
   return info
 
 
@@ -166,10 +210,13 @@ class _Conversion:
   kept_titles: list[str]
   skipped: list[dict]
   num_reencoded: int
+  kinds: dict[str, int]        # LISTING_KINDS -> count
+  without_image: list[dict]    # kept listings whose image was absent or refused
 
 
 def _write_records(
-    results: Iterable[tuple[catalogue_lib.Listing, str | None, bytes | None, bool]],
+    results: Iterable[tuple[catalogue_lib.Listing, str | None, bytes | None, bool,
+                            str | None]],
     output_dir: epath.Path,
     num_shards: int,
     split_fractions: tuple[float, ...],
@@ -178,10 +225,12 @@ def _write_records(
 ) -> _Conversion:
   writers = {split: _SplitWriter(output_dir, split, num_shards) for split in SPLITS}
   categories: dict[str, int] = {}
-  kept_titles, skipped = [], []
+  kept_titles, skipped, without_image = [], [], []
+  kinds = dict.fromkeys(LISTING_KINDS, 0)
   num_reencoded = 0
   started = time.monotonic()
-  for row_count, (listing, reason, jpeg, reencoded) in enumerate(results, start=1):
+  for row_count, (listing, reason, jpeg, reencoded, image_reason) in enumerate(
+      results, start=1):
     if row_count % _LOG_EVERY_ROWS == 0:
       _log.info("prepare: %d rows, %d kept, %d skipped, %.0f rows/s", row_count,
                 len(kept_titles), len(skipped), row_count / (time.monotonic() - started))
@@ -197,8 +246,16 @@ def _write_records(
                    else f"item:{listing.item_id}")
     if split_by == "group" and listing.group:
       product_key = f"group:{listing.group}"
-    writers[split_of_product(product_key, seed, split_fractions)].write(listing, jpeg, category_id)
-    kept_titles.append(listing.title)
+    kind = _kind(listing, jpeg)
+    kinds[kind] += 1
+    if image_reason:
+      without_image.append({"row": listing.row,
+                            "item_id": catalogue_lib.printable_item_id(listing.item_id),
+                            "reason": image_reason})
+    writers[split_of_product(product_key, seed, split_fractions)].write(
+        listing, jpeg, category_id, kind)
+    if kind != "image_only":
+      kept_titles.append(listing.title)
     num_reencoded += reencoded
   for writer in writers.values():
     writer.close()
@@ -208,7 +265,15 @@ def _write_records(
       kept_titles=kept_titles,
       skipped=skipped,
       num_reencoded=num_reencoded,
+      kinds=kinds,
+      without_image=without_image,
   )
+
+
+def _kind(listing: catalogue_lib.Listing, jpeg: bytes | None) -> str:
+  if not jpeg:
+    return "title_only"
+  return "title_and_image" if listing.title.strip() else "image_only"
 
 
 class _SplitWriter:
@@ -219,12 +284,15 @@ class _SplitWriter:
     self._writers = [tf.io.TFRecordWriter(str(output_dir / name)) for name in self.files]
     self.shard_counts = [0] * num_shards
     self.count = 0
+    self.kinds = dict.fromkeys(LISTING_KINDS, 0)
 
-  def write(self, listing: catalogue_lib.Listing, jpeg: bytes, category_id: int):
+  def write(self, listing: catalogue_lib.Listing, jpeg: bytes | None,
+            category_id: int, kind: str = "title_and_image"):
     shard = self.count % len(self._writers)
     self._writers[shard].write(_make_example(listing, jpeg, category_id, self.count))
     self.shard_counts[shard] += 1
     self.count += 1
+    self.kinds[kind] += 1
 
   def close(self):
     for writer in self._writers:
@@ -236,11 +304,12 @@ class _SplitWriter:
         "num_shards": len(self.files),
         "files": self.files,
         "shard_counts": self.shard_counts,
+        "listings": self.kinds,
     }
 
 
 def _make_example(
-    listing: catalogue_lib.Listing, jpeg: bytes, category_id: int, index: int
+    listing: catalogue_lib.Listing, jpeg: bytes | None, category_id: int, index: int
 ) -> bytes:
   def bytes_feature(value: bytes) -> tf.train.Feature:
     return tf.train.Feature(bytes_list=tf.train.BytesList(value=[value]))
@@ -248,14 +317,17 @@ def _make_example(
   def int_feature(value: int) -> tf.train.Feature:
     return tf.train.Feature(int64_list=tf.train.Int64List(value=[value]))
 
+  has_title = bool(listing.title.strip())
   features = {
-      "image": bytes_feature(jpeg),
+      "image": bytes_feature(jpeg or b""),
       "title": bytes_feature(listing.title.encode("utf-8")),
       "item_id": bytes_feature(listing.item_id.encode("utf-8")),
       "product_id": bytes_feature(listing.product_id.encode("utf-8")),
       "category": bytes_feature(listing.category.encode("utf-8")),
       "category_id": int_feature(category_id),
       "index": int_feature(index),
+      "has_title": int_feature(int(has_title)),
+      "has_image": int_feature(int(bool(jpeg))),
   }
   return tf.train.Example(features=tf.train.Features(feature=features)).SerializeToString()
 
@@ -265,8 +337,11 @@ def _with_images(
     image_dir: epath.Path,
     max_side: int,
     num_workers: int,
-) -> Iterator[tuple[catalogue_lib.Listing, str | None, bytes | None, bool]]:
-  """Yields `(listing, reason, jpeg, reencoded)` in catalogue order.
+    modalities: str = "both",
+) -> Iterator[tuple[catalogue_lib.Listing, str | None, bytes | None, bool, str | None]]:
+  """Yields `(listing, reason, jpeg, reencoded, image_reason)` in catalogue
+  order: `reason` skips the row; `image_reason` says why a kept listing
+  (modalities "any") has no image.
 
   Images are checked in worker processes, a bounded number of chunks at a
   time, so memory stays flat however long the catalogue. "spawn" because
@@ -288,17 +363,29 @@ def _with_images(
       ]
       pending.append((chunk, paths, submit(encode, paths)))
       if len(pending) >= _TASKS_IN_FLIGHT_PER_WORKER * max(1, num_workers):
-        yield from _merge(*pending.popleft())
+        yield from _merge(*pending.popleft(), modalities)
     while pending:
-      yield from _merge(*pending.popleft())
+      yield from _merge(*pending.popleft(), modalities)
 
 
-def _merge(chunk, paths, future):
+def _merge(chunk, paths, future, modalities: str = "both"):
   for (listing, reason), path, result in zip(chunk, paths, future.result()):
     jpeg, image_reason, reencoded = result
-    if reason is None and path is None:
-      reason = images_lib.MISSING_IMAGE  # The row names no image at all.
-    yield listing, reason or image_reason, jpeg, reencoded
+    if reason is None and path is None:  # The row names no image at all.
+      image_reason = images_lib.MISSING_IMAGE if modalities == "both" else NO_IMAGE_NAMED
+    if modalities == "both" or reason:
+      yield listing, reason or image_reason, jpeg, reencoded, None
+    elif not listing.title.strip():
+      # An image-only listing needs its image.
+      yield (listing, _neither(image_reason) if image_reason else None, jpeg,
+             reencoded, None)
+    else:
+      yield listing, None, jpeg, reencoded, image_reason
+
+
+def _neither(image_reason: str) -> str:
+  return (NO_TITLE_NO_IMAGE if image_reason == NO_IMAGE_NAMED
+          else f"{catalogue_lib.EMPTY_TITLE}, {image_reason}")
 
 
 def _run_now(function, *args) -> concurrent.futures.Future:

@@ -147,6 +147,7 @@ class ItemModel(nnx.Module):
              image: jax.Array | None = None, *,
              title_mask: jax.Array | None = None,
              masked_patches: jax.Array | None = None,
+             image_mask: jax.Array | None = None,
              dropout_key: jax.Array | None = None,
              num_layers: int | None = None) -> Encoded:
     """Runs the encoder on whichever modalities are given.
@@ -158,6 +159,9 @@ class ItemModel(nnx.Module):
         `title_ids != pad_token_id`.
       masked_patches: (batch, num_patches) bool, patches replaced by the mask
         embedding.
+      image_mask: (batch,) bool, False for a listing without an image: none
+        of its patches is attended to (a title-only listing in a batch that
+        has images). A listing without a title has an all-False title_mask.
       dropout_key: PRNG key enabling dropout (training); None disables it.
       num_layers: run only the first this many blocks (default all), e.g. to
         read the input of the last block when inspecting its attention.
@@ -174,7 +178,10 @@ class ItemModel(nnx.Module):
       masks.append(title_mask.astype(bool))
     if image is not None:
       parts.append(self.embeddings.image(image, masked_patches))
-      masks.append(jnp.ones((batch, self.config.num_patches), bool))
+      present = (jnp.ones((batch,), bool) if image_mask is None
+                 else image_mask.astype(bool))
+      masks.append(jnp.broadcast_to(present[:, None],
+                                    (batch, self.config.num_patches)))
     token_mask = jnp.concatenate(masks, axis=1)
     keys = ([None] * (len(self.layers) + 1) if dropout_key is None
             else list(jax.random.split(dropout_key, len(self.layers) + 1)))
@@ -191,9 +198,11 @@ class ItemModel(nnx.Module):
 
   def embed(self, title_ids: jax.Array | None = None,
             image: jax.Array | None = None, *,
-            title_mask: jax.Array | None = None) -> jax.Array:
+            title_mask: jax.Array | None = None,
+            image_mask: jax.Array | None = None) -> jax.Array:
     """The listing embedding: the L2-normalised [CLS] output, float32."""
-    cls = self.encode(title_ids, image, title_mask=title_mask).cls
+    cls = self.encode(title_ids, image, title_mask=title_mask,
+                      image_mask=image_mask).cls
     cls = cls.astype(jnp.float32)
     return cls / jnp.maximum(jnp.linalg.norm(cls, axis=-1, keepdims=True), 1e-12)
 

@@ -158,17 +158,24 @@ class MaskedBatch(NamedTuple):
   image: jax.Array                  # (batch, H, W, C) the image paired with each title
   matched: jax.Array                # (batch,) bool: the pair is a match
   example_weight: jax.Array         # (batch,) float, 0 for padding examples
+  has_title: jax.Array              # (batch,) bool: the example has a title
+  image_present: jax.Array          # (batch,) bool: the paired image exists
   tokens: masking.TokenMasking | None    # when MLM or GMLM is on
   patches: masking.PatchMasking | None   # when MIM or GMIM is on
 
 
 def mask_batch(config: ModelConfig, batch: dict, keys: jax.Array,
                objectives: ObjectiveConfig, tokens: TokenSpec) -> MaskedBatch:
-  """Draws a batch's ITM pairing, token and patch masks from per-example keys."""
+  """Draws a batch's ITM pairing, token and patch masks from per-example keys.
+
+  A listing without a title or without an image (batch["has_title"],
+  batch["has_image"]) keeps its own pairing: it is never an ITM negative.
+  """
   title_ids, image = batch["title_ids"], batch["image"]
   valid = batch.get("valid")
   example_weight = (jnp.ones(title_ids.shape[0], jnp.float32) if valid is None
                     else valid.astype(jnp.float32))
+  has_title, has_image = presence(batch)
   # One key per task, the same whichever other tasks are switched on.
   task_keys = jax.vmap(lambda key: jax.random.split(key, 3))(keys)
   pair_keys, token_keys, patch_keys = (task_keys[:, i] for i in range(3))
@@ -178,10 +185,15 @@ def mask_batch(config: ModelConfig, batch: dict, keys: jax.Array,
     pairing = masking.pair_for_itm(pair_keys,
                                    negative_rate=objectives.itm_negative_rate,
                                    product_ids=batch.get("product_id"))
-    image = jnp.take(image, pairing.image_source, axis=0)
-    matched = pairing.matched
+    complete = has_title & has_image
+    image_source = jnp.where(complete, pairing.image_source,
+                             jnp.arange(title_ids.shape[0]))
+    image = jnp.take(image, image_source, axis=0)
+    matched = pairing.matched | ~complete
+    image_present = jnp.take(has_image, image_source, axis=0)
   else:
     matched = jnp.ones(title_ids.shape[0], bool)
+    image_present = has_image
 
   token_masking = patch_masking = None
   input_ids = title_ids
@@ -196,8 +208,16 @@ def mask_batch(config: ModelConfig, batch: dict, keys: jax.Array,
     patch_masking = masking.mask_patches(
         patch_keys, config.patches_per_side, ratio=objectives.patch_mask_ratio,
         block_size=objectives.patch_mask_block_size)
-  return MaskedBatch(input_ids, title_ids != config.pad_token_id, image,
-                     matched, example_weight, token_masking, patch_masking)
+  title_mask = (title_ids != config.pad_token_id) & has_title[:, None]
+  return MaskedBatch(input_ids, title_mask, image, matched, example_weight,
+                     has_title, image_present, token_masking, patch_masking)
+
+
+def presence(batch: dict) -> tuple[jax.Array, jax.Array]:
+  """(has_title, has_image) bool (batch,) of a batch; all True when absent."""
+  ones = jnp.ones(batch["title_ids"].shape[0], bool)
+  return (batch.get("has_title", ones).astype(bool),
+          batch.get("has_image", ones).astype(bool))
 
 
 def pretraining_loss(model: ItemModel, batch: dict, keys: jax.Array,
@@ -208,9 +228,12 @@ def pretraining_loss(model: ItemModel, batch: dict, keys: jax.Array,
   Args:
     model: the ITEm model.
     batch: `title_ids` (batch, len) int, `image` (batch, H, W, C) float, and
-      optionally `valid` (batch,) bool (padding examples weigh nothing) and
-      `product_id` (batch,) int (ITM: same-product pairs count as matched;
-      ITC: another listing of the same product is no negative).
+      optionally `valid` (batch,) bool (padding examples weigh nothing),
+      `has_title` / `has_image` (batch,) bool (each task counts only the
+      examples that have its inputs: ITM both, MLM/GMLM a title, MIM/GMIM
+      an image, each ITC view its own; each loss is the mean over those),
+      and `product_id` (batch,) int (ITM: same-product pairs count as
+      matched; ITC: another listing of the same product is no negative).
     keys: (batch,) per-example PRNG keys (see masking.example_keys).
     dropout_key: enables dropout when given.
   Returns:
@@ -232,7 +255,7 @@ def pretraining_loss(model: ItemModel, batch: dict, keys: jax.Array,
     encoded = model.encode(
         masked.input_ids, image, title_mask=masked.title_mask,
         masked_patches=None if patch_masking is None else patch_masking.masked,
-        dropout_key=dropout_key)
+        image_mask=masked.image_present, dropout_key=dropout_key)
 
   losses = {}
   if "itc" in active:
@@ -243,11 +266,13 @@ def pretraining_loss(model: ItemModel, batch: dict, keys: jax.Array,
     logits = model.itm_logits(encoded.cls)
     per_example = optax.softmax_cross_entropy_with_integer_labels(
         logits, matched.astype(jnp.int32))
-    losses["itm"] = _weighted_mean(per_example, example_weight)
+    itm_weight = example_weight * (masked.has_title & masked.image_present)
+    losses["itm"] = _weighted_mean(per_example, itm_weight)
     losses["itm_accuracy"] = _weighted_mean(
-        (jnp.argmax(logits, -1) == matched).astype(jnp.float32), example_weight)
+        (jnp.argmax(logits, -1) == matched).astype(jnp.float32), itm_weight)
   if token_masking is not None:
-    token_weight = token_masking.weights * reconstruction_weight[:, None]
+    token_weight = token_masking.weights * (
+        reconstruction_weight * masked.has_title)[:, None]
     for task, logits_fn in (
         ("mlm", lambda: model.mlm_logits(
             _gather(encoded.title_states, token_masking.indices))),
@@ -261,8 +286,9 @@ def pretraining_loss(model: ItemModel, batch: dict, keys: jax.Array,
         normalized_patch_targets(image, config.patch_size,
                                  objectives.normalize_patch_targets),
         patch_masking.indices)
-    patch_weight = jnp.broadcast_to(reconstruction_weight[:, None],
-                                    patch_masking.indices.shape)
+    patch_weight = jnp.broadcast_to(
+        (reconstruction_weight * masked.image_present)[:, None],
+        patch_masking.indices.shape)
     for task, pixels_fn in (
         ("mim", lambda: model.mim_pixels(
             _gather(encoded.patch_states, patch_masking.indices))),
@@ -284,27 +310,31 @@ def _itc_losses(model: ItemModel, batch: dict, objectives: ObjectiveConfig,
   The title-only and image-only views are extra passes over the clean title
   and image. The joint view is the main (masked, ITM re-paired) pass's
   [CLS] when another task runs it, counting only matched pairs; otherwise a
-  clean joint pass.
+  clean joint pass. Each view counts only the listings that have its inputs
+  (the joint view: both), and a pair only those that have both its views.
   """
   pairs = objectives.itc_view_pairs()
   needed = {view for pair in pairs for view in pair}
   title_ids, image = batch["title_ids"], batch["image"]
+  has_title, has_image = presence(batch)
+  title_mask = (title_ids != model.config.pad_token_id) & has_title[:, None]
   views, weights = {}, {}
   if "title" in needed:
-    views["title"] = model.encode(title_ids, None,
+    views["title"] = model.encode(title_ids, None, title_mask=title_mask,
                                   dropout_key=dropout_keys[0]).cls
-    weights["title"] = example_weight
+    weights["title"] = example_weight * has_title
   if "image" in needed:
     views["image"] = model.encode(None, image, dropout_key=dropout_keys[1]).cls
-    weights["image"] = example_weight
+    weights["image"] = example_weight * has_image
   if "joint" in needed:
     if encoded is None:
-      views["joint"] = model.encode(title_ids, image,
+      views["joint"] = model.encode(title_ids, image, title_mask=title_mask,
+                                    image_mask=has_image,
                                     dropout_key=joint_dropout_key).cls
-      weights["joint"] = example_weight
+      weights["joint"] = example_weight * (has_title & has_image)
     else:
       views["joint"] = encoded.cls
-      weights["joint"] = joint_weight
+      weights["joint"] = joint_weight * (has_title & has_image)
   scale = model.itc_scale()
   per_pair = [contrastive_loss(views[a], views[b], scale,
                                jnp.minimum(weights[a], weights[b]),
