@@ -327,3 +327,71 @@ def test_itc_costs_its_extra_passes_in_flops():
   per_token = 6 * 12 * (4 * 768**2 + 2 * 768 * 3072)
   assert with_itc["itc_encoder"] == per_token * (41 + 197)
   assert extra > with_itc["itc_encoder"]
+
+
+def test_a_listing_without_an_image_or_title_drops_only_its_tasks():
+  model, batch = tiny_model(), tiny_batch(batch=8)
+  objectives = ObjectiveConfig(itm_weight=0.0)
+  keys = _keys(8, seed=7)
+  mixed = dict(batch, has_image=jnp.arange(8) != 2, has_title=jnp.arange(8) != 5)
+  _, with_masks = pretraining_loss(model, mixed, keys, objectives, TOKENS)
+  # The same listings written out: 2 takes no part in image tasks, 5 has an
+  # empty title (all padding, so nothing to mask or attend to).
+  written = dict(batch, valid=jnp.arange(8) != 2,
+                 title_ids=batch["title_ids"].at[5].set(0))
+  _, reference = pretraining_loss(model, written, keys, objectives, TOKENS)
+  for task in ("mim", "gmim"):
+    assert float(with_masks[task]) == pytest.approx(float(reference[task]), rel=1e-5)
+  _, full = pretraining_loss(model, batch, keys, objectives, TOKENS)
+  assert float(with_masks["mlm"]) != pytest.approx(float(full["mlm"]), rel=1e-4)
+
+
+def test_a_title_only_batch_trains_its_text_tasks_only():
+  model = tiny_model(seed=1)
+  graphdef, params = nnx.split(model)
+  batch = dict(tiny_batch(batch=16, title_len=12, seed=2),
+               has_image=jnp.zeros(16, bool))
+  keys = _keys(16, seed=4)
+  objectives = ObjectiveConfig(itc_weight=1.0, itc_pairs="title:image,joint:title")
+
+  def loss_fn(params):
+    return pretraining_loss(nnx.merge(graphdef, params), batch, keys, objectives,
+                            TOKENS)
+
+  (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+  # No image: ITM, MIM, GMIM and both ITC pairs (each needs an image) weigh
+  # nothing, and nothing reaches the patch embedding.
+  for task in ("itm", "mim", "gmim", "itc"):
+    assert float(metrics[task]) == 0.0, task
+  assert float(metrics["mlm"]) > 1.0 and float(metrics["gmlm"]) > 1.0
+  patch_grad = grads["embeddings"]["patch_embedding"]["kernel"].value
+  assert not np.asarray(patch_grad).any()
+  optimizer = optax.adam(2e-3)
+  state = optimizer.init(params)
+  step = jax.jit(lambda params, state: _sgd_step(loss_fn, optimizer, params, state))
+  losses = []
+  for _ in range(30):
+    params, state, loss = step(params, state)
+    losses.append(float(loss))
+  assert losses[-1] < 0.8 * losses[0], (losses[0], losses[-1])
+
+
+def _sgd_step(loss_fn, optimizer, params, state):
+  (loss, _), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+  updates, state = optimizer.update(grads, state, params)
+  return optax.apply_updates(params, updates), state, loss
+
+
+def test_itm_pairs_only_listings_with_both_inputs():
+  model, batch = tiny_model(), tiny_batch(batch=8)
+  keys = _keys(8, seed=3)
+  only_titles = dict(batch, has_image=jnp.zeros(8, bool))
+  _, metrics = pretraining_loss(model, only_titles, keys, ObjectiveConfig(), TOKENS)
+  assert float(metrics["itm"]) == 0.0 and float(metrics["itm_accuracy"]) == 0.0
+  from item_jax.objectives.losses import mask_batch
+  masked = mask_batch(model.config, dict(batch, has_title=jnp.arange(8) >= 4),
+                      keys, ObjectiveConfig(itm_negative_rate=0.9), TOKENS)
+  # Listings without a title keep their own image and count as matched.
+  assert np.asarray(masked.matched[:4]).all()
+  np.testing.assert_array_equal(masked.image[:4], batch["image"][:4])
+  assert not np.asarray(masked.matched[4:]).all()

@@ -302,3 +302,98 @@ def test_split_by_group_needs_the_group_column(tmp_path):
     prepare.prepare(str(path), str(tmp_path), str(tmp_path / "out"), num_workers=0,
                     split_by="category")
   assert not (tmp_path / "out").exists()
+
+
+# With --modalities any: what happens to each row that `both` skips.
+ANY_EXTRA_ROWS = [("nothing", "", "", "", ""), ("badboth", " ", "garbage.jpg", "", "")]
+ANY_KINDS = {
+    "missing": ("title_only", "missing image"),
+    "noimage": ("title_only", None),   # names no image: counted, not listed
+    "zero": ("title_only", "empty image file"),
+    "truncated": ("title_only", "truncated image"),
+    "garbage": ("title_only", "undecodable image"),
+    "emptytitle": ("image_only", None),
+    "spacetitle": ("image_only", None),
+}
+
+
+@pytest.fixture(scope="module")
+def prepared_any(prepared, tmp_path_factory):
+  root, _, _ = prepared
+  out = tmp_path_factory.mktemp("any")
+  header = ["item_id", "title", "image", "product_id", "category"]
+  _write_csv(out / "catalogue.csv", header, ROWS + ANY_EXTRA_ROWS, NON_UTF8_LINES)
+  info = prepare.prepare(str(out / "catalogue.csv"), str(root / "images"),
+                         str(out / "prepared"), num_shards=2, num_workers=0,
+                         tokenizer_model=str(root / "out" / "tokenizer.model"),
+                         max_image_side=MAX_SIDE, modalities="any")
+  return out / "prepared", info, _read_records(out / "prepared")
+
+
+def test_any_modalities_keep_single_input_rows_and_name_what_they_lost(prepared_any):
+  _, info, records = prepared_any
+  skipped = {entry["item_id"]: entry["reason"] for entry in info["skipped"]}
+  assert skipped == {"ok0": "duplicate item_id", "latin1": "non-UTF-8 text",
+                     "id\\xff": "non-UTF-8 text",
+                     "nothing": "neither a title nor an image",
+                     "badboth": "empty title, undecodable image"}
+  assert set(records) == KEPT | set(ANY_KINDS)
+  for item_id, (kind, reason) in ANY_KINDS.items():
+    record = records[item_id]
+    assert (bool(record["has_title"]), bool(record["has_image"])) == (
+        kind != "image_only", kind != "title_only"), item_id
+    assert (record["image"] == b"") == (kind == "title_only")
+  assert {(entry["item_id"], entry["reason"]) for entry in info["without_image"]} == {
+      (item, reason) for item, (_, reason) in ANY_KINDS.items() if reason}
+  assert info["images_dropped"] == {"missing image": 1, "no image named": 1,
+                                    "empty image file": 1, "truncated image": 1,
+                                    "undecodable image": 1}
+  assert info["listings"] == {"title_and_image": len(KEPT), "title_only": 5,
+                              "image_only": 2}
+  assert sum(sum(split["listings"].values()) for split in info["splits"].values()) \
+      == len(records)
+  assert info["modalities"] == "any"
+  assert all(record["has_title"] and record["has_image"]
+             for item, record in records.items() if item in KEPT)
+
+
+def test_both_readers_give_presence_masks_and_blank_images(prepared_any):
+  from item_jax.data.indexed import IndexedSource
+  data_dir, info, records = prepared_any
+  by_index = {(r["split"], int(r["index"])): r for r in records.values()}
+  seen = 0
+  for batch in pipeline.make_dataset(str(data_dir), "train", 8, 16, 12, training=False,
+                                     process_index=0, process_count=1).as_numpy_iterator():
+    for row in np.flatnonzero(batch["valid"]):
+      record = by_index[("train", int(batch["index"][row]))]
+      assert batch["has_title"][row] == bool(record["has_title"])
+      assert batch["has_image"][row] == bool(record["has_image"])
+      if not record["has_image"]:
+        assert not batch["image"][row].any()
+      seen += 1
+  assert seen == info["splits"]["train"]["count"]
+  # One batch of the whole split is one epoch: every record once.
+  source = IndexedSource(str(data_dir), "train", global_batch_size=seen, seed=0,
+                         image_size=16, max_title_len=12, process_index=0,
+                         process_count=1)
+  batch = next(source.batches(0))
+  assert batch["valid"].all()
+  kinds = lambda pairs: sorted((bool(t), bool(i)) for t, i in pairs)
+  assert kinds(zip(batch["has_title"], batch["has_image"])) == kinds(
+      (r["has_title"], r["has_image"]) for r in records.values() if r["split"] == "train")
+  np.testing.assert_array_equal(batch["image"].any(axis=(1, 2, 3)), batch["has_image"])
+
+
+def test_a_catalogue_without_images_is_refused_unless_asked_for(prepared, tmp_path):
+  root, _, _ = prepared
+  path = tmp_path / "titles.csv"
+  _write_csv(path, ["item_id", "title", "product_id"],
+             [(f"t{i}", f"steel kettle {i}", f"P{i // 2}") for i in range(6)])
+  with pytest.raises(ValueError, match=r"no column 'image'.*--modalities any"):
+    prepare.prepare(str(path), str(tmp_path), str(tmp_path / "refused"), num_workers=0)
+  assert not (tmp_path / "refused").exists()
+  info = prepare.prepare(str(path), str(tmp_path), str(tmp_path / "titles"),
+                         num_workers=0, num_shards=1, modalities="any",
+                         tokenizer_model=str(root / "out" / "tokenizer.model"))
+  assert info["listings"] == {"title_and_image": 0, "title_only": 6, "image_only": 0}
+  assert info["skipped"] == []
