@@ -77,3 +77,41 @@ def test_mesh_shapes_resolve_one_free_axis():
     resolve_mesh_shape({"data": -1, "fsdp": -1, "model": 1}, 8)
   with pytest.raises(ValueError, match="uses 4 devices, but 8"):
     resolve_mesh_shape({"data": 2, "fsdp": 2, "model": 1}, 8)
+
+
+def _title_only_copy(data_dir, tmp_path):
+  """dataset.json of `data_dir` as if every listing had only a title."""
+  import json
+  import pathlib
+  info = json.loads((pathlib.Path(data_dir) / "dataset.json").read_text())
+  for split in info["splits"].values():
+    split["listings"] = {"title_and_image": 0, "title_only": split["count"],
+                         "image_only": 0}
+  (tmp_path / "dataset.json").write_text(json.dumps(info))
+  return str(tmp_path)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ([], r"objectives.itm_weight=1.0 needs titles and images, but no listing of "
+         r"the 'train' split .* has an image"),
+    (["--config.objectives.itm_weight=0", "--config.objectives.mim_weight=0"],
+     "objectives.gmim_weight=1.0 needs images"),
+    (["--config.objectives.itm_weight=0", "--config.objectives.mim_weight=0",
+      "--config.objectives.gmim_weight=0", "--config.objectives.itc_weight=1",
+      "--config.objectives.itc_pairs='title:image,joint:image'"],
+     "every pair needs an input .* use joint:title"),
+])
+def test_image_tasks_on_a_title_only_dataset_fail_before_compute(
+    data_dir, tmp_path, overrides, message):
+  titles = _title_only_copy(data_dir, tmp_path)
+  with pytest.raises(ValueError, match=message):
+    validate(_config(f"--config.data.dir={titles}", *overrides), num_devices=8)
+
+
+def test_the_recommended_recipe_validates_on_titles_alone(data_dir, tmp_path, caplog):
+  titles = _title_only_copy(data_dir, tmp_path)
+  config = load_config("configs/item_recommended.py",
+                       [f"--config.data.dir={titles}"])
+  settings = validate(config, num_devices=8)
+  assert settings.objectives.itc_weight > 0
+  assert "title:image, joint:image contrast nothing" in caplog.text

@@ -311,7 +311,9 @@ def _itc_losses(model: ItemModel, batch: dict, objectives: ObjectiveConfig,
   and image. The joint view is the main (masked, ITM re-paired) pass's
   [CLS] when another task runs it, counting only matched pairs; otherwise a
   clean joint pass. Each view counts only the listings that have its inputs
-  (the joint view: both), and a pair only those that have both its views.
+  (the joint view: either), and a pair only those that have both its views:
+  for a title-only listing, joint:title contrasts its masked title (the main
+  pass) with its clean one, which still teaches the title side.
   """
   pairs = objectives.itc_view_pairs()
   needed = {view for pair in pairs for view in pair}
@@ -331,10 +333,10 @@ def _itc_losses(model: ItemModel, batch: dict, objectives: ObjectiveConfig,
       views["joint"] = model.encode(title_ids, image, title_mask=title_mask,
                                     image_mask=has_image,
                                     dropout_key=joint_dropout_key).cls
-      weights["joint"] = example_weight * (has_title & has_image)
+      weights["joint"] = example_weight * (has_title | has_image)
     else:
       views["joint"] = encoded.cls
-      weights["joint"] = joint_weight * (has_title & has_image)
+      weights["joint"] = joint_weight * (has_title | has_image)
   scale = model.itc_scale()
   per_pair = [contrastive_loss(views[a], views[b], scale,
                                jnp.minimum(weights[a], weights[b]),

@@ -10,6 +10,7 @@ import ast
 import dataclasses
 import importlib.util
 import json
+import logging
 
 import ml_collections
 from etils import epath
@@ -231,6 +232,7 @@ def _settings(config: ml_collections.ConfigDict, dataset: dict,
     raise ValueError(f"config.data.max_title_len={config.data.max_title_len} "
                      f"does not fit model.max_title_positions={model.max_title_positions}")
   objectives = _fields_of(config.objectives, "objectives", ObjectiveConfig)
+  _check_inputs(objectives, dataset, config)
   optimizer = _fields_of(config.optimizer, "optimizer", OptimizerConfig,
                          total_steps=int(config.total_steps))
 
@@ -250,6 +252,45 @@ def _settings(config: ml_collections.ConfigDict, dataset: dict,
     raise ValueError(f"config.global_batch_size={batch} is not divisible by "
                      f"the process count {process_count}")
   return TrainSettings(model, objectives, optimizer, mesh_shape, config, dataset)
+
+
+# The inputs each task reads; an ITC view reads its own ("joint": either).
+TASK_INPUTS = {"itm": ("title", "image"), "mlm": ("title",), "gmlm": ("title",),
+               "mim": ("image",), "gmim": ("image",)}
+
+
+def _check_inputs(objectives: ObjectiveConfig, dataset: dict,
+                  config: ml_collections.ConfigDict) -> None:
+  """Refuses a task whose inputs no training listing has (a title-only
+  catalogue and an image task): it would train on nothing."""
+  counts = dataset.get("splits", {}).get(config.data.split, {}).get("listings")
+  if counts is None:  # datasets prepared before single-input listings
+    return
+  present = {"title": counts["title_and_image"] + counts["title_only"],
+             "image": counts["title_and_image"] + counts["image_only"]}
+  where = lambda what: (f"no listing of the {config.data.split!r} split of "
+                        f"{config.data.dir} has {what} (dataset.json: {counts})")
+  for task, inputs in TASK_INPUTS.items():
+    missing = [name for name in inputs if not present[name]]
+    if objectives.weight(task) > 0 and missing:
+      article = "an" if missing[0] == "image" else "a"
+      raise ValueError(f"config.objectives.{task}_weight={objectives.weight(task)} "
+                       f"needs {' and '.join(name + 's' for name in inputs)}, but "
+                       f"{where(f'{article} {missing[0]}')}; set it to 0")
+  if objectives.itc_weight > 0:
+    usable = lambda view: (present["title"] or present["image"]) if view == "joint" \
+        else present[view]
+    pairs = objectives.itc_view_pairs()
+    idle = [f"{a}:{b}" for a, b in pairs if not (usable(a) and usable(b))]
+    if len(idle) == len(pairs):
+      raise ValueError(f"config.objectives.itc_pairs={objectives.itc_pairs!r}: "
+                       f"every pair needs an input that {where('')}; use "
+                       "joint:title (the masked "
+                       "title against the clean one) or set objectives.itc_weight=0")
+    if idle:
+      logging.warning("objectives.itc_pairs: %s contrast nothing on this data "
+                      "(dataset.json: %s); they count as 0 in the ITC mean",
+                      ", ".join(idle), counts)
 
 
 def resolve_mesh_shape(mesh: dict, num_devices: int) -> dict:
