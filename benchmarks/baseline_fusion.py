@@ -66,8 +66,9 @@ def main():
 
   split = read(args.data, args.split, args.image_size)
   index_titles = read(args.data, args.index_split, args.image_size)["title"]
+  # Dense here: fusion concatenates them with the histograms (one split only).
   titles = evaluate.tfidf_features({"index": index_titles,
-                                    "split": split["title"]})["split"]
+                                    "split": split["title"]})["split"].toarray()
   photos = evaluate.colour_histograms(split["image"])
   products, categories = split["product_id"], split["category_id"]
   queries = metrics.retrieval_queries(products)

@@ -6,21 +6,34 @@ import math
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import scipy.sparse
+import scipy.sparse.linalg
 from flax import nnx
 
 from helpers import tiny_batch, tiny_model
 from item_jax.eval.embed import image_attention_share, last_layer_cls_attention
-from item_jax.eval.evaluate import char_ngrams, colour_histograms, tfidf_features
+from item_jax.eval.evaluate import colour_histograms, tfidf_features, tfidf_vectorizer
 
 
-def test_char_ngrams_lower_case_and_mark_word_ends():
-  assert char_ngrams("Ab  C", sizes=(2,)) == [" a", "ab", "b ", " c", "c "]
-  assert char_ngrams("x", sizes=(3,)) == [" x "]
+def _char_ngrams(title, sizes=(2, 3, 4)):
+  """The convention, spelt out: lower case, single spaces, a space at each end."""
+  text = " " + " ".join(title.lower().split()) + " "
+  return [text[start:start + size] for size in sizes
+          for start in range(len(text) - size + 1)]
+
+
+def test_ngrams_are_lower_case_cross_words_and_mark_word_ends():
+  analyzer = tfidf_vectorizer(ngram_range=(2, 2)).build_analyzer()
+  assert analyzer("Ab \t C") == [" a", "ab", "b ", " c", "c "]
+  assert tfidf_vectorizer(ngram_range=(3, 3)).build_analyzer()("x") == [" x "]
+  assert "b c" in tfidf_vectorizer().build_analyzer()("ab c")
+  title = "Kovo  KX-204 RED mug\n"
+  assert sorted(tfidf_vectorizer().build_analyzer()(title)) == sorted(_char_ngrams(title))
 
 
 def _full_tfidf_cosine(titles):
   """TF-IDF cosine over every n-gram, straight from the definitions."""
-  counts = [collections.Counter(char_ngrams(title)) for title in titles]
+  counts = [collections.Counter(_char_ngrams(title)) for title in titles]
   document_frequency = collections.Counter(g for c in counts for g in c)
   idf = {g: math.log((1 + len(titles)) / (1 + df)) + 1
          for g, df in document_frequency.items()}
@@ -30,19 +43,43 @@ def _full_tfidf_cosine(titles):
                     for b, nb in zip(vectors, norms)] for a, na in zip(vectors, norms)])
 
 
-def test_tfidf_cosines_are_exact_with_only_shared_ngrams_kept():
+def test_tfidf_rows_are_sparse_with_exact_cosines_over_shared_ngrams():
   titles = {"train": ["Kovo KX-204 red mug", "kovo kx-208 mug", "Arlen kettle 1.7l"],
             "test": ["KOVO KX-204 MUG", "zzz"]}
   features = tfidf_features(titles)
+  for split, rows in features.items():
+    assert scipy.sparse.issparse(rows) and rows.format == "csr", split
+    assert rows.dtype == np.float32
   assert features["train"].shape[0] == 3 and features["test"].shape[0] == 2
-  rows = np.concatenate([features["train"], features["test"]])
+  rows = scipy.sparse.vstack([features["train"], features["test"]]).tocsr()
+  # Columns: exactly the n-grams found in two or more titles.
+  counts = collections.Counter(g for t in titles["train"] + titles["test"]
+                               for g in set(_char_ngrams(t)))
+  assert rows.shape[1] == sum(1 for n in counts.values() if n >= 2)
+  assert np.all(np.diff(rows.tocsc().indptr) >= 2)
   expected = _full_tfidf_cosine(titles["train"] + titles["test"])
-  cosine = rows @ rows.T
+  cosine = (rows @ rows.T).toarray()
   off_diagonal = ~np.eye(5, dtype=bool)
   np.testing.assert_allclose(cosine[off_diagonal], expected[off_diagonal], atol=1e-6)
   # "zzz" shares nothing with the others: its kept columns are all zero.
-  assert np.abs(features["test"][1]).sum() == 0
+  assert features["test"][1].nnz == 0
   assert cosine[0, 3] > cosine[0, 1] > cosine[0, 2]
+  assert np.all(np.diag(cosine) <= 1 + 1e-6)
+
+
+def test_tfidf_cosine_of_identical_titles_is_one_of_disjoint_ones_zero():
+  titles = {"train": ["abc def", "xyz", "ABC   def", "xyz qq"], "test": ["abc  DEF "]}
+  features = tfidf_features(titles)
+  rows = scipy.sparse.vstack([features["train"], features["test"]]).tocsr()
+  cosine = (rows @ rows.T).toarray()
+  # Case and spacing aside the same title: every n-gram shared, nothing dropped.
+  for a, b in ((0, 2), (0, 4), (2, 4)):
+    assert cosine[a, b] == pytest.approx(1.0, abs=1e-6)
+  np.testing.assert_allclose(scipy.sparse.linalg.norm(rows[[0, 2, 4]], axis=1), 1.0,
+                             rtol=1e-6)
+  # No n-gram in common, so not even a space pair: orthogonal.
+  assert cosine[0, 1] == 0.0 and cosine[0, 3] == 0.0
+  assert 0.0 < cosine[1, 3] < 1.0
 
 
 def test_colour_histogram_of_a_two_colour_image():

@@ -1,12 +1,19 @@
 """Retrieval and classification metrics, k-NN and the linear probe:
-hand-computed cases and a brute-force numpy reference."""
+hand-computed cases, a brute-force numpy reference, and the sparse search
+against the dense one on the same rows."""
+
+import warnings
 
 import numpy as np
 import pytest
+import scipy.sparse
 
+from item_jax.eval import metrics as metrics_lib
 from item_jax.eval.metrics import (classification_metrics, knn_predict,
                                    linear_probe, macro_average, retrieval_metrics,
-                                   retrieval_queries, same_product_retrieval)
+                                   retrieval_queries, same_product_retrieval,
+                                   sparse_top_k_search)
+from item_jax.eval.search import top_k_search
 
 
 def _padded(rows, width=10):
@@ -147,3 +154,114 @@ def test_linear_probe_separates_clusters():
   train_labels = np.where(np.arange(120) % 10 == 0, -1, labels)  # some unlabelled
   predictions = linear_probe(features, train_labels, features, 4, steps=200)
   assert np.mean(predictions == labels) > 0.95
+  # Deterministic, and the same for rows that all lie near one direction
+  # (centring and scaling make the offset and the spread irrelevant).
+  np.testing.assert_array_equal(
+      predictions, linear_probe(features, train_labels, features, 4, steps=200))
+  shifted = 100.0 + 0.01 * features
+  assert np.mean(linear_probe(shifted, train_labels, shifted, 4, steps=200)
+                 == labels) > 0.95
+
+
+def test_linear_probe_on_sparse_rows_never_makes_them_dense(monkeypatch):
+  # Each class owns 50 of 10,000 columns; a row sets 5 of its class's.
+  rng = np.random.default_rng(0)
+  labels = np.repeat(np.arange(5), 40)
+  columns = labels[:, None] * 50 + rng.integers(0, 50, (200, 5))
+  rows = scipy.sparse.csr_matrix(
+      (np.ones(1000, np.float32), (np.repeat(np.arange(200), 5), columns.ravel())),
+      shape=(200, 10_000))
+  train, test = np.arange(200) % 4 != 0, np.arange(200) % 4 == 0
+  def no_densifying(*args, **kwargs):
+    raise AssertionError("sparse rows made dense")
+  for cls in (scipy.sparse.csr_matrix, scipy.sparse.csc_matrix):
+    monkeypatch.setattr(cls, "toarray", no_densifying)
+    monkeypatch.setattr(cls, "todense", no_densifying)
+  predictions = linear_probe(rows[train], labels[train], rows[test], 5)
+  np.testing.assert_array_equal(predictions, labels[test])
+
+
+def test_linear_probe_edge_cases():
+  features = np.eye(4, dtype=np.float32)
+  # One class to learn: predicted everywhere.
+  assert list(linear_probe(features, np.array([2, 2, -1, 2]), features, 3)) == [2] * 4
+  with pytest.raises(ValueError, match="no labelled"):
+    linear_probe(features, np.full(4, -1), features, 3)
+  # Too few iterations to converge: logged, not raised or warned.
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    predictions = linear_probe(features, np.array([0, 1, 2, 0]), features, 3, steps=1)
+  assert predictions.shape == (4,)
+
+
+def _integer_points(rng, num, dim, density):
+  """Small integers, many zeros: every product exact in float32, ties abound."""
+  points = rng.integers(-2, 3, (num, dim)) * (rng.random((num, dim)) < density)
+  return points.astype(np.float32)
+
+
+# The share sets which columns go through the dense matmul: every one that is
+# used at all (0), the common ones (0.3), none (2: all sparse).
+@pytest.mark.parametrize("dense_share", [0.0, 0.3, 2.0])
+@pytest.mark.parametrize("query_block", [7, 1024])
+def test_sparse_search_gives_the_dense_search_neighbours(monkeypatch, dense_share,
+                                                         query_block):
+  monkeypatch.setattr(metrics_lib, "_DENSE_COLUMN_SHARE", dense_share)
+  rng = np.random.default_rng(0)
+  # 203 candidates: 13 groups of 16 (the two-stage selection), padded.
+  points = _integer_points(rng, 203, 40, 0.3)
+  points[50] = points[10]            # identical rows: exact ties
+  points[60] = 0                     # a row with no n-gram: ties with everyone
+  exclude = np.arange(203)
+  exclude[::5] = -1
+  sparse = scipy.sparse.csr_matrix(points)
+  scores, indices = sparse_top_k_search(sparse, sparse, 10, exclude=exclude,
+                                        query_block=query_block)
+  dense_scores, dense_indices = top_k_search(points, points, 10, exclude=exclude)
+  assert scores.dtype == np.float32 and indices.dtype == np.int32
+  np.testing.assert_array_equal(indices, dense_indices)
+  np.testing.assert_array_equal(scores, dense_scores)
+  # Fewer candidates than slots: -1 and -inf beyond them, as in the dense path.
+  scores, indices = sparse_top_k_search(sparse[:30], sparse[:12], 20,
+                                        exclude=np.arange(30) % 12,
+                                        query_block=query_block)
+  dense_scores, dense_indices = top_k_search(points[:30], points[:12], 20,
+                                             exclude=np.arange(30) % 12)
+  np.testing.assert_array_equal(indices, dense_indices)
+  np.testing.assert_array_equal(scores, dense_scores)
+  assert np.all(indices[:, 11:] == -1) and np.all(np.isneginf(scores[:, 11:]))
+
+
+def test_sparse_search_within_small_memory_budgets(monkeypatch):
+  # 208 padded candidates: 3 queries per block, 5 dense columns at most.
+  monkeypatch.setattr(metrics_lib, "_DENSE_COLUMN_SHARE", 0.0)
+  monkeypatch.setattr(metrics_lib, "_BLOCK_BYTES", 4 * 208 * 3)
+  monkeypatch.setattr(metrics_lib, "_DENSE_BYTES", 4 * 208 * 5)
+  points = _integer_points(np.random.default_rng(2), 203, 40, 0.3)
+  sparse = scipy.sparse.csr_matrix(points)
+  np.testing.assert_array_equal(
+      sparse_top_k_search(sparse, sparse, 10, exclude=np.arange(203))[1],
+      top_k_search(points, points, 10, exclude=np.arange(203))[1])
+
+
+def test_sparse_rows_give_the_dense_rows_metrics():
+  rng = np.random.default_rng(1)
+  num_listings = 400
+  products = rng.integers(0, 150, num_listings)
+  categories = products % 6
+  # Listings of a product share some columns, plus their own: TF-IDF-like rows.
+  shared = rng.random((150, 300)) < 0.03
+  rows = (shared[products] & (rng.random((num_listings, 300)) < 0.7)) | (
+      rng.random((num_listings, 300)) < 0.02)
+  rows = rows * rng.random((num_listings, 300))
+  rows = (rows / np.maximum(np.linalg.norm(rows, axis=1, keepdims=True), 1e-12)
+          ).astype(np.float32)
+  sparse = scipy.sparse.csr_matrix(rows)
+  dense_metrics = same_product_retrieval(rows, products, categories)
+  sparse_metrics = same_product_retrieval(sparse, products, categories, query_block=64)
+  assert sparse_metrics == pytest.approx(dense_metrics, abs=1e-12)
+  assert 0.05 < sparse_metrics["recall@10"] < 0.95
+  labels = np.where(np.arange(num_listings) % 7 == 0, -1, categories)
+  np.testing.assert_array_equal(
+      knn_predict(sparse[:300], labels[:300], sparse[300:], k=5),
+      knn_predict(rows[:300], labels[:300], rows[300:], k=5))

@@ -6,7 +6,9 @@ only, and the attention share); the training split is the k-NN index and the
 linear probe's training set. Same-product retrieval runs within the test split.
 The baselines learn nothing from the catalogue's structure: TF-IDF over title
 character n-grams, a colour histogram of the image, and the untrained model;
-each gives L2-normalised rows that go through the same search and metrics.
+each gives L2-normalised rows that go through the same search and metrics
+(TF-IDF's rows stay scipy sparse: `item_jax.eval.metrics` searches them on
+the host without making them dense).
 
 During training, `PeriodicRetrieval` embeds the first `config.eval_num_examples`
 validation listings in reading order (the same at every step and on any number
@@ -14,14 +16,12 @@ of processes); its queries are the listings with another listing of their
 product inside that subset.
 """
 
-import collections
 import dataclasses
 import logging
-import re
 import time
 
 import numpy as np
-import scipy.sparse
+from sklearn.feature_extraction.text import TfidfVectorizer
 
 from item_jax.eval.embed import (ATTENTION_OUTPUTS, VIEWS, Embedder, embed_split,
                                  eval_batch_size, load_model, read_split)
@@ -31,7 +31,7 @@ from item_jax.eval.metrics import (classification_metrics, knn_predict,
 BASELINES = ("tfidf", "image_baseline", "random_init")
 ENTRIES = VIEWS + BASELINES
 HEADLINE = ("macro_recall@10", "map@10", "knn_accuracy", "probe_accuracy")
-NGRAM_SIZES = (2, 3, 4)
+NGRAM_RANGE = (2, 4)   # character n-grams of 2, 3 and 4
 HISTOGRAM_BINS = 8   # per channel: 8^3 = 512 joint colour bins
 PERIODIC_SPLIT = "validation"
 
@@ -112,45 +112,53 @@ def _category_metrics(train_features, train_labels, test_features, test_labels,
           **{f"probe_{name}": value for name, value in probe.items()}}
 
 
-def char_ngrams(title: str, sizes=NGRAM_SIZES) -> list[str]:
-  """Character n-grams of the lower-cased title, with a space at each end so
-  that word beginnings and ends are n-grams of their own."""
-  text = " " + re.sub(r"\s+", " ", title.lower()).strip() + " "
-  return [text[start:start + size] for size in sizes
-          for start in range(len(text) - size + 1)]
+def tfidf_vectorizer(ngram_range=NGRAM_RANGE) -> TfidfVectorizer:
+  """scikit-learn's TF-IDF over character n-grams, as the baseline uses it.
+
+  Each title is lower-cased, its whitespace runs made single spaces, and a
+  space put at each end, so that word beginnings and ends are n-grams of
+  their own; n-grams run across words ("b c" is one of "ab c"). Term
+  frequency is 1 + log(count), idf is log((1 + N) / (1 + df)) + 1, rows are
+  L2-normalised. This reproduces the hand-written n-grams and weights it
+  replaces (cosines equal to 1e-6), so earlier reports' TF-IDF figures stand.
+
+  sklearn's `analyzer="char_wb"` pads every word instead and never crosses a
+  space. On 12,000 synthetic listings split by sibling group it retrieves
+  better (macro R@10 0.868 against 0.857 with groups of 2-3, 0.677 against
+  0.661 with groups of 5-8 as in the demo; MAP@10 +2.6 and +5.0 points) but
+  classifies a little worse (k-NN 0.951 against 0.954, 0.937 against 0.945;
+  probe equal): a stronger retrieval bar, and a change of the baseline.
+  """
+  return TfidfVectorizer(analyzer="char", preprocessor=_padded_title,
+                         ngram_range=tuple(ngram_range), sublinear_tf=True,
+                         smooth_idf=True, norm="l2", dtype=np.float32)
 
 
-def tfidf_features(titles_by_split: dict, sizes=NGRAM_SIZES) -> dict:
-  """{split: (n, features) float32} TF-IDF rows of every split's titles.
+def _padded_title(title: str) -> str:
+  return " " + " ".join(title.lower().split()) + " "
+
+
+def tfidf_features(titles_by_split: dict, ngram_range=NGRAM_RANGE) -> dict:
+  """{split: (n, features) scipy CSR float32} TF-IDF rows of every split's
+  titles (`tfidf_vectorizer`).
 
   The vocabulary and document frequencies come from all the given titles
-  together (no labels are read). Term frequency is 1 + log(count); idf is
-  log((1 + N) / (1 + df)) + 1. Rows are L2-normalised over every n-gram,
+  together (no labels are read). Rows are L2-normalised over every n-gram,
   then only n-grams found in two or more titles are kept as columns: the
   others add nothing to any dot product between two titles, so cosine
-  similarities stay exact while the dense rows shrink.
+  similarities stay exact (a title's cosine with itself may fall below 1).
+  The rows stay sparse: the metrics take them as they are.
   """
   splits = list(titles_by_split)
-  vocabulary, rows, columns, counts = {}, [], [], []
-  for row, title in enumerate(t for split in splits for t in titles_by_split[split]):
-    for ngram, count in collections.Counter(char_ngrams(title, sizes)).items():
-      rows.append(row)
-      columns.append(vocabulary.setdefault(ngram, len(vocabulary)))
-      counts.append(count)
-  num_titles = sum(len(titles_by_split[split]) for split in splits)
-  matrix = scipy.sparse.csr_matrix(
-      (1 + np.log(np.asarray(counts, np.float64)), (rows, columns)),
-      shape=(num_titles, len(vocabulary)))
-  document_frequency = np.bincount(columns, minlength=len(vocabulary))
-  idf = np.log((1 + num_titles) / (1 + document_frequency)) + 1
-  matrix = matrix @ scipy.sparse.diags(idf)
-  norms = np.sqrt(np.asarray(matrix.multiply(matrix).sum(axis=1))).ravel()
-  matrix = scipy.sparse.diags(1 / np.maximum(norms, 1e-12)) @ matrix
-  shared = np.flatnonzero(document_frequency >= 2)
-  dense = matrix.tocsc()[:, shared].toarray().astype(np.float32)
+  titles = [title for split in splits for title in titles_by_split[split]]
+  if not titles:
+    raise ValueError("tfidf_features needs at least one title")
+  matrix = tfidf_vectorizer(ngram_range).fit_transform(titles).tocsr()
+  document_frequency = np.bincount(matrix.indices, minlength=matrix.shape[1])
+  matrix = matrix[:, np.flatnonzero(document_frequency >= 2)]
   features, start = {}, 0
   for split in splits:
-    features[split] = dense[start:start + len(titles_by_split[split])]
+    features[split] = matrix[start:start + len(titles_by_split[split])]
     start += len(titles_by_split[split])
   return features
 
