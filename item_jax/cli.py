@@ -122,15 +122,22 @@ def _embed(args):
 
 
 def _eval(args):
-  from item_jax.eval.evaluate import EvalOptions
-  from item_jax.eval.report import compare_table, eval_command, headline_table
-  _initialize_distributed(args)
+  from item_jax.eval.evaluate import BASELINES, EvalOptions
+  from item_jax.eval.report import (compare_table, eval_command, headline_table,
+                                    unavailable_lines)
+  baselines = BASELINES if args.baselines == "all" else tuple(
+      name.strip() for name in args.baselines.split(",") if name.strip())
+  # A bad value fails here, before any model is loaded.
   options = EvalOptions(step=args.step, batch_size=args.batch_size,
                         knn_k=args.knn_k, probe_steps=args.probe_steps,
-                        max_train_examples=args.max_train_examples)
+                        max_train_examples=args.max_train_examples,
+                        baselines=baselines)
+  _initialize_distributed(args)
   report, paths, compared = eval_command(args.workdir, args.data, args.compare,
                                          options)
   print(headline_table(report, markdown=False))
+  for line in unavailable_lines(report):
+    print(line)
   if compared:
     print("\n" + compare_table(compared, markdown=False))
   if paths:
@@ -279,7 +286,12 @@ def build_parser() -> argparse.ArgumentParser:
   evaluate.add_argument("--step", type=int, default=None)
   evaluate.add_argument("--batch-size", type=int, default=None)
   evaluate.add_argument("--knn-k", type=int, default=10)
-  evaluate.add_argument("--probe-steps", type=int, default=300)
+  evaluate.add_argument("--probe-steps", type=int, default=300,
+                        help="the linear probe's L-BFGS iterations at most")
+  evaluate.add_argument("--baselines", default="all",
+                        help="comma-separated subset of tfidf, minilm, "
+                        "image_baseline, mobilenet, random_init (default all; "
+                        "minilm and mobilenet need their wheels installed)")
   evaluate.add_argument("--max-train-examples", type=int, default=None,
                         help="cap the training listings used as the k-NN "
                         "index and the probe's training set")

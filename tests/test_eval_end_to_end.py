@@ -94,3 +94,65 @@ def test_embed_writes_one_view_with_its_ids(run, tmp_path):
   assert embeddings.shape == (len(ids["item_id"]), 64)
   assert len(set(ids["item_id"])) == len(ids["item_id"]) == len(ids["product_id"])
   np.testing.assert_allclose(np.linalg.norm(embeddings, axis=1), 1.0, rtol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def mixed_data(prepared_catalogue, tmp_path_factory):
+  """The tiny catalogue with every third photo and every fifth title
+  removed, prepared with --modalities any and the run's tokenizer."""
+  import csv
+  from item_jax.data.prepare import prepare
+  catalogue_dir, data_dir = prepared_catalogue
+  with open(catalogue_dir / "catalogue.csv", newline="") as file:
+    rows = list(csv.DictReader(file))
+  for number, row in enumerate(rows):
+    if number % 3 == 0:
+      row["image"] = ""
+    elif number % 5 == 0:
+      row["title"] = ""
+  root = tmp_path_factory.mktemp("mixed")
+  with open(root / "catalogue.csv", "w", newline="") as file:
+    writer = csv.DictWriter(file, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+  prepare(str(root / "catalogue.csv"), str(catalogue_dir / "images"),
+          str(root / "prepared"), num_shards=8, num_workers=0, modalities="any",
+          tokenizer_model=str(data_dir / "tokenizer.model"))
+  return str(root / "prepared")
+
+
+def test_eval_scores_each_entry_on_the_listings_that_have_its_input(run, mixed_data):
+  _, workdir = run
+  report = evaluate_lib.evaluate(str(workdir), mixed_data, evaluate_lib.EvalOptions(
+      probe_steps=20, baselines=("tfidf", "image_baseline", "random_init")))
+  dataset = json.loads(open(f"{mixed_data}/dataset.json").read())
+  kinds = dataset["splits"]["test"]["listings"]
+  assert kinds["title_only"] and kinds["image_only"] and kinds["title_and_image"]
+  assert report["meta"]["listings"]["test"] == kinds
+  with_title = kinds["title_and_image"] + kinds["title_only"]
+  with_image = kinds["title_and_image"] + kinds["image_only"]
+  expected = {"both": sum(kinds.values()), "title": with_title, "image": with_image,
+              "tfidf": with_title, "image_baseline": with_image,
+              "random_init": sum(kinds.values())}
+  assert {entry: report[entry]["num_test_listings"] for entry in expected} == expected
+  assert report["minilm"] == {"unavailable": "not asked for (--baselines)"}
+  assert 0.0 <= report["both"]["image_attention_share"] < 1.0
+  for entry in expected:
+    assert 0.0 <= report[entry]["probe_accuracy"] <= 1.0
+
+
+def test_embed_of_one_view_leaves_out_listings_without_its_input(run, mixed_data,
+                                                                  tmp_path):
+  _, workdir = run
+  dataset = json.loads(open(f"{mixed_data}/dataset.json").read())
+  kinds = dataset["splits"]["test"]["listings"]
+  for view, count in (("image", kinds["title_and_image"] + kinds["image_only"]),
+                      ("both", sum(kinds.values()))):
+    output = tmp_path / view
+    main(["embed", "--workdir", str(workdir), "--data", mixed_data, "--split", "test",
+          "--output", str(output), "--modality", view])
+    ids = json.loads(open(f"{output}.ids.json").read())
+    assert np.load(f"{output}.npy").shape[0] == len(ids["item_id"]) == count
+    assert ids["listings"] == kinds
+    if view == "image":
+      assert all(ids["has_image"])

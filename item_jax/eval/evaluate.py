@@ -21,15 +21,22 @@ import logging
 import time
 
 import numpy as np
+import scipy.sparse
 from sklearn.feature_extraction.text import TfidfVectorizer
 
 from item_jax.eval.embed import (ATTENTION_OUTPUTS, VIEWS, Embedder, embed_split,
                                  eval_batch_size, load_model, read_split)
 from item_jax.eval.metrics import (classification_metrics, knn_predict,
-                                   linear_probe, same_product_retrieval)
+                                   linear_probe, retrieval_queries,
+                                   same_product_retrieval)
 
-BASELINES = ("tfidf", "image_baseline", "random_init")
+BASELINES = ("tfidf", "minilm", "image_baseline", "mobilenet", "random_init")
 ENTRIES = VIEWS + BASELINES
+# The input each entry reads; it scores the listings that have it (None:
+# every listing, each with what it has).
+ENTRY_INPUTS = {"both": None, "title": "title", "image": "image",
+                "tfidf": "title", "minilm": "title", "image_baseline": "image",
+                "mobilenet": "image", "random_init": None}
 HEADLINE = ("macro_recall@10", "map@10", "knn_accuracy", "probe_accuracy")
 NGRAM_RANGE = (2, 4)   # character n-grams of 2, 3 and 4
 HISTOGRAM_BINS = 8   # per channel: 8^3 = 512 joint colour bins
@@ -43,65 +50,182 @@ class EvalOptions:
   knn_k: int = 10
   probe_steps: int = 300
   max_train_examples: int | None = None   # caps the k-NN index / probe set
+  # Which BASELINES to compute. The pretrained ones (minilm, mobilenet) are
+  # skipped, with the reason in the report, when their package is absent.
+  baselines: tuple[str, ...] = BASELINES
+
+  def __post_init__(self):
+    unknown = set(self.baselines) - set(BASELINES)
+    if unknown:
+      raise ValueError(f"unknown baselines {sorted(unknown)}; known: "
+                       f"{', '.join(BASELINES)}")
+
+
+def scored_entries(report: dict) -> list[str]:
+  """The ENTRIES a report holds metrics for, in order."""
+  return [entry for entry in ENTRIES
+          if entry in report and "unavailable" not in report[entry]]
 
 
 def evaluate(workdir: str, data_dir: str, options: EvalOptions = EvalOptions()
              ) -> dict:
-  """The report: {entry: metrics} for each of ENTRIES, plus "meta"."""
+  """The report: {entry: metrics} for each of ENTRIES, plus "meta".
+
+  Each entry is scored on the listings that have its input (ENTRY_INPUTS),
+  both in the test split and in the training split (the k-NN index and the
+  probe's training set); `num_test_listings` / `num_train_listings` say how
+  many. An entry that cannot be computed holds {"unavailable": reason}.
+  """
   started = time.time()
   trained = load_model(workdir, options.step, data_dir)
   untrained = load_model(workdir, data_dir=data_dir, initialise=True)
   embedder = Embedder.of(trained, VIEWS, attention=True)
-  runs = {"item": (embedder, trained.params),
-          "random_init": (embedder, untrained.params)}
+  runs = {"item": (embedder, trained.params)}
+  if "random_init" in options.baselines:
+    runs["random_init"] = (embedder, untrained.params)
+  unavailable = {entry: "not asked for (--baselines)" for entry in BASELINES
+                 if entry not in options.baselines}
+  pretrained = _pretrained_baselines(options.baselines, trained.mesh, unavailable)
+  host_features = {}
+  if "image_baseline" in options.baselines:
+    host_features[("image_baseline", "image")] = _on_images(colour_histograms)
+  if "mobilenet" in pretrained:
+    host_features[("mobilenet", "image")] = _on_images(pretrained["mobilenet"].embed)
   batch_size = eval_batch_size(embedder, options.batch_size)
   splits = {}
   for split, limit in (("test", None), ("train", options.max_train_examples)):
     logging.info("eval: embedding the %s split", split)
     splits[split] = embed_split(
         read_split(data_dir, split, trained.settings, batch_size, limit), runs,
-        {("image_baseline", "image"):
-         lambda batch: colour_histograms(batch["image"][batch["valid"]])})
+        host_features)
   train, test = splits["train"], splits["test"]
-  features = _features_by_entry(train, test)
+  if "minilm" in pretrained:
+    logging.info("eval: MiniLM on %d titles", len(train.titles) + len(test.titles))
+    for split in (train, test):
+      split.outputs[("minilm", "title")] = pretrained["minilm"].embed(split.titles)
+  features = _features_by_entry(train, test, [e for e in ENTRIES if e not in unavailable])
   num_classes = len(trained.settings.dataset["categories"])
   report = {}
   for entry in ENTRIES:
+    if entry in unavailable:
+      report[entry] = {"unavailable": unavailable[entry]}
+      continue
+    in_train, in_test = (split.has(ENTRY_INPUTS[entry] or "both")
+                         for split in (train, test))
+    if not in_test.any() or not in_train.any():
+      report[entry] = {"unavailable": f"no listing has a{'n' * (ENTRY_INPUTS[entry] == 'image')} "
+                                      f"{ENTRY_INPUTS[entry]}"}
+      continue
     logging.info("eval: metrics of %s", entry)
-    train_features, test_features = features[entry]
+    train_features, test_features = (_rows(rows, mask) for rows, mask in zip(
+        features[entry], (in_train, in_test)))
+    retrieval = {"num_queries": 0}  # no product with two test listings
+    if len(retrieval_queries(test.product_ids[in_test])):
+      retrieval = same_product_retrieval(test_features, test.product_ids[in_test],
+                                         test.category_ids[in_test], mesh=trained.mesh)
     report[entry] = {
-        **same_product_retrieval(test_features, test.product_ids,
-                                 test.category_ids, mesh=trained.mesh),
-        **_category_metrics(train_features, train.category_ids, test_features,
-                            test.category_ids, num_classes, options, trained.mesh)}
+        **retrieval,
+        **_category_metrics(train_features, train.category_ids[in_train],
+                            test_features, test.category_ids[in_test],
+                            num_classes, options, trained.mesh),
+        "num_test_listings": int(in_test.sum()),
+        "num_train_listings": int(in_train.sum())}
   for run, entry in (("item", "both"), ("random_init", "random_init")):
-    for output in ATTENTION_OUTPUTS:
-      report[entry][output] = float(np.mean(test.outputs[(run, output)]))
+    if "unavailable" not in report[entry]:
+      for output in ATTENTION_OUTPUTS:
+        report[entry][output] = float(np.mean(test.outputs[(run, output)]))
   report["meta"] = {
       "workdir": str(workdir), "data": str(data_dir), "step": trained.step,
       "num_test_listings": len(test.item_ids),
       "num_train_listings": len(train.item_ids),
+      "listings": {"test": test.kinds(), "train": train.kinds()},
       "num_categories": num_classes, "knn_k": options.knn_k,
       "probe_steps": options.probe_steps,
-      "tfidf_dim": int(features["tfidf"][0].shape[1]),
+      "tfidf_dim": (int(features["tfidf"][0].shape[1]) if "tfidf" in features
+                    else None),
+      "unavailable": {entry: values["unavailable"] for entry, values in report.items()
+                      if "unavailable" in values},
       "seconds": round(time.time() - started, 1)}
   return report
 
 
-def _features_by_entry(train, test) -> dict:
-  """{entry: (train rows, test rows)}."""
+def _pretrained_baselines(baselines, mesh, unavailable: dict) -> dict:
+  """{name: loaded model} of the pretrained baselines asked for and
+  installed; the others' reasons go into `unavailable`."""
+  from item_jax.eval.minilm import load_minilm
+  from item_jax.eval.mobilenet import load_mobilenet
+  loaded = {}
+  for name, load in (("minilm", lambda: load_minilm(mesh)),
+                     ("mobilenet", load_mobilenet)):
+    if name not in baselines:
+      continue
+    model, why = load()
+    if model is None:
+      logging.warning("eval: no %s baseline: %s", name, why)
+      unavailable[name] = why
+    else:
+      loaded[name] = model
+  return loaded
+
+
+def _on_images(features):
+  """A host feature of a batch's valid listings that have an image; zero
+  rows for the others (evaluation leaves them out)."""
+
+  def compute(batch):
+    valid = batch["valid"]
+    has_image = batch.get("has_image", np.ones_like(valid))[valid]
+    images = batch["image"][valid]
+    rows = features(images[has_image]) if has_image.any() else None
+    out = np.zeros((len(images), rows.shape[1] if rows is not None else 1), np.float32)
+    if rows is not None:
+      out[has_image] = rows
+    return out
+
+  return compute
+
+
+def _rows(rows, mask: np.ndarray):
+  return rows if mask.all() else rows[mask]
+
+
+def _features_by_entry(train, test, entries) -> dict:
+  """{entry: (train rows, test rows)} of `entries`."""
   both = lambda key: (train.outputs[key], test.outputs[key])
-  tfidf = tfidf_features({"train": train.titles, "test": test.titles})
-  return {**{view: both(("item", view)) for view in VIEWS},
-          "tfidf": (tfidf["train"], tfidf["test"]),
-          "image_baseline": both(("image_baseline", "image")),
-          "random_init": both(("random_init", "both"))}
+  sources = {**{view: lambda view=view: both(("item", view)) for view in VIEWS},
+             "minilm": lambda: both(("minilm", "title")),
+             "image_baseline": lambda: both(("image_baseline", "image")),
+             "mobilenet": lambda: both(("mobilenet", "image")),
+             "random_init": lambda: both(("random_init", "both"))}
+  features = {entry: sources[entry]() for entry in entries if entry in sources}
+  if "tfidf" in entries:
+    # Fitted on the titles of the listings that have one.
+    titled = {"train": train.has_title, "test": test.has_title}
+    tfidf = tfidf_features({name: [t for t, kept in zip(split.titles, titled[name]) if kept]
+                            for name, split in (("train", train), ("test", test))})
+    features["tfidf"] = tuple(_scatter(tfidf[name], titled[name])
+                              for name in ("train", "test"))
+  return features
+
+
+def _scatter(rows, present: np.ndarray):
+  """Sparse rows of the listings where `present`, placed at their positions
+  among all listings (empty rows elsewhere)."""
+  if present.all():
+    return rows
+  positions = np.flatnonzero(present)
+  expand = scipy.sparse.csr_matrix(
+      (np.ones(len(positions), np.float32), (positions, np.arange(len(positions)))),
+      shape=(len(present), len(positions)))
+  return (expand @ rows).tocsr()
 
 
 def _category_metrics(train_features, train_labels, test_features, test_labels,
                       num_classes: int, options: EvalOptions, mesh) -> dict:
   """k-NN and linear-probe accuracy and macro-F1 on labelled test listings."""
   labelled = test_labels >= 0
+  if not labelled.any() or not (train_labels >= 0).any():
+    return {}
   queries, labels = test_features[labelled], test_labels[labelled]
   knn = classification_metrics(labels, knn_predict(
       train_features, train_labels, queries, options.knn_k, mesh=mesh))

@@ -9,7 +9,7 @@ from clu import metric_writers
 from etils import epath
 
 from item_jax.eval import evaluate as evaluate_lib
-from item_jax.eval.evaluate import ENTRIES, HEADLINE
+from item_jax.eval.evaluate import ENTRIES, HEADLINE, scored_entries
 from item_jax.eval.metrics import RETRIEVAL_KS
 
 LABELS = {
@@ -17,7 +17,9 @@ LABELS = {
     "title": "ITEm, title only",
     "image": "ITEm, image only",
     "tfidf": "TF-IDF, title char 2-4-grams",
+    "minilm": "all-MiniLM-L6-v2, title",
     "image_baseline": "colour histogram, image",
+    "mobilenet": "MobileNetV2 ImageNet, image",
     "random_init": "ITEm untrained, title + image",
 }
 HEADLINE_NAMES = {"macro_recall@10": "macro R@10", "map@10": "MAP@10",
@@ -47,7 +49,7 @@ def write_report(report: dict, workdir: str, compare: dict | None = None) -> dic
   # TensorBoard only: the default writer would also log every scalar.
   writer = metric_writers.SummaryWriter(str(directory))
   writer.write_scalars(report["meta"]["step"], {
-      f"eval/{entry}/{name}": value for entry in ENTRIES
+      f"eval/{entry}/{name}": value for entry in scored_entries(report)
       for name, value in report[entry].items()})
   writer.close()
   return {"json": str(directory / REPORT_JSON), "markdown": str(directory / REPORT_MD),
@@ -55,8 +57,9 @@ def write_report(report: dict, workdir: str, compare: dict | None = None) -> dic
 
 
 def format_table(header: list[str], rows: list[list], markdown: bool = True) -> str:
-  """A table of strings and floats (shown with 3 decimals)."""
-  cells = [[f"{cell:.3f}" if isinstance(cell, float) else str(cell) for cell in row]
+  """A table of strings and floats (shown with 3 decimals; None as "-")."""
+  cells = [[f"{cell:.3f}" if isinstance(cell, float) else
+            "-" if cell is None else str(cell) for cell in row]
            for row in [header, *rows]]
   if markdown:
     lines = ["| " + " | ".join(row) + " |" for row in cells]
@@ -69,11 +72,20 @@ def format_table(header: list[str], rows: list[list], markdown: bool = True) -> 
 
 
 def headline_table(report: dict, markdown: bool = True) -> str:
-  """Each entry's four headline metrics."""
+  """Each scored entry's four headline metrics and how many test listings
+  it scored ("-": no query or no category to score)."""
   return format_table(
-      ["", *HEADLINE_NAMES.values()],
-      [[LABELS[entry], *(report[entry][name] for name in HEADLINE)]
-       for entry in ENTRIES], markdown)
+      ["", *HEADLINE_NAMES.values(), "test listings"],
+      [[LABELS[entry], *(report[entry].get(name) for name in HEADLINE),
+        report[entry].get("num_test_listings", report["meta"]["num_test_listings"])]
+       for entry in scored_entries(report)], markdown)
+
+
+def unavailable_lines(report: dict) -> list[str]:
+  """One line per entry the report could not compute, with the reason."""
+  return [f"{LABELS[entry]}: not scored ({report[entry]['unavailable']})"
+          for entry in ENTRIES
+          if entry in report and "unavailable" in report[entry]]
 
 
 def recipes_table(reports: dict, markdown: bool = True) -> str:
@@ -82,11 +94,13 @@ def recipes_table(reports: dict, markdown: bool = True) -> str:
   rows = []
   for name, report in reports.items():
     for view in ("both", "title", "image"):
-      rows.append([f"{name}: {LABELS[view]}",
-                   *(report[view][metric] for metric in HEADLINE)])
+      if view in scored_entries(report):
+        rows.append([f"{name}: {LABELS[view]}",
+                     *(report[view].get(metric) for metric in HEADLINE)])
   first = next(iter(reports.values()))
-  for entry in ("tfidf", "image_baseline", "random_init"):
-    rows.append([LABELS[entry], *(first[entry][metric] for metric in HEADLINE)])
+  for entry in scored_entries(first):
+    if entry not in ("both", "title", "image"):
+      rows.append([LABELS[entry], *(first[entry].get(metric) for metric in HEADLINE)])
   return format_table(["", *HEADLINE_NAMES.values()], rows, markdown)
 
 
@@ -95,8 +109,9 @@ def compare_table(reports: dict, markdown: bool = True) -> str:
   rows = []
   for workdir, report in reports.items():
     for view in ("both", "title", "image"):
-      rows.append([workdir, report["meta"]["step"], view,
-                   *(report[view][name] for name in HEADLINE)])
+      if view in scored_entries(report):
+        rows.append([workdir, report["meta"]["step"], view,
+                     *(report[view].get(name) for name in HEADLINE)])
   return format_table(["workdir", "step", "view", *HEADLINE_NAMES.values()],
                       rows, markdown)
 
@@ -107,32 +122,39 @@ def format_markdown(report: dict, plots: list[str], compare: dict | None) -> str
                        for metric in ("recall", "map") for k in RETRIEVAL_KS]
   classification_columns = ["knn_accuracy", "knn_macro_f1", "probe_accuracy",
                             "probe_macro_f1"]
+  entries = scored_entries(report)
   attention_rows = [[LABELS[entry], report[entry]["image_attention_share"],
                      report[entry]["image_token_share"]]
-                    for entry in ("both", "random_init")]
+                    for entry in ("both", "random_init") if entry in entries]
+  kinds = meta.get("listings", {}).get("test")
+  kinds_text = "" if not kinds else " (" + ", ".join(
+      f"{count} {kind.replace('_', ' ')}" for kind, count in kinds.items()) + \
+      "; an entry that reads only titles or only images scores the listings " \
+      "that have them)"
   sections = [
       f"# ITEm evaluation: {meta['workdir']} at step {meta['step']}",
-      f"Data `{meta['data']}`: {meta['num_test_listings']} test listings "
+      f"Data `{meta['data']}`: {meta['num_test_listings']} test listings"
+      f"{kinds_text} "
       f"(retrieval queries: {report['both']['num_queries']} listings whose "
       f"product has another test listing, in "
-      f"{report['both']['num_query_categories']} leaf categories), "
+      f"{report['both'].get('num_query_categories', 0)} leaf categories), "
       f"{meta['num_train_listings']} training listings as the k-NN index "
       f"(k={meta['knn_k']}) and the linear probe's training set "
       f"({meta['probe_steps']} full-batch steps), {meta['num_categories']} "
       "categories.",
-      "## Headline", headline_table(report),
+      "## Headline", headline_table(report), *unavailable_lines(report),
       "## Same-product retrieval (test split, cosine similarity)",
       "Recall@k: share of the query's other listings in the top k. AP@k: sum "
       "over hits in the top k of precision at the hit's rank, divided by "
       "min(k, number of the query's other listings). Plain: mean over queries; "
       "macro: mean of each leaf category's mean.",
       format_table(["", *retrieval_columns],
-                   [[LABELS[e], *(report[e][c] for c in retrieval_columns)]
-                    for e in ENTRIES]),
+                   [[LABELS[e], *(report[e].get(c) for c in retrieval_columns)]
+                    for e in entries]),
       "## Leaf-category prediction (test split)",
       format_table(["", *classification_columns],
-                   [[LABELS[e], *(report[e][c] for c in classification_columns)]
-                    for e in ENTRIES]),
+                   [[LABELS[e], *(report[e].get(c) for c in classification_columns)]
+                    for e in entries]),
       "## Where [CLS] looks (last block, mean over heads and test listings)",
       "Share of [CLS] attention on image patches, beside the patches' share "
       "of the attended tokens (what uniform attention would give).",
@@ -150,11 +172,13 @@ def _plot(report: dict, directory: epath.Path) -> list[str]:
   matplotlib.use("Agg")
   from matplotlib import pyplot
 
+  entries = scored_entries(report)
+  value = lambda entry, name: report[entry].get(name, float("nan"))
   figure, axes = pyplot.subplots(figsize=(11, 4))
-  width = 0.8 / len(ENTRIES)
-  for i, entry in enumerate(ENTRIES):
+  width = 0.8 / len(entries)
+  for i, entry in enumerate(entries):
     axes.bar([x + i * width for x in range(len(HEADLINE))],
-             [report[entry][name] for name in HEADLINE], width, label=LABELS[entry])
+             [value(entry, name) for name in HEADLINE], width, label=LABELS[entry])
   axes.set_xticks([x + 0.4 - width / 2 for x in range(len(HEADLINE))],
                   list(HEADLINE_NAMES.values()))
   axes.set_ylim(0, 1)
@@ -165,8 +189,8 @@ def _plot(report: dict, directory: epath.Path) -> list[str]:
   pyplot.close(figure)
 
   figure, axes = pyplot.subplots(figsize=(8, 4))
-  for entry in ENTRIES:
-    axes.plot(RETRIEVAL_KS, [report[entry][f"macro_recall@{k}"] for k in RETRIEVAL_KS],
+  for entry in entries:
+    axes.plot(RETRIEVAL_KS, [value(entry, f"macro_recall@{k}") for k in RETRIEVAL_KS],
               marker="o", label=LABELS[entry])
   axes.set_xlabel("k")
   axes.set_ylabel("macro Recall@k")
