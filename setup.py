@@ -24,6 +24,11 @@ INSTALL_REQUIRES = [
     # report's plots.
     "scipy==1.17.1",
     "scikit-learn==1.9.1",
+    "threadpoolctl==3.8.0",  # one BLAS thread for the probe (metrics.py)
+    # The sentence-embedding baseline (all-MiniLM-L6-v2 on our own encoder):
+    # its safetensors weights and WordPiece tokenizer; no torch.
+    "safetensors==0.8.0",
+    "tokenizers==0.23.3",
     "matplotlib==3.11.2",
 ]
 

@@ -23,7 +23,7 @@ from etils import epath
 
 from item_jax.data.prepare import prepare
 from item_jax.data.synth import synthesize
-from item_jax.eval.evaluate import PeriodicRetrieval
+from item_jax.eval.evaluate import EvalOptions, PeriodicRetrieval
 from item_jax.eval.report import eval_command
 from item_jax.train.config import load_config, validate
 from item_jax.train.loop import train
@@ -60,7 +60,11 @@ def run_demo(workdir: str, num_products: int = 1250, seed: int = 0,
     logging.info("demo: training the %s recipe (%s)", name, config_file.name)
     history = train(settings, str(root / train_dir), evaluator=PeriodicRetrieval)
     logging.info("demo: evaluating the %s recipe", name)
-    report, paths, _ = eval_command(str(root / train_dir), str(prepared))
+    # The pretrained baselines do not depend on the recipe: the first
+    # report carries them.
+    options = EvalOptions() if not recipes else EvalOptions(
+        baselines=("tfidf", "image_baseline", "random_init"))
+    report, paths, _ = eval_command(str(root / train_dir), str(prepared), options=options)
     recipes[name] = {"config": str(config_file),
                      "train_workdir": str(root / train_dir), "eval": paths,
                      "report": report}
