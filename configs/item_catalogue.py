@@ -52,8 +52,9 @@ def get_config(arg=None):
   config.total_steps = 1000
   config.log_every_steps = 50
   config.checkpoint_every_steps = 250
-  # Off: on CPU the lax.cond that computes each task's gradient on log steps
-  # took about 95 s a time at this size (a plain step: 1.2 s).
+  # Off: each task's own gradient costs one more backward pass per task on
+  # log steps; turn it on (--config.log_task_gradients=True) to see the
+  # tasks' shares of the update.
   config.log_task_gradients = False
   config.optimizer.learning_rate = 5e-4
   config.optimizer.text_learning_rate_scale = 0.1
