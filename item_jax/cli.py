@@ -1,11 +1,35 @@
-"""The `item-jax` command line: parses flags and calls the packages, nothing more."""
+"""The `item-jax` command line: parses flags and calls the packages, nothing more.
+
+A mistake in what was asked (`item_jax.errors.UserError`: a missing input, a
+bad flag or config value, a work directory without a run) ends in one line,
+`item-jax COMMAND: error: MESSAGE`, and exit status 2; `--debug` (or
+ITEM_JAX_DEBUG=1) shows its traceback instead. Any other error is a bug and
+shows its traceback.
+"""
 
 import argparse
+import glob
+import importlib.util
 import json
 import logging
 import os
 import pathlib
 import sys
+
+from item_jax.errors import MissingInputError, UserError, no_prepared_data, no_training_run
+
+DEBUG_ENV = "ITEM_JAX_DEBUG"
+
+# Set by a person (or a TPU VM's image) to use a TPU. Not TPU_SKIP_MDS_QUERY
+# nor TPU_LIBRARY_PATH: JAX and libtpu set those on import, TPU or not.
+_TPU_ENV = ("TPU_ACCELERATOR_TYPE", "TPU_WORKER_HOSTNAMES", "TPU_NAME",
+            "TPU_VISIBLE_CHIPS", "TPU_PROCESS_BOUNDS",
+            "TPU_CHIPS_PER_PROCESS_BOUNDS", "JAX_FORCE_TPU_INIT")
+# Google's PCI vendor id and its TPU device ids (as jax._src.hardware_utils).
+_TPU_PCI_VENDOR = "0x1ae0"
+_TPU_PCI_DEVICES = ("0x0027", "0x0056", "0x005e", "0x0062", "0x0063", "0x006f",
+                    "0x0076")
+_NVIDIA_DEVICES = ("/dev/nvidia0", "/dev/nvidiactl", "/dev/dxg")  # as JAX looks
 
 
 def _quiet_tensorflow():
@@ -13,9 +37,157 @@ def _quiet_tensorflow():
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
+def tpu_present(environ=None) -> bool:
+  """Whether this machine has a TPU (its device files or PCI ids), or the
+  environment says to use one."""
+  environ = os.environ if environ is None else environ
+  if any(environ.get(name) for name in _TPU_ENV):
+    return True
+  if glob.glob("/dev/accel[0-9]*") or glob.glob("/dev/vfio/[0-9]*"):
+    return True
+  for vendor in glob.glob("/sys/bus/pci/devices/*/vendor"):
+    try:
+      with open(vendor) as file:
+        if file.read().strip() != _TPU_PCI_VENDOR:
+          continue
+      with open(os.path.join(os.path.dirname(vendor), "device")) as file:
+        if file.read().strip() in _TPU_PCI_DEVICES:
+          return True
+    except OSError:
+      continue
+  return False
+
+
+def _hidden_devices(*variables) -> bool:
+  """A device list such as CUDA_VISIBLE_DEVICES set to none ("" or -1)."""
+  return any(os.environ[name] in ("", "-1") for name in variables if name in os.environ)
+
+
+def non_tpu_platforms() -> str | None:
+  """JAX_PLATFORMS without the TPU: the GPU backends whose plugin is installed
+  and whose devices are there, then cpu. None (let JAX choose) where another
+  plugin is installed, whose platform name is not known here."""
+  if os.environ.get("PJRT_NAMES_AND_LIBRARY_PATHS"):
+    return None
+  names = set()
+  try:  # the plugins JAX would load: jax_plugins.* modules and entry points
+    import pkgutil
+    from importlib.metadata import entry_points
+    spec = importlib.util.find_spec("jax_plugins")
+    if spec is not None and spec.submodule_search_locations:
+      names.update(module.name for module in
+                   pkgutil.iter_modules(spec.submodule_search_locations))
+    names.update(f"{point.name} {point.value}"
+                 for point in entry_points(group="jax_plugins"))
+  except Exception:  # a broken plugin install: JAX reports it itself
+    return None
+  platforms = []
+  for name in names:
+    if "tpu" in name:
+      continue
+    if "cuda" in name:
+      if (any(os.path.exists(device) for device in _NVIDIA_DEVICES)
+          and not _hidden_devices("CUDA_VISIBLE_DEVICES")):
+        platforms.append("cuda")
+    elif "rocm" in name:
+      if os.path.exists("/dev/kfd") and not _hidden_devices("HIP_VISIBLE_DEVICES",
+                                                            "ROCR_VISIBLE_DEVICES"):
+        platforms.append("rocm")
+    else:
+      return None
+  return ",".join(sorted(set(platforms)) + ["cpu"])
+
+
+def _skip_absent_tpu():
+  """With libtpu installed (the `compile` extra), JAX's first device query
+  tries the TPU and prints lines about its accelerator type and worker
+  hostnames on machines without one. There, JAX_PLATFORMS names the others;
+  a JAX_PLATFORMS already set (even empty: JAX's own choice) is kept."""
+  if ("JAX_PLATFORMS" in os.environ or "JAX_PLATFORM_NAME" in os.environ
+      or "jax" in sys.modules or tpu_present()):
+    return
+  platforms = non_tpu_platforms()
+  if platforms:
+    os.environ["JAX_PLATFORMS"] = platforms
+
+
+def _debug_from_environment() -> bool:
+  return os.environ.get(DEBUG_ENV, "").strip().lower() not in ("", "0", "false", "no", "off")
+
+
+def _is_local(path) -> bool:
+  return "://" not in str(path)
+
+
+def _need_file(flag: str, path: str) -> None:
+  """A file named on the command line must be there (local paths; gs:// and
+  other URLs are left to the code that reads them)."""
+  if not _is_local(path):
+    return
+  if os.path.isdir(path):
+    raise UserError(f"{flag} {path} is a folder; expected a file")
+  if not os.path.isfile(path):
+    raise MissingInputError(f"{flag} {path}: no such file")
+  if not os.access(path, os.R_OK):
+    raise MissingInputError(f"{flag} {path}: not readable (permissions)")
+
+
+def _need_folder(flag: str, path: str) -> None:
+  if not _is_local(path):
+    return
+  if os.path.isfile(path):
+    raise UserError(f"{flag} {path} is a file; expected a folder")
+  if not os.path.isdir(path):
+    raise MissingInputError(f"{flag} {path}: no such folder")
+
+
+def _output_folder(flag: str, path: str) -> None:
+  if _is_local(path) and os.path.isfile(path):
+    raise UserError(f"{flag} {path} is a file; expected a folder (it is "
+                    "created if missing)")
+
+
+def _need_run(flag: str, workdir: str) -> None:
+  """`workdir` holds a training run: its config.json."""
+  if _is_local(workdir) and not os.path.isfile(os.path.join(workdir, "config.json")):
+    raise MissingInputError(f"{flag}: {no_training_run(workdir)}")
+
+
+def _need_prepared(flag: str, data_dir: str, splits=(), split_flag=None) -> None:
+  """`data_dir` is a `prepare` output folder with `splits`."""
+  if not _is_local(data_dir):
+    return
+  info_file = os.path.join(data_dir, "dataset.json")
+  if not os.path.isfile(info_file):
+    raise MissingInputError(f"{flag}: {no_prepared_data(data_dir)}")
+  try:
+    with open(info_file) as file:
+      present = sorted(json.load(file).get("splits", {}))
+  except (OSError, ValueError, AttributeError) as error:
+    raise UserError(f"{flag}: {info_file} is not readable: {error}") from error
+  for split in splits:
+    if split not in present:
+      where = f"{split_flag} {split}" if split_flag else f"{flag} {data_dir}"
+      raise UserError(f"{where}: {data_dir} has no {split!r} split; it has "
+                      f"{', '.join(present)}")
+
+
+def _at_least(args, **minimums) -> None:
+  """Each named flag that was given is at least its minimum."""
+  for dest, minimum in minimums.items():
+    value = getattr(args, dest, None)
+    if value is not None and value < minimum:
+      raise UserError(f"--{dest.replace('_', '-')} {value}: must be at least {minimum}")
+
+
 def _demo(args, overrides):
-  from item_jax.demo import run_demo
+  _at_least(args, num_products=1, seed=0)
+  _output_folder("--workdir", args.workdir)
+  from item_jax.demo import RECIPES, run_demo
   from item_jax.eval.report import recipes_table
+  from item_jax.train.config import load_config
+  for _, config_file, _ in RECIPES:  # a bad --config.* fails now, not after prepare
+    load_config(str(config_file), overrides)
   summary = run_demo(args.workdir, num_products=args.num_products,
                      seed=args.seed, overrides=overrides)
   print(f"\nITEm demo in {summary['workdir']}: the hard synthetic catalogue "
@@ -48,6 +220,8 @@ def _group_sizes(text: str) -> tuple[int, ...]:
 
 
 def _synth(args):
+  _at_least(args, num_products=1, seed=0, image_size=32, workers=1)
+  _output_folder("--output", args.output)
   from item_jax.data.synth import synthesize
   summary = synthesize(args.output, args.num_products, seed=args.seed,
                        image_size=args.image_size, num_workers=args.workers,
@@ -58,13 +232,21 @@ def _synth(args):
 
 
 def _prepare(args):
+  _need_file("--catalogue", args.catalogue)
+  if args.images:
+    _need_folder("--images", args.images)
+  if args.tokenizer:
+    _need_file("--tokenizer", args.tokenizer)
+  _output_folder("--output", args.output)
+  _at_least(args, num_shards=1, vocab_size=1, seed=0, max_image_side=1, workers=1)
   from item_jax.data.catalogue import parse_column_mapping
-  from item_jax.data.prepare import prepare
+  columns = parse_column_mapping(args.columns) if args.columns else None
+  from item_jax.data.prepare import prepare  # TensorFlow from here on
   images = args.images or os.path.dirname(os.path.abspath(args.catalogue))
   summary = prepare(
       args.catalogue, images, args.output, num_shards=args.num_shards,
       vocab_size=args.vocab_size, tokenizer_model=args.tokenizer,
-      columns=parse_column_mapping(args.columns) if args.columns else None,
+      columns=columns,
       seed=args.seed, max_image_side=args.max_image_side,
       num_workers=args.workers, lowercase=not args.cased, split_by=args.split_by,
       modalities=args.modalities)
@@ -76,14 +258,16 @@ def _prepare(args):
 
 
 def _train(args, overrides):
+  _at_least(args, num_processes=1, process_id=0)
+  _output_folder("--workdir", args.workdir)
   import jax
-  from item_jax.eval.evaluate import PeriodicRetrieval
   from item_jax.train.config import load_config, validate
-  from item_jax.train.loop import train
   _initialize_distributed(args)
   # A bad config fails here, before any device work.
   config = load_config(args.config, overrides)
   settings = validate(config, jax.device_count(), jax.process_count())
+  from item_jax.eval.evaluate import PeriodicRetrieval  # TensorFlow from here on
+  from item_jax.train.loop import train
   # Retrieval on a validation subset every config.eval_every_steps (0: never).
   history = train(settings, args.workdir, evaluator=PeriodicRetrieval)
   if history:
@@ -93,6 +277,9 @@ def _train(args, overrides):
 
 
 def _compile(args, overrides):
+  _at_least(args, vocab_size=1)
+  if args.hbm_gib is not None and args.hbm_gib <= 0:
+    raise UserError(f"--hbm-gib {args.hbm_gib}: must be more than 0")
   # Compiling reads no data and runs nothing: local accelerators are not needed.
   os.environ.setdefault("JAX_PLATFORMS", "cpu")
   from item_jax.launch import compile as compile_lib
@@ -102,15 +289,16 @@ def _compile(args, overrides):
     target = compile_lib.parse_target(args.topology, args.hbm_gib)
     report = compile_lib.compile_train_step(load_config(args.config, overrides),
                                             target, args.vocab_size)
-  except compile_lib.DoesNotFitError as error:
+  except compile_lib.DoesNotFitError as error:  # an answer, with its report
     sys.exit(f"does not fit: {error}")
-  except ValueError as error:  # a bad topology or config: no traceback
-    sys.exit(f"item-jax compile: {error}")
   print(json.dumps(report, indent=2) if args.json
         else compile_lib.format_report(report))
 
 
 def _embed(args):
+  _need_run("--workdir", args.workdir)
+  _need_prepared("--data", args.data, [args.split], split_flag="--split")
+  _at_least(args, step=0, batch_size=1, num_processes=1, process_id=0)
   from item_jax.eval.embed import embed_command
   _initialize_distributed(args)
   summary = embed_command(args.workdir, args.data, args.split, args.output,
@@ -122,6 +310,10 @@ def _embed(args):
 
 
 def _eval(args):
+  _need_run("--workdir", args.workdir)
+  _need_prepared("--data", args.data, ["test", "train"])
+  _at_least(args, step=0, batch_size=1, knn_k=1, probe_steps=1,
+            max_train_examples=1, num_processes=1, process_id=0)
   from item_jax.eval.evaluate import BASELINES, EvalOptions
   from item_jax.eval.report import (compare_table, eval_command, headline_table,
                                     unavailable_lines)
@@ -145,22 +337,20 @@ def _eval(args):
 
 
 def _convert(args, overrides):
-  from item_jax.convert import commands
+  _check_convert_inputs(args)
   config = None
   if getattr(args, "config", None):
     from item_jax.train.config import load_config
     config = load_config(args.config, overrides)
   elif overrides:
-    sys.exit("--config.* overrides need --config FILE[:ARG]")
+    raise UserError("--config.* overrides need --config FILE[:ARG]")
+  from item_jax.convert import commands
   if args.layout == "hf-bert":
     commands.hf_bert_to_workdir(args.checkpoint, args.workdir, args.image_size,
                                 args.patch_size, config)
   elif args.layout == "hf-vit":
     commands.hf_vit_into_workdir(args.checkpoint, args.workdir)
   elif args.layout == "torch":
-    if (args.checkpoint is None) == (args.output is None):
-      sys.exit("convert torch: give CHECKPOINT (torch -> --workdir) or "
-               "--output (--workdir -> torch), not both")
     if args.output:
       commands.workdir_to_torch(args.workdir, args.output, args.step)
     else:
@@ -175,6 +365,26 @@ def _convert(args, overrides):
                      args.step)
 
 
+def _check_convert_inputs(args):
+  """What each layout reads must be there: the checkpoint folder, or the run
+  in --workdir (the others write --workdir)."""
+  _at_least(args, image_size=1, patch_size=1, step=0, num_devices=1)
+  layout = args.layout
+  if layout == "torch" and (args.checkpoint is None) == (args.output is None):
+    raise UserError("give either CHECKPOINT (torch -> --workdir) or --output "
+                    "(--workdir -> torch)")
+  if getattr(args, "checkpoint", None) is not None:
+    _need_folder("checkpoint", args.checkpoint)
+    if layout in ("hf-bert", "torch", "import"):
+      _need_file("checkpoint", os.path.join(args.checkpoint, "config.json"))
+  if layout in ("hf-vit", "export", "reshard") or (layout == "torch" and args.output):
+    _need_run("--workdir", args.workdir)
+  else:
+    _output_folder("--workdir", args.workdir)
+  if getattr(args, "tokenizer", None):
+    _need_file("--tokenizer", args.tokenizer)
+
+
 def _initialize_distributed(args):
   """jax.distributed.initialize() before any other JAX call, when several
   processes run: explicit flags, or what SLURM / a TPU pod provides."""
@@ -187,9 +397,19 @@ def _initialize_distributed(args):
     jax.distributed.initialize()
 
 
+def _add_debug_flag(parser, top: bool = False) -> None:
+  """--debug before or after the command (and the convert layout)."""
+  parser.add_argument("--debug", action="store_true",
+                      default=False if top else argparse.SUPPRESS,
+                      help=f"on an error, show its traceback (also {DEBUG_ENV}=1)")
+
+
 def build_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(
-      prog="item-jax", description="ITEm image + title embeddings in JAX/Flax.")
+      prog="item-jax", description="ITEm image + title embeddings in JAX/Flax.",
+      epilog="A mistake (a missing input, a bad flag or config value) is "
+      "reported in one line with exit status 2; --debug shows its traceback.")
+  _add_debug_flag(parser, top=True)
   commands = parser.add_subparsers(dest="command", required=True)
 
   synth = commands.add_parser(
@@ -308,6 +528,8 @@ def build_parser() -> argparse.ArgumentParser:
   demo.add_argument("--num-products", type=int, default=1250)
   demo.add_argument("--seed", type=int, default=0)
   demo.set_defaults(run=_demo, takes_overrides=True)
+  for command in commands.choices.values():
+    _add_debug_flag(command)
   return parser
 
 
@@ -357,6 +579,8 @@ def _add_convert_parser(commands):
   reshard.add_argument("--num-devices", type=int, default=None,
                        help="use the first N devices (default: all)")
   reshard.add_argument("--step", type=int, default=None)
+  for sub in layouts.choices.values():
+    _add_debug_flag(sub)
 
 
 def _add_distributed_flags(parser):
@@ -374,22 +598,42 @@ class _DropLibraryChatter(logging.Filter):
     return record.levelno >= logging.WARNING or "/orbax/" not in record.pathname
 
 
+def _command_name(args) -> str:
+  layout = getattr(args, "layout", None)
+  return f"{args.command} {layout}" if args.command == "convert" and layout else args.command
+
+
+def _one_line(error: BaseException) -> str:
+  text = " ".join(part.strip() for part in str(error).splitlines() if part.strip())
+  return text or type(error).__name__
+
+
 def main(argv=None):
+  _skip_absent_tpu()  # before JAX is first imported
   _quiet_tensorflow()
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
   for handler in logging.getLogger().handlers:
     handler.addFilter(_DropLibraryChatter())
   argv = sys.argv[1:] if argv is None else list(argv)
-  args, unknown = build_parser().parse_known_args(argv)
-  if getattr(args, "takes_overrides", False):
-    bad = [flag for flag in unknown if not flag.startswith("--config.")]
-    if bad:
-      build_parser().error(f"unrecognized arguments: {' '.join(bad)}")
-    args.run(args, unknown)
-  elif unknown:
-    build_parser().error(f"unrecognized arguments: {' '.join(unknown)}")
-  else:
-    args.run(args)
+  parser = build_parser()
+  args, unknown = parser.parse_known_args(argv)  # its own errors exit 2
+  try:
+    if getattr(args, "takes_overrides", False):
+      bad = [flag for flag in unknown if not flag.startswith("--config.")]
+      if bad:
+        parser.error(f"unrecognized arguments: {' '.join(bad)}")
+      args.run(args, unknown)
+    elif unknown:
+      parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    else:
+      args.run(args)
+  except UserError as error:
+    if args.debug or _debug_from_environment():
+      raise
+    sys.stdout.flush()
+    print(f"item-jax {_command_name(args)}: error: {_one_line(error)}",
+          file=sys.stderr, flush=True)
+    raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

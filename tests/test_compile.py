@@ -43,14 +43,16 @@ def test_cpu_targets_and_bad_names():
       compile_lib.parse_target(bad)
 
 
-def test_cli_reports_a_bad_topology_or_mesh_without_a_traceback():
+def test_cli_reports_a_bad_topology_or_mesh_without_a_traceback(capsys):
   for argv, message in ((["--topology", "v4-33"], "v4 slices known here"),
                         (["--topology", "cpu-8", "--config.mesh.fsdp=3"],
                          "does not divide 8 devices")):
     with pytest.raises(SystemExit) as error:
       cli.main(["compile", "--config", "configs/item_tiny.py", *argv])
-    assert str(error.value).startswith("item-jax compile: ")
-    assert message in str(error.value)
+    assert error.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("item-jax compile: error: ")
+    assert message in err and len(err.splitlines()) == 1
 
 
 def test_collectives_are_counted_once_per_op():

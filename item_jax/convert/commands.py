@@ -8,6 +8,7 @@ import logging
 from item_jax.convert import serving
 from item_jax.convert import hf_bert, hf_vit, torch_layout
 from item_jax.convert import workdir as workdir_lib
+from item_jax.errors import OutputExistsError, UserError
 
 
 def hf_bert_to_workdir(checkpoint, workdir, image_size: int = 224,
@@ -25,8 +26,8 @@ def hf_vit_into_workdir(checkpoint, workdir) -> list:
   """Sets the image side of a converted (step 0 only) workdir from a ViT."""
   model, params, step = workdir_lib.workdir_params(workdir)
   if step != 0:
-    raise FileExistsError(f"{workdir} already holds checkpoints up to step {step}: "
-                          "hf-vit sets the image side before pre-training")
+    raise OutputExistsError(f"{workdir} already holds checkpoints up to step {step}: "
+                            "hf-vit sets the image side before pre-training")
   image_side, report = hf_vit.convert_hf_vit(checkpoint, model)
   # The workdir's tokenizer file stays where it is.
   workdir_lib.save_workdir(workdir, model, {**params, **image_side},
@@ -70,7 +71,7 @@ def reshard(workdir, output, mesh: str, num_devices: int | None = None,
   for part in mesh.split(","):
     axis, _, size = part.partition("=")
     if axis not in ("data", "fsdp", "model") or not size.isdigit():
-      raise ValueError(f"--mesh {mesh!r}: expected e.g. data=2,fsdp=4,model=1")
+      raise UserError(f"--mesh {mesh!r}: expected e.g. data=2,fsdp=4,model=1")
     shape[axis] = int(size)
   devices = jax.devices()[:num_devices] if num_devices else jax.devices()
   restored = workdir_lib.reshard(workdir, output, shape, devices, step)

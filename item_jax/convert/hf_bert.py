@@ -18,6 +18,7 @@ from item_jax.convert import table as table_lib
 from item_jax.convert import tensors as tensors_lib
 from item_jax.convert.table import Layout, Rule, dense, norm
 from item_jax.data.tokenizer import WordPieceTokenizer
+from item_jax.errors import MissingInputError, UserError
 from item_jax.model import ModelConfig, model_config
 
 # Sources relative to BertModel (a BertFor* checkpoint's "bert." prefix is
@@ -96,14 +97,14 @@ def config_from_bert(bert: dict, image_size: int = 224,
                      patch_size: int = 16) -> ModelConfig:
   """ModelConfig from a BERT config.json (the image side is ours to choose)."""
   if bert.get("model_type", "bert") != "bert":
-    raise ValueError(f"model_type={bert.get('model_type')!r}: only BERT "
-                     "checkpoints are read by hf-bert")
+    raise UserError(f"model_type={bert.get('model_type')!r}: only BERT "
+                    "checkpoints are read by hf-bert")
   if bert.get("hidden_act", "gelu") != "gelu":
-    raise ValueError(f"hidden_act={bert['hidden_act']!r}: item-jax uses BERT's "
-                     "exact (erf) GELU only")
+    raise UserError(f"hidden_act={bert['hidden_act']!r}: item-jax uses BERT's "
+                    "exact (erf) GELU only")
   if bert.get("position_embedding_type", "absolute") != "absolute":
-    raise ValueError("only absolute position embeddings are supported, got "
-                     f"{bert['position_embedding_type']!r}")
+    raise UserError("only absolute position embeddings are supported, got "
+                    f"{bert['position_embedding_type']!r}")
   return model_config(
       "base", num_layers=bert["num_hidden_layers"], hidden_size=bert["hidden_size"],
       num_heads=bert["num_attention_heads"], mlp_dim=bert["intermediate_size"],
@@ -155,7 +156,7 @@ def read_checkpoint(directory, image_size: int = 224, patch_size: int = 16):
   vocab = directory / "tokenizer.json"
   vocab = vocab if vocab.exists() else directory / "vocab.txt"
   if not vocab.exists():
-    raise FileNotFoundError(f"{directory} has no vocab.txt or tokenizer.json: "
+    raise MissingInputError(f"{directory} has no vocab.txt or tokenizer.json: "
                             "a converted model keeps its checkpoint's vocabulary")
   return config, tensors, WordPieceTokenizer(str(vocab))
 
@@ -178,8 +179,8 @@ def export_hf_bert(params: dict, config: ModelConfig, output, tokenizer=None,
   (BertForMaskedLM names), config.json, and the vocabulary when WordPiece."""
   if cls_id is None:
     if tokenizer is None:
-      raise ValueError("export to hf-bert needs the tokenizer (or cls_id) to "
-                       "place our [CLS] vector in the word embeddings")
+      raise UserError("export to hf-bert needs the tokenizer (or cls_id) to "
+                      "place our [CLS] vector in the word embeddings")
     cls_id = tokenizer.cls_id
   bert, report = table_lib.from_item(bert_layout(cls_id, exporting=True), params,
                                      config.num_layers)

@@ -12,6 +12,7 @@ from item_jax.convert import hf_bert
 from item_jax.convert import tensors as tensors_lib
 from item_jax.convert import workdir as workdir_lib
 from item_jax.data.tokenizer import load_tokenizer
+from item_jax.errors import UserError
 from item_jax.model import ItemModel, ModelConfig
 
 FORMAT = "item-jax"
@@ -62,7 +63,7 @@ def export(workdir, output, step: int | None = None, tokenizer_path: str | None 
     return None
   if export_format == "hf-bert":
     return hf_bert.export_hf_bert(params, config, output, tokenizer)
-  raise ValueError(f"unknown export format {export_format!r}: expected 'item-jax' or 'hf-bert'")
+  raise UserError(f"unknown export format {export_format!r}: expected 'item-jax' or 'hf-bert'")
 
 
 def read_export(directory):
@@ -70,8 +71,8 @@ def read_export(directory):
   directory = epath.Path(directory)
   info = json.loads((directory / "config.json").read_text())
   if info.get("format") != FORMAT:
-    raise ValueError(f"{directory}/config.json is not an item-jax export "
-                     f"(format={info.get('format')!r})")
+    raise UserError(f"{directory}/config.json is not an item-jax export "
+                    f"(format={info.get('format')!r})")
   config = ModelConfig(**info["model"])
   params = tensors_lib.read_tensors(directory / WEIGHTS_FILE)
   expected = tensors_lib.param_shapes(config)
@@ -80,8 +81,8 @@ def read_export(directory):
            if name not in params or tuple(params[name].shape) != shape}
   extra = sorted(set(params) - set(expected))
   if wrong or extra:
-    raise ValueError(f"{directory}/{WEIGHTS_FILE} does not fit its config: "
-                     f"missing or misshaped {sorted(wrong)[:5]}, extra {extra[:5]}")
+    raise UserError(f"{directory}/{WEIGHTS_FILE} does not fit its config: "
+                    f"missing or misshaped {sorted(wrong)[:5]}, extra {extra[:5]}")
   tokenizer = directory / info["tokenizer"] if info.get("tokenizer") else None
   return config, params, (str(tokenizer) if tokenizer else None)
 

@@ -15,6 +15,7 @@ import numpy as np
 from etils import epath
 from flax import nnx
 
+from item_jax.errors import MissingInputError, UserError
 from item_jax.model import ItemModel, ModelConfig
 
 SAFETENSORS_SUFFIX = ".safetensors"
@@ -22,7 +23,7 @@ TORCH_SUFFIXES = (".bin", ".pt", ".pth")
 _MIN_TORCH = (2, 6)
 
 
-class UnsafeCheckpointError(ValueError):
+class UnsafeCheckpointError(UserError):
   """A file that could run code when loaded, or one of an unknown format."""
 
 
@@ -100,7 +101,7 @@ def find_weights(directory) -> epath.Path:
                "pytorch_model.bin"):
     if (directory / name).exists():
       return directory / name
-  raise FileNotFoundError(f"{directory} has no model.safetensors or pytorch_model.bin")
+  raise MissingInputError(f"{directory} has no model.safetensors or pytorch_model.bin")
 
 
 # -- item-jax parameters as flat dicts ------------------------------------------

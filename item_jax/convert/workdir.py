@@ -16,6 +16,7 @@ import ml_collections
 from etils import epath
 
 from item_jax.convert import tensors as tensors_lib
+from item_jax.errors import MissingInputError, OutputExistsError, UserError
 from item_jax.model import ModelConfig
 from item_jax.train import checkpoint as checkpoint_lib
 from item_jax.train import sharding
@@ -41,7 +42,7 @@ def workdir_config(workdir) -> ml_collections.ConfigDict:
   configs/item_converted.py hands to `item-jax train`)."""
   path = epath.Path(workdir) / CONFIG_FILE
   if not path.exists():
-    raise FileNotFoundError(f"{path} does not exist: not an item-jax work directory")
+    raise MissingInputError(f"{path} does not exist: not an item-jax work directory")
   config = base_config()
   _merge(config, json.loads(path.read_text()))
   return config
@@ -84,12 +85,12 @@ def save_workdir(workdir, model: ModelConfig, params: dict, *,
   try:
     steps = checkpointer.all_steps()
     if steps and not (replace_initial and steps == [0]):
-      raise FileExistsError(f"{workdir} already holds checkpoints {steps}: convert "
-                            "into a new work directory")
+      raise OutputExistsError(f"{workdir} already holds checkpoints {steps}: convert "
+                              "into a new work directory")
     settings = _settings(config, model.vocab_size, _ONE_DEVICE_MESH, 1)
     if settings.model != model:
-      raise ValueError(f"the train config's model {settings.model} differs from "
-                       f"the converted {model}")
+      raise UserError(f"the train config's model {settings.model} differs from "
+                      f"the converted {model}")
     mesh = sharding.make_mesh(_ONE_DEVICE_MESH, jax.devices()[:1])
     optimizer = make_optimizer(settings.optimizer)
     _, abstract_state, shardings = sharding.abstract_train_state(
@@ -136,7 +137,7 @@ def restore_workdir(workdir, step: int | None = None, mesh_shape: dict | None = 
   try:
     step = checkpointer.latest_step() if step is None else step
     if step is None:
-      raise FileNotFoundError(f"no checkpoint in {workdir / CHECKPOINTS}")
+      raise MissingInputError(f"no checkpoint in {workdir / CHECKPOINTS}")
     vocab_size = checkpointer.saved_shapes(step)["params.embeddings.word_embeddings"][0]
     settings = _settings(config, vocab_size, mesh_shape, len(devices))
     mesh = sharding.make_mesh(settings.mesh_shape, devices)
@@ -162,7 +163,7 @@ def reshard(workdir, output, mesh_shape: dict, devices=None,
   not named: 1) over `devices` (default: all) and saves it, same step and
   meta, in `output`."""
   if epath.Path(output).resolve() == epath.Path(workdir).resolve():
-    raise ValueError("reshard writes a new work directory: --output must differ")
+    raise UserError("reshard writes a new work directory: --output must differ")
   devices = list(devices) if devices is not None else jax.devices()
   restored = restore_workdir(workdir, step, mesh_shape, devices)
   output = epath.Path(output)
@@ -170,7 +171,7 @@ def reshard(workdir, output, mesh_shape: dict, devices=None,
                                              keep=1, async_saves=False)
   try:
     if checkpointer.all_steps():
-      raise FileExistsError(f"{output} already holds checkpoints")
+      raise OutputExistsError(f"{output} already holds checkpoints")
     checkpointer.save(restored.step, restored.state, restored.meta, force=True)
   finally:
     checkpointer.close()

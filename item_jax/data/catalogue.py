@@ -12,6 +12,8 @@ import json
 
 from etils import epath
 
+from item_jax.errors import UserError
+
 # "group": a family of products that must stay in one split, e.g. the
 # colourways of one model (`prepare --split-by group`).
 CATALOGUE_COLUMNS = ("item_id", "title", "image", "product_id", "category", "group")
@@ -54,9 +56,9 @@ def parse_column_mapping(text: str) -> dict[str, str]:
   for entry in filter(None, (part.strip() for part in text.split(","))):
     canonical, separator, source = (side.strip() for side in entry.partition("="))
     if not separator or not canonical or not source:
-      raise ValueError(f"column mapping entry {entry!r} is not of the form name=column")
+      raise UserError(f"column mapping entry {entry!r} is not of the form name=column")
     if canonical not in CATALOGUE_COLUMNS:
-      raise ValueError(
+      raise UserError(
           f"unknown catalogue column {canonical!r} in {text!r}; "
           f"known: {', '.join(CATALOGUE_COLUMNS)}"
       )
@@ -68,7 +70,7 @@ def resolve_columns(columns: dict[str, str] | None) -> dict[str, str]:
   """The full canonical → file column mapping: unnamed columns keep their names."""
   unknown = set(columns or {}) - set(CATALOGUE_COLUMNS)
   if unknown:
-    raise ValueError(f"unknown catalogue columns {sorted(unknown)}; known: {CATALOGUE_COLUMNS}")
+    raise UserError(f"unknown catalogue columns {sorted(unknown)}; known: {CATALOGUE_COLUMNS}")
   return {name: (columns or {}).get(name, name) for name in CATALOGUE_COLUMNS}
 
 
@@ -94,7 +96,7 @@ def read_catalogue(
   for another reason.
   """
   if modalities not in MODALITIES:
-    raise ValueError(f"modalities must be one of {MODALITIES}, got {modalities!r}")
+    raise UserError(f"modalities must be one of {MODALITIES}, got {modalities!r}")
   columns = resolve_columns(columns)
   optional = ("title", "image") if modalities == "any" else ()
   # Required columns must exist, and so must any the user named explicitly or
@@ -110,7 +112,7 @@ def read_catalogue(
   elif suffix in (".jsonl", ".ndjson"):
     records = _read_jsonl(path, expected, optional and (columns["title"], columns["image"]))
   else:
-    raise ValueError(f"catalogue {path} must end in .csv or .jsonl")
+    raise UserError(f"catalogue {path} must end in .csv or .jsonl")
   seen_item_ids = set()
   for row, record in records:
     if record is None:
@@ -178,13 +180,13 @@ def _check_columns(path: str, found: list[str], expected: dict[str, str],
       if name in ("title", "image"):
         hint = (f"; `prepare {MODALITIES_SWITCH}` keeps listings with only "
                 "a title or only an image and needs just one of the two columns")
-      raise ValueError(
+      raise UserError(
           f"catalogue {path} has no column {source!r}{renamed}; its columns are "
           f"{found}{hint}"
       )
   if one_of and not set(one_of) & set(found):
-    raise ValueError(f"catalogue {path} has neither a title column {one_of[0]!r} "
-                     f"nor an image column {one_of[1]!r}; its columns are {found}")
+    raise UserError(f"catalogue {path} has neither a title column {one_of[0]!r} "
+                    f"nor an image column {one_of[1]!r}; its columns are {found}")
 
 
 def _read_csv(path: str, expected: dict[str, str], one_of: tuple[str, ...] = ()

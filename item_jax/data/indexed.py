@@ -22,6 +22,7 @@ from etils import epath
 
 from item_jax.data import pipeline
 from item_jax.data.tokenizer import load_tokenizer
+from item_jax.errors import UserError
 
 _HEADER = struct.Struct("<QI")   # record length, masked CRC of the length
 _FOOTER_BYTES = 4                # masked CRC of the data
@@ -57,18 +58,18 @@ class IndexedSource:
                resize: str = "pad", process_index: int = 0,
                process_count: int = 1, num_read_threads: int = 16):
     if global_batch_size % process_count:
-      raise ValueError(f"global batch {global_batch_size} is not divisible by "
-                       f"{process_count} processes")
+      raise UserError(f"global batch {global_batch_size} is not divisible by "
+                      f"{process_count} processes")
     info = pipeline.load_dataset_info(data_dir)
     split_info = info["splits"].get(split)
     if split_info is None:
-      raise ValueError(f"{data_dir} has no split {split!r}; it has "
-                       f"{sorted(info['splits'])}")
+      raise UserError(f"{data_dir} has no split {split!r}; it has "
+                      f"{sorted(info['splits'])}")
     self._files = [str(epath.Path(data_dir) / name) for name in split_info["files"]]
     self._counts = np.asarray(split_info["shard_counts"], np.int64)
     self.num_records = int(self._counts.sum())
     if not self.num_records:
-      raise ValueError(f"{data_dir}: split {split!r} has no records to train on")
+      raise UserError(f"{data_dir}: split {split!r} has no records to train on")
     self._first_record = np.concatenate([[0], np.cumsum(self._counts)[:-1]])
     self._offsets = {}
     self._offsets_lock = threading.Lock()

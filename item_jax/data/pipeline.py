@@ -15,6 +15,7 @@ import tensorflow as tf
 
 from item_jax.data import prepare as prepare_lib
 from item_jax.data import tokenizer as tokenizer_lib
+from item_jax.errors import MissingInputError, UserError, no_prepared_data
 
 _log = logging.getLogger(__name__)
 
@@ -44,7 +45,10 @@ _configure_tensorflow_for_input()
 
 def load_dataset_info(data_dir: str) -> dict:
   """The dataset.json that `prepare` wrote into `data_dir`."""
-  return json.loads((epath.Path(data_dir) / prepare_lib.DATASET_INFO_FILE).read_text())
+  path = epath.Path(data_dir) / prepare_lib.DATASET_INFO_FILE
+  if not path.exists():
+    raise MissingInputError(no_prepared_data(data_dir))
+  return json.loads(path.read_text())
 
 
 def process_shards(
@@ -170,7 +174,7 @@ def make_dataset(
   my_files = files[process_index::process_count]
   my_counts = counts[process_index::process_count]
   if training and not sum(my_counts):
-    raise ValueError(f"{data_dir}: process {process_index} has no {split} records to train on")
+    raise UserError(f"{data_dir}: process {process_index} has no {split} records to train on")
   if skipped_records is None:
     skipped_records = tf.Variable(0, dtype=tf.int64, trainable=False)
   tokenizer = tokenizer_lib.load_tokenizer(str(epath.Path(data_dir) / info["tokenizer"]))
@@ -289,7 +293,7 @@ def _parse_jpeg_records(serialized: tf.Tensor) -> dict[str, tf.Tensor]:
 
 def _split_shards(info: dict, data_dir: str, split: str) -> tuple[list[str], list[int]]:
   if split not in info["splits"]:
-    raise ValueError(f"{data_dir} has no split {split!r}; it has {list(info['splits'])}")
+    raise UserError(f"{data_dir} has no split {split!r}; it has {list(info['splits'])}")
   shards = info["splits"][split]
   files = [str(epath.Path(data_dir) / name) for name in shards["files"]]
   return files, shards["shard_counts"]
@@ -302,13 +306,13 @@ def _process_position(process_index: int | None, process_count: int | None) -> t
     process_index = jax.process_index() if process_index is None else process_index
     process_count = jax.process_count() if process_count is None else process_count
   if not 0 <= process_index < process_count:
-    raise ValueError(f"process_index {process_index} is not in [0, {process_count})")
+    raise UserError(f"process_index {process_index} is not in [0, {process_count})")
   return process_index, process_count
 
 
 def _check_file_count(data_dir: str, split: str, num_files: int, process_count: int):
   if num_files < process_count:
-    raise ValueError(
+    raise UserError(
         f"{data_dir} has {num_files} {split} files but there are {process_count} processes; "
         f"re-run prepare with num_shards >= {process_count} (a multiple of it)"
     )

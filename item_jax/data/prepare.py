@@ -24,6 +24,7 @@ import tensorflow as tf
 from item_jax.data import catalogue as catalogue_lib
 from item_jax.data import images as images_lib
 from item_jax.data import tokenizer as tokenizer_lib
+from item_jax.errors import UserError
 
 SCHEMA_VERSION = 1
 SPLITS = ("train", "validation", "test")
@@ -117,16 +118,16 @@ def prepare(
   and per split.
   """
   if modalities not in catalogue_lib.MODALITIES:
-    raise ValueError(f"modalities must be one of {catalogue_lib.MODALITIES}, "
-                     f"got {modalities!r}")
+    raise UserError(f"modalities must be one of {catalogue_lib.MODALITIES}, "
+                    f"got {modalities!r}")
   if num_shards < 1:
-    raise ValueError(f"num_shards must be at least 1, got {num_shards}")
+    raise UserError(f"num_shards must be at least 1, got {num_shards}")
   if len(split_fractions) != len(SPLITS) or min(split_fractions) < 0:
-    raise ValueError(f"split_fractions must be 3 non-negative numbers, got {split_fractions}")
+    raise UserError(f"split_fractions must be 3 non-negative numbers, got {split_fractions}")
   if abs(sum(split_fractions) - 1) > 1e-6:
-    raise ValueError(f"split_fractions must sum to 1, got {split_fractions}")
+    raise UserError(f"split_fractions must sum to 1, got {split_fractions}")
   if split_by not in SPLIT_BY:
-    raise ValueError(f"split_by must be one of {SPLIT_BY}, got {split_by!r}")
+    raise UserError(f"split_by must be one of {SPLIT_BY}, got {split_by!r}")
   # A given tokenizer is loaded now: a model with other special ids is refused
   # before the images are read.
   tokenizer = tokenizer_lib.load_tokenizer(tokenizer_model) if tokenizer_model else None
@@ -149,11 +150,11 @@ def prepare(
     if modalities == "both":
       hint = (f"; `prepare {catalogue_lib.MODALITIES_SWITCH}` keeps listings "
               "with only a title or only an image")
-    raise ValueError(f"no usable listings in {catalogue}; "
-                     f"reasons: {_reason_counts(conversion.skipped)}{hint}")
+    raise UserError(f"no usable listings in {catalogue}; "
+                    f"reasons: {_reason_counts(conversion.skipped)}{hint}")
   if not conversion.kept_titles:
-    raise ValueError(f"no listing of {catalogue} has a title: the tokenizer has "
-                     "nothing to learn from; pass --tokenizer-model")
+    raise UserError(f"no listing of {catalogue} has a title: the tokenizer has "
+                    "nothing to learn from; pass --tokenizer (an existing one)")
   if modalities == "both" and conversion.skipped:
     missing = sum(entry["reason"] in (catalogue_lib.EMPTY_TITLE,
                                       images_lib.MISSING_IMAGE)

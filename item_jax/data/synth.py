@@ -13,6 +13,7 @@ import pathlib
 import numpy as np
 
 from item_jax.data import synth_images
+from item_jax.errors import UserError
 
 # Leaves of the category tree: path, object shape, the shape's usual width/height,
 # the sellers' nouns for the thing (synonyms), descriptors a product may carry.
@@ -233,8 +234,8 @@ def check_group_sizes(group_sizes) -> tuple[int, ...]:
   sizes = tuple(group_sizes)
   if not sizes or any(isinstance(size, bool) or not isinstance(size, (int, np.integer))
                       or not 2 <= size <= len(COLOURS) for size in sizes):
-    raise ValueError(f"group_sizes must be integers from 2 to {len(COLOURS)} (one colour "
-                     f"per sibling), got {group_sizes!r}")
+    raise UserError(f"group_sizes must be integers from 2 to {len(COLOURS)} (one colour "
+                    f"per sibling), got {group_sizes!r}")
   return tuple(int(size) for size in sizes)
 
 
@@ -248,8 +249,8 @@ def parse_group_sizes(text: str) -> tuple[int, ...]:
       sizes = tuple(int(part) for part in text.split(","))
     return check_group_sizes(sizes)
   except ValueError as error:
-    raise ValueError(f"group sizes {text!r}: expected MIN-MAX or a comma list of "
-                     f"integers from 2 to {len(COLOURS)} ({error})") from None
+    raise UserError(f"group sizes {text!r}: expected MIN-MAX or a comma list of "
+                    f"integers from 2 to {len(COLOURS)} ({error})") from None
 
 
 def build_products(num_products: int, seed: int,
@@ -350,7 +351,7 @@ def _listing_rows(products: list[Product], seed: int, image_size: int, images_di
 
 def _check_int(name: str, value, minimum: int) -> None:
   if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-    raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    raise UserError(f"{name} must be an integer >= {minimum}, got {value!r}")
 
 
 def synthesize(output_dir: str, num_products: int, seed: int = 0, image_size: int = 128,

@@ -15,6 +15,8 @@ from etils import epath
 import numpy as np
 import sentencepiece
 
+from item_jax.errors import MissingDependencyError, UserError
+
 # The model contract: every checkpoint assumes these ids, so a tokenizer model
 # that places them elsewhere is refused rather than silently remapped.
 PAD_ID = 0
@@ -114,7 +116,7 @@ class Tokenizer(_SpecialIds):
         MASK_ID: self._processor.piece_to_id(MASK_PIECE),
     }
     if any(wanted != found for wanted, found in expected.items()):
-      raise ValueError(
+      raise UserError(
           f"tokenizer {model_path} does not use the fixed special ids "
           f"pad=0 unk=1 cls(bos)=2 sep(eos)=3 {MASK_PIECE}=4; found "
           f"pad={expected[PAD_ID]} unk={expected[UNK_ID]} "
@@ -161,8 +163,9 @@ class WordPieceTokenizer(_SpecialIds):
       import tokenizers
       from tokenizers.implementations import BertWordPieceTokenizer
     except ImportError as error:
-      raise ImportError("WordPiece vocabularies need the `tokenizers` package: "
-                        "pip install 'item-jax[torch]'") from error
+      raise MissingDependencyError(
+          "WordPiece vocabularies need the `tokenizers` package: "
+          "pip install 'item-jax[torch]'") from error
     path = epath.Path(path)
     if path.suffix == ".json":
       self._tokenizer = tokenizers.Tokenizer.from_str(path.read_text())
@@ -178,7 +181,7 @@ class WordPieceTokenizer(_SpecialIds):
     ids = [self._tokenizer.token_to_id(token) for token in self.SPECIAL_TOKENS]
     missing = [token for token, id_ in zip(self.SPECIAL_TOKENS, ids) if id_ is None]
     if missing:
-      raise ValueError(f"WordPiece vocabulary {path} lacks {missing}")
+      raise UserError(f"WordPiece vocabulary {path} lacks {missing}")
     self.special_ids = tuple(ids)
 
   @property
@@ -233,5 +236,5 @@ def load_tokenizer(path: str, num_threads: int = 1):
     return Tokenizer(path, num_threads=num_threads)
   if suffix in (".json", ".txt"):
     return WordPieceTokenizer(path)
-  raise ValueError(f"tokenizer {path}: expected a sentencepiece .model, a "
-                   "WordPiece tokenizer .json or a BERT vocab.txt")
+  raise UserError(f"tokenizer {path}: expected a sentencepiece .model, a "
+                  "WordPiece tokenizer .json or a BERT vocab.txt")

@@ -22,6 +22,7 @@ from etils import epath
 from flax import nnx
 
 from item_jax.data import pipeline
+from item_jax.errors import MissingInputError, UserError, no_training_run
 from item_jax.eval.search import fetch_global, put_global
 from item_jax.model import ItemModel
 from item_jax.train import checkpoint as checkpoint_lib
@@ -55,6 +56,8 @@ def load_model(workdir: str, step: int | None = None, data_dir: str | None = Non
   the same model as the run started from (same config and seed), untrained.
   """
   workdir = epath.Path(workdir)
+  if not (workdir / "config.json").exists():
+    raise MissingInputError(no_training_run(workdir))
   config = base_config()
   config.update(ml_collections.ConfigDict(
       json.loads((workdir / "config.json").read_text())).to_dict())
@@ -99,9 +102,9 @@ def _check_same_tokenizer(trained_on: str | None, data_dir: str):
   ours = (epath.Path(data_dir) / info["tokenizer"]).read_bytes()
   theirs = (epath.Path(trained_on) / trained_info["tokenizer"]).read_bytes()
   if ours != theirs:
-    raise ValueError(f"{data_dir} was prepared with another tokenizer than the "
-                     f"training data {trained_on}; run `item-jax prepare "
-                     f"--tokenizer {trained_on}/{trained_info['tokenizer']}`")
+    raise UserError(f"{data_dir} was prepared with another tokenizer than the "
+                    f"training data {trained_on}; run `item-jax prepare "
+                    f"--tokenizer {trained_on}/{trained_info['tokenizer']}`")
 
 
 def last_layer_cls_attention(model: ItemModel, title_ids: jax.Array,

@@ -24,6 +24,7 @@ import numpy as np
 import scipy.sparse
 from sklearn.feature_extraction.text import TfidfVectorizer
 
+from item_jax.errors import UserError
 from item_jax.eval.embed import (ATTENTION_OUTPUTS, VIEWS, Embedder, embed_split,
                                  eval_batch_size, load_model, read_split)
 from item_jax.eval.metrics import (classification_metrics, knn_predict,
@@ -57,8 +58,8 @@ class EvalOptions:
   def __post_init__(self):
     unknown = set(self.baselines) - set(BASELINES)
     if unknown:
-      raise ValueError(f"unknown baselines {sorted(unknown)}; known: "
-                       f"{', '.join(BASELINES)}")
+      raise UserError(f"unknown baselines {sorted(unknown)}; known: "
+                      f"{', '.join(BASELINES)}")
 
 
 def scored_entries(report: dict) -> list[str]:

@@ -19,6 +19,7 @@ from jax.experimental import mesh_utils
 
 from item_jax.data import tokenizer
 from item_jax.data.indexed import abstract_global_batch
+from item_jax.errors import UserError
 from item_jax.objectives import TokenSpec
 from item_jax.objectives.flops import training_flops_per_example
 from item_jax.train import sharding
@@ -70,23 +71,23 @@ def parse_target(name: str, hbm_gib: float | None = None) -> Target:
   """`v4-32`, `v5e-256` (or `v5litepod-256`), `v5p-256`, `v6e-64`, or `cpu-N`."""
   generation, _, size = name.partition("-")
   if not size.isdigit():
-    raise ValueError(f"--topology {name!r}: expected e.g. v4-32, v5e-256, "
-                     "v5p-256, v6e-64 or cpu-8")
+    raise UserError(f"--topology {name!r}: expected e.g. v4-32, v5e-256, "
+                    "v5p-256, v6e-64 or cpu-8")
   size = int(size)
   hbm = None if hbm_gib is None else int(hbm_gib * GIB)
   if generation == "cpu":
     return Target(name, size, hbm)
   generation = _ALIASES.get(generation, generation)
   if generation not in _GENERATIONS:
-    raise ValueError(f"--topology {name!r}: unknown TPU generation; known: "
-                     f"{sorted(_GENERATIONS)} or cpu-N")
+    raise UserError(f"--topology {name!r}: unknown TPU generation; known: "
+                    f"{sorted(_GENERATIONS)} or cpu-N")
   prefix, cores_per_chip, chip_gib, chip_config, gcloud_prefix = _GENERATIONS[generation]
   chips = size // cores_per_chip
   shapes = _SHAPES_3D if cores_per_chip == 2 else _SHAPES_2D
   if size % cores_per_chip or chips not in shapes:
     sizes = sorted(count * cores_per_chip for count in shapes)
-    raise ValueError(f"--topology {name!r}: {generation} slices known here: "
-                     f"{', '.join(f'{generation}-{s}' for s in sizes)}")
+    raise UserError(f"--topology {name!r}: {generation} slices known here: "
+                    f"{', '.join(f'{generation}-{s}' for s in sizes)}")
   shape = shapes[chips]
   if len(shape) == 2:
     # v5e/v6e hosts hold 4 chips (2x2) in a multi-host slice, up to 8 alone.
@@ -104,13 +105,13 @@ def target_devices(target: Target) -> list:
   if target.topology_name is None:
     devices = jax.devices("cpu")
     if len(devices) < target.num_devices:
-      raise ValueError(
+      raise UserError(
           f"--topology {target.name}: JAX has {len(devices)} CPU devices; set "
           f"XLA_FLAGS=--xla_force_host_platform_device_count={target.num_devices} "
           "before JAX starts (`item-jax compile` does so itself)")
     return devices[:target.num_devices]
   if importlib.util.find_spec("libtpu") is None:
-    raise ValueError(
+    raise UserError(
         f"--topology {target.name} needs libtpu to compile for TPUs: "
         "pip install 'item-jax[compile]' (or compile for N simulated CPU "
         "devices with --topology cpu-N --hbm-gib G)")
@@ -180,7 +181,11 @@ def compile_train_step(config: ml_collections.ConfigDict, target: Target,
   shape = tuple(settings.mesh_shape[axis] for axis in sharding.MESH_AXES)
   # The topology-aware layout that training's make_mesh(shape) builds from
   # all devices of the slice.
-  ordered = list(mesh_utils.create_device_mesh(shape, devices).flat)
+  try:
+    ordered = list(mesh_utils.create_device_mesh(shape, devices).flat)
+  except ValueError as error:  # a mesh shape the slice's torus cannot hold
+    raise UserError(f"config.mesh={settings.mesh_shape} does not map onto "
+                    f"{target.name}'s devices: {error}") from error
   mesh = sharding.make_mesh(settings.mesh_shape, ordered)
   optimizer = make_optimizer(settings.optimizer)
   graphdef, abstract_state, state_shardings = sharding.abstract_train_state(

@@ -8,6 +8,8 @@ import dataclasses
 
 import jax.numpy as jnp
 
+from item_jax.errors import UserError
+
 # Transformer sizes: (num_layers, hidden_size, num_heads, mlp_dim).
 # `base` is BERT-base (the paper's model); `small` is ViT-S's width.
 SIZE_PRESETS = {
@@ -50,23 +52,23 @@ class ModelConfig:
 
   def __post_init__(self):
     if self.hidden_size % self.num_heads:
-      raise ValueError(
+      raise UserError(
           f"model.hidden_size={self.hidden_size} is not divisible by "
           f"model.num_heads={self.num_heads}")
     if self.image_size % self.patch_size:
-      raise ValueError(
+      raise UserError(
           f"model.image_size={self.image_size} is not divisible by "
           f"model.patch_size={self.patch_size}")
     if self.dtype not in ("float32", "bfloat16", "float16"):
-      raise ValueError(f"model.dtype={self.dtype!r}: expected float32, "
-                       "bfloat16 or float16")
+      raise UserError(f"model.dtype={self.dtype!r}: expected float32, "
+                      "bfloat16 or float16")
     if self.remat not in ("none", "block", "full"):
-      raise ValueError(f"model.remat={self.remat!r}: expected 'none', 'block' "
-                       "or 'full'")
+      raise UserError(f"model.remat={self.remat!r}: expected 'none', 'block' "
+                      "or 'full'")
     if self.attention_implementation not in (None, "xla", "cudnn"):
-      raise ValueError("model.attention_implementation="
-                       f"{self.attention_implementation!r}: expected None, "
-                       "'xla' or 'cudnn'")
+      raise UserError("model.attention_implementation="
+                      f"{self.attention_implementation!r}: expected None, "
+                      "'xla' or 'cudnn'")
 
   @property
   def head_dim(self) -> int:
@@ -93,10 +95,10 @@ class ModelConfig:
 def model_config(size: str = "base", **overrides) -> ModelConfig:
   """A preset's config with any field overridden (e.g. vocab_size, image_size)."""
   if size not in SIZE_PRESETS:
-    raise ValueError(f"model.size={size!r}: expected one of "
-                     f"{sorted(SIZE_PRESETS)}")
+    raise UserError(f"model.size={size!r}: expected one of "
+                    f"{sorted(SIZE_PRESETS)}")
   fields = {f.name for f in dataclasses.fields(ModelConfig)}
   unknown = sorted(set(overrides) - fields)
   if unknown:
-    raise ValueError(f"unknown model field(s) {unknown}; known: {sorted(fields)}")
+    raise UserError(f"unknown model field(s) {unknown}; known: {sorted(fields)}")
   return ModelConfig(**{**SIZE_PRESETS[size], **overrides})

@@ -15,6 +15,8 @@ import jax
 import orbax.checkpoint as ocp
 from etils import epath
 
+from item_jax.errors import MissingInputError
+
 
 class Checkpointer:
 
@@ -68,7 +70,11 @@ class Checkpointer:
     """
     step = self.latest_step() if step is None else step
     if step is None:
-      raise FileNotFoundError(f"no complete checkpoint in {self.directory}")
+      raise MissingInputError(f"no complete checkpoint in {self.directory}: the "
+                              "run has not saved one yet")
+    if step not in self.all_steps():
+      raise MissingInputError(f"no checkpoint of step {step} in {self.directory}; "
+                              f"saved steps: {self.all_steps()}")
     restored = self.manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(abstract_state),
         meta=ocp.args.JsonRestore()))

@@ -15,6 +15,7 @@ import logging
 import ml_collections
 from etils import epath
 
+from item_jax.errors import MissingInputError, UserError
 from item_jax.model import ModelConfig, model_config
 from item_jax.objectives import ObjectiveConfig
 from item_jax.train.optimizer import OptimizerConfig
@@ -99,12 +100,13 @@ def load_config(spec: str, overrides=()) -> ml_collections.ConfigDict:
   """Loads `path/to/config.py[:arg]` and applies `--config.a.b=value` overrides."""
   path, _, arg = spec.partition(":")
   if not epath.Path(path).is_file():
-    raise ValueError(f"config file {path} does not exist")
+    raise MissingInputError(f"config file {path} does not exist (configs/ "
+                            "holds the shipped ones)")
   module_spec = importlib.util.spec_from_file_location("item_jax_user_config", path)
   module = importlib.util.module_from_spec(module_spec)
   module_spec.loader.exec_module(module)
   if not hasattr(module, "get_config"):
-    raise ValueError(f"config file {path} has no get_config(arg) function")
+    raise UserError(f"config file {path} has no get_config(arg) function")
   config = module.get_config(arg or None)
   for override in overrides:
     apply_override(config, override)
@@ -122,22 +124,22 @@ def apply_override(config: ml_collections.ConfigDict, override: str) -> None:
   """Applies one `--config.a.b=value` (or `a.b=value`) to `config` in place."""
   name, equals, text = override.removeprefix("--").removeprefix("config.").partition("=")
   if not equals:
-    raise ValueError(f"config override {override!r} is not of the form "
-                     "--config.field=value")
+    raise UserError(f"config override {override!r} is not of the form "
+                    "--config.field=value")
   *parents, leaf = name.split(".")
   node = config
   for depth, part in enumerate(parents):
     if part not in node or not isinstance(node[part], ml_collections.ConfigDict):
-      raise ValueError(f"unknown config field {'.'.join(parents[:depth + 1])!r} "
-                       f"(in override {override!r})")
+      raise UserError(f"unknown config field {'.'.join(parents[:depth + 1])!r} "
+                      f"(in override {override!r})")
     node = node[part]
   if leaf not in node:
-    raise ValueError(f"unknown config field {name!r}; known at that level: "
-                     f"{sorted(node.keys())}")
+    raise UserError(f"unknown config field {name!r}; known at that level: "
+                    f"{sorted(node.keys())}")
   try:
     node[leaf] = _parse_value(text)
   except TypeError as error:
-    raise ValueError(f"config field {name!r}: {error}") from None
+    raise UserError(f"config field {name!r}: {error}") from None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -157,11 +159,11 @@ def _fields_of(section: ml_collections.ConfigDict, name: str, cls, **extra):
   values = section.to_dict()
   unknown = sorted(set(values) - known)
   if unknown:
-    raise ValueError(f"unknown config field(s) {[f'{name}.{u}' for u in unknown]}")
+    raise UserError(f"unknown config field(s) {[f'{name}.{u}' for u in unknown]}")
   try:
     return cls(**values, **extra)
   except (TypeError, ValueError) as error:
-    raise ValueError(f"config section '{name}': {error}") from None
+    raise UserError(f"config section '{name}': {error}") from None
 
 
 def validate(config: ml_collections.ConfigDict, num_devices: int,
@@ -186,40 +188,40 @@ def _check_counts(config: ml_collections.ConfigDict) -> None:
                "checkpoint_every_steps", "keep_checkpoints",
                "grad_accumulation_steps", "max_nonfinite_steps"):
     if int(config[name]) <= 0:
-      raise ValueError(f"config.{name}={config[name]} must be > 0")
+      raise UserError(f"config.{name}={config[name]} must be > 0")
   if int(config.eval_every_steps) < 0:
-    raise ValueError(f"config.eval_every_steps={config.eval_every_steps} must "
-                     "be >= 0 (0: no evaluation during training)")
+    raise UserError(f"config.eval_every_steps={config.eval_every_steps} must "
+                    "be >= 0 (0: no evaluation during training)")
   if int(config.eval_num_examples) <= 0:
-    raise ValueError(f"config.eval_num_examples={config.eval_num_examples} "
-                     "must be > 0")
+    raise UserError(f"config.eval_num_examples={config.eval_num_examples} "
+                    "must be > 0")
 
 
 def _read_dataset_info(config: ml_collections.ConfigDict) -> dict:
   """The `prepare` output's dataset.json at data.dir, with the split checked."""
   data_dir = config.data.dir
   if not data_dir:
-    raise ValueError("config.data.dir is not set: point it at a `prepare` "
-                     "output folder (--config.data.dir=...)")
+    raise UserError("config.data.dir is not set: point it at a `prepare` "
+                    "output folder (--config.data.dir=...)")
   dataset_file = epath.Path(data_dir) / "dataset.json"
   if not dataset_file.exists():
-    raise ValueError(f"config.data.dir={data_dir}: no dataset.json there; run "
-                     "`item-jax prepare` first")
+    raise UserError(f"config.data.dir={data_dir}: no dataset.json there; run "
+                    "`item-jax prepare` first")
   dataset = json.loads(dataset_file.read_text())
   if config.data.split not in dataset.get("splits", {}):
-    raise ValueError(f"config.data.split={config.data.split!r} is not in "
-                     f"{dataset_file} (splits: {sorted(dataset.get('splits', {}))})")
+    raise UserError(f"config.data.split={config.data.split!r} is not in "
+                    f"{dataset_file} (splits: {sorted(dataset.get('splits', {}))})")
   if config.eval_every_steps and "validation" not in dataset["splits"]:
-    raise ValueError(f"config.eval_every_steps={config.eval_every_steps} needs "
-                     f"a validation split in {dataset_file}")
+    raise UserError(f"config.eval_every_steps={config.eval_every_steps} needs "
+                    f"a validation split in {dataset_file}")
   return dataset
 
 
 def _settings(config: ml_collections.ConfigDict, dataset: dict,
               num_devices: int, process_count: int) -> TrainSettings:
   if config.data.resize not in ("pad", "crop"):
-    raise ValueError(f"config.data.resize={config.data.resize!r}: expected "
-                     "'pad' or 'crop'")
+    raise UserError(f"config.data.resize={config.data.resize!r}: expected "
+                    "'pad' or 'crop'")
 
   model_fields = config.model.to_dict()
   size = model_fields.pop("size")
@@ -227,10 +229,10 @@ def _settings(config: ml_collections.ConfigDict, dataset: dict,
   try:
     model = model_config(size, **model_fields)
   except (TypeError, ValueError) as error:
-    raise ValueError(f"config section 'model': {error}") from None
+    raise UserError(f"config section 'model': {error}") from None
   if config.data.max_title_len + 1 > model.max_title_positions:
-    raise ValueError(f"config.data.max_title_len={config.data.max_title_len} "
-                     f"does not fit model.max_title_positions={model.max_title_positions}")
+    raise UserError(f"config.data.max_title_len={config.data.max_title_len} "
+                    f"does not fit model.max_title_positions={model.max_title_positions}")
   objectives = _fields_of(config.objectives, "objectives", ObjectiveConfig)
   _check_inputs(objectives, dataset, config)
   optimizer = _fields_of(config.optimizer, "optimizer", OptimizerConfig,
@@ -241,16 +243,16 @@ def _settings(config: ml_collections.ConfigDict, dataset: dict,
   batch = int(config.global_batch_size)
   accumulation = int(config.grad_accumulation_steps)
   if batch % accumulation:
-    raise ValueError(f"config.global_batch_size={batch} is not divisible by "
-                     f"config.grad_accumulation_steps={accumulation}")
+    raise UserError(f"config.global_batch_size={batch} is not divisible by "
+                    f"config.grad_accumulation_steps={accumulation}")
   if (batch // accumulation) % batch_shards:
-    raise ValueError(
+    raise UserError(
         f"config.global_batch_size={batch} (per micro-batch {batch // accumulation})"
         f" is not divisible by the data-parallel size {batch_shards} "
         f"(mesh data={mesh_shape['data']} x fsdp={mesh_shape['fsdp']})")
   if batch % process_count:
-    raise ValueError(f"config.global_batch_size={batch} is not divisible by "
-                     f"the process count {process_count}")
+    raise UserError(f"config.global_batch_size={batch} is not divisible by "
+                    f"the process count {process_count}")
   return TrainSettings(model, objectives, optimizer, mesh_shape, config, dataset)
 
 
@@ -274,19 +276,19 @@ def _check_inputs(objectives: ObjectiveConfig, dataset: dict,
     missing = [name for name in inputs if not present[name]]
     if objectives.weight(task) > 0 and missing:
       article = "an" if missing[0] == "image" else "a"
-      raise ValueError(f"config.objectives.{task}_weight={objectives.weight(task)} "
-                       f"needs {' and '.join(name + 's' for name in inputs)}, but "
-                       f"{where(f'{article} {missing[0]}')}; set it to 0")
+      raise UserError(f"config.objectives.{task}_weight={objectives.weight(task)} "
+                      f"needs {' and '.join(name + 's' for name in inputs)}, but "
+                      f"{where(f'{article} {missing[0]}')}; set it to 0")
   if objectives.itc_weight > 0:
     usable = lambda view: (present["title"] or present["image"]) if view == "joint" \
         else present[view]
     pairs = objectives.itc_view_pairs()
     idle = [f"{a}:{b}" for a, b in pairs if not (usable(a) and usable(b))]
     if len(idle) == len(pairs):
-      raise ValueError(f"config.objectives.itc_pairs={objectives.itc_pairs!r}: "
-                       f"every pair needs an input that {where('')}; use "
-                       "joint:title (the masked "
-                       "title against the clean one) or set objectives.itc_weight=0")
+      raise UserError(f"config.objectives.itc_pairs={objectives.itc_pairs!r}: "
+                      f"every pair needs an input that {where('')}; use "
+                      "joint:title (the masked "
+                      "title against the clean one) or set objectives.itc_weight=0")
     if idle:
       logging.warning("objectives.itc_pairs: %s contrast nothing on this data "
                       "(dataset.json: %s); they count as 0 in the ITC mean",
@@ -298,22 +300,22 @@ def resolve_mesh_shape(mesh: dict, num_devices: int) -> dict:
   axes = ("data", "fsdp", "model")
   unknown = sorted(set(mesh) - set(axes))
   if unknown:
-    raise ValueError(f"unknown config field(s) {[f'mesh.{u}' for u in unknown]}")
+    raise UserError(f"unknown config field(s) {[f'mesh.{u}' for u in unknown]}")
   shape = {axis: int(mesh.get(axis, 1)) for axis in axes}
   free = [axis for axis in axes if shape[axis] == -1]
   if len(free) > 1:
-    raise ValueError(f"config.mesh: only one axis may be -1, got {free}")
+    raise UserError(f"config.mesh: only one axis may be -1, got {free}")
   if any(size == 0 or size < -1 for size in shape.values()):
-    raise ValueError(f"config.mesh={shape}: sizes must be positive or -1")
+    raise UserError(f"config.mesh={shape}: sizes must be positive or -1")
   fixed = 1
   for axis in axes:
     if shape[axis] != -1:
       fixed *= shape[axis]
   if free:
     if num_devices % fixed:
-      raise ValueError(f"config.mesh={shape} does not divide {num_devices} devices")
+      raise UserError(f"config.mesh={shape} does not divide {num_devices} devices")
     shape[free[0]] = num_devices // fixed
   elif fixed != num_devices:
-    raise ValueError(f"config.mesh={shape} uses {fixed} devices, but "
-                     f"{num_devices} are present")
+    raise UserError(f"config.mesh={shape} uses {fixed} devices, but "
+                    f"{num_devices} are present")
   return shape
