@@ -295,18 +295,108 @@ def _compile(args, overrides):
         else compile_lib.format_report(report))
 
 
+# The flags that say how to read a raw catalogue (embed --catalogue, neighbours).
+_CATALOGUE_FLAGS = ("images", "columns", "modalities", "workers")
+_CATALOGUE_MODALITIES = "any"  # item_jax.eval.serve.DEFAULT_MODALITIES
+
+
+def _catalogue_columns(args) -> dict | None:
+  """Checks --catalogue and --images; the parsed --columns."""
+  _need_file("--catalogue", args.catalogue)
+  if args.images:
+    _need_folder("--images", args.images)
+  from item_jax.data.catalogue import parse_column_mapping
+  return parse_column_mapping(args.columns) if args.columns else None
+
+
+def _only_with(args, flags, where: str) -> None:
+  """Flags of one way in, refused when the other is used."""
+  for flag in flags:
+    if getattr(args, flag, None) is not None:
+      raise UserError(f"--{flag.replace('_', '-')} goes with {where}")
+
+
 def _embed(args):
   _need_run("--workdir", args.workdir)
-  _need_prepared("--data", args.data, [args.split], split_flag="--split")
-  _at_least(args, step=0, batch_size=1, num_processes=1, process_id=0)
+  _at_least(args, step=0, batch_size=1, workers=0, num_processes=1, process_id=0)
+  if args.catalogue is not None:
+    _only_with(args, ["split"], "--data (a --catalogue is embedded whole)")
+    columns = _catalogue_columns(args)
+    from item_jax.eval.serve import embed_catalogue
+    _initialize_distributed(args)
+    summary = embed_catalogue(
+        args.workdir, args.catalogue, args.output, images=args.images,
+        step=args.step, view=args.modality,
+        modalities=args.modalities or _CATALOGUE_MODALITIES, columns=columns,
+        batch_size=args.batch_size, num_workers=args.workers)
+    print(f"embedded {summary['count']} listings of {args.catalogue} "
+          f"({args.modality}, dim {summary['dim']}, step {summary['step']}; "
+          f"{summary['skipped']} rows skipped): {' '.join(summary['paths'])}")
+    return
+  _only_with(args, _CATALOGUE_FLAGS, "--catalogue")
+  split = args.split or "test"
+  _need_prepared("--data", args.data, [split], split_flag="--split")
   from item_jax.eval.embed import embed_command
   _initialize_distributed(args)
-  summary = embed_command(args.workdir, args.data, args.split, args.output,
+  summary = embed_command(args.workdir, args.data, split, args.output,
                           step=args.step, view=args.modality,
                           batch_size=args.batch_size)
-  print(f"embedded {summary['count']} {args.split} listings ({args.modality}, "
+  print(f"embedded {summary['count']} {split} listings ({args.modality}, "
         f"dim {summary['dim']}, step {summary['step']}): "
         f"{' '.join(summary['paths'])}")
+
+
+def _neighbours(args):
+  _at_least(args, k=1, block_rows=1, index_block_rows=1, max_blocks=1, step=0,
+            batch_size=1, workers=0, num_processes=1, process_id=0)
+  embed_flags = ["step", "batch_size", "modality", *_CATALOGUE_FLAGS]
+  if args.embeddings is not None:
+    if args.workdir is not None or args.catalogue is not None:
+      raise UserError("give --embeddings (an `item-jax embed` output) or "
+                      "--workdir and --catalogue (to embed first), not both")
+    _only_with(args, embed_flags,
+               "--workdir and --catalogue (embedding first), not --embeddings")
+  elif args.workdir is None or args.catalogue is None:
+    raise UserError("give --embeddings OUTPUT (an `item-jax embed` output), or "
+                    "--workdir and --catalogue to embed a catalogue first")
+  else:
+    _need_run("--workdir", args.workdir)
+    columns = _catalogue_columns(args)
+  if _is_local(args.output) and os.path.isdir(args.output):
+    raise UserError(f"--output {args.output} is a folder; expected a .csv or "
+                    ".parquet file")
+  from item_jax.eval.neighbours import neighbours_command
+  _initialize_distributed(args)
+  queries, embedded = args.embeddings, ""
+  if queries is None:
+    from item_jax.eval.serve import embed_catalogue_once
+    # Beside the output: a rerun finds them and resumes the search.
+    queries = os.path.splitext(args.output)[0] + ".embeddings"
+    summary = embed_catalogue_once(
+        args.workdir, args.catalogue, queries, images=args.images,
+        step=args.step, view=args.modality or "both",
+        modalities=args.modalities or _CATALOGUE_MODALITIES, columns=columns,
+        batch_size=args.batch_size, num_workers=args.workers)
+    embedded = (f" (embeddings {queries}.npy, step {summary['step']}, "
+                f"{'kept from before' if summary['reused'] else 'new'}; "
+                f"{summary['skipped']} catalogue rows skipped: "
+                f"{queries}.skipped.json)")
+  block_flags = {name: getattr(args, name) for name in
+                 ("block_rows", "index_block_rows") if getattr(args, name)}
+  result = neighbours_command(queries, args.output, index=args.index, k=args.k,
+                              min_score=args.min_score, max_blocks=args.max_blocks,
+                              **block_flags)
+  import jax
+  if jax.process_index():
+    return
+  if result["complete"]:
+    print(f"neighbours: {result['pairs']:,} pairs for {result['queries']:,} "
+          f"queries (k {result['k']}, {result['index_rows']:,} index rows): "
+          f"{result['path']}{embedded}")
+  else:
+    print(f"neighbours: {result['pairs']:,} pairs so far of {result['queries']:,} "
+          f"queries in {result['path']}{embedded}; incomplete: rerun the same "
+          "command to resume")
 
 
 def _eval(args):
@@ -334,6 +424,29 @@ def _eval(args):
     print("\n" + compare_table(compared, markdown=False))
   if paths:
     print(f"report: {paths['markdown']}")
+
+
+def _categorize(args):
+  _need_run("--workdir", args.workdir)
+  if args.data is not None:
+    _need_prepared("--data", args.data, [args.split], split_flag="--split")
+  if args.fit_data is not None:
+    _need_prepared("--fit-data", args.fit_data, [args.fit_split],
+                   split_flag="--fit-split")
+  _at_least(args, k=1, step=0, knn_k=1, probe_steps=1, batch_size=1)
+  from item_jax.eval.categorize import categorize_command
+  summary = categorize_command(
+      args.workdir, args.output, data_dir=args.data, split=args.split,
+      embeddings=args.embeddings, k=args.k, fit_split=args.fit_split,
+      method=args.method, refit=args.refit, view=args.modality, step=args.step,
+      fit_data=args.fit_data, knn_k=args.knn_k, probe_steps=args.probe_steps,
+      batch_size=args.batch_size)
+  validation = summary["validation"]
+  print(f"categorized {summary['count']} listings (top {summary['k']}, "
+        f"{summary['method']}, {summary['view']} view, step {summary['step']}; "
+        f"categorizer {'fitted' if summary['fitted'] else 'reused'}"
+        + (f", validation accuracy {validation['accuracy']:.4f}" if validation else "")
+        + f"): {summary['output']}")
 
 
 def _convert(args, overrides):
@@ -481,10 +594,15 @@ def build_parser() -> argparse.ArgumentParser:
   compile_step.set_defaults(run=_compile, takes_overrides=True)
 
   embed = commands.add_parser(
-      "embed", help="embeddings of every listing of a split from a checkpoint")
+      "embed", help="embeddings of every listing of a prepared split, or of a "
+      "raw catalogue file, from a checkpoint")
   embed.add_argument("--workdir", required=True, help="a training workdir")
-  embed.add_argument("--data", required=True, help="a `prepare` output folder")
-  embed.add_argument("--split", default="test")
+  source = embed.add_mutually_exclusive_group(required=True)
+  source.add_argument("--data", help="a `prepare` output folder")
+  source.add_argument("--catalogue", help="a raw catalogue CSV or JSONL file, "
+                      "read and checked as `prepare` does, tokenised with the "
+                      "run's tokenizer; bad rows are named in OUTPUT.skipped.json")
+  embed.add_argument("--split", default=None, help="with --data (default test)")
   embed.add_argument("--output", required=True,
                      help="writes OUTPUT.npy and OUTPUT.ids.json")
   embed.add_argument("--step", type=int, default=None,
@@ -493,8 +611,45 @@ def build_parser() -> argparse.ArgumentParser:
                      default="both")
   embed.add_argument("--batch-size", type=int, default=None,
                      help="global batch (default: 64 per batch shard)")
+  _add_catalogue_flags(embed)
   _add_distributed_flags(embed)
   embed.set_defaults(run=_embed)
+
+  neighbours = commands.add_parser(
+      "neighbours", help="the k most similar listings of every listing "
+      "(exact cosine search) -> a resumable CSV or Parquet table")
+  neighbours.add_argument("--embeddings", default=None,
+                          help="an `item-jax embed` OUTPUT (OUTPUT.npy + "
+                          "OUTPUT.ids.json): its listings are the queries")
+  neighbours.add_argument("--workdir", default=None,
+                          help="with --catalogue: embed it with this run first "
+                          "(into OUTPUT's folder, kept for a rerun)")
+  neighbours.add_argument("--catalogue", default=None,
+                          help="a raw catalogue CSV or JSONL file (with --workdir)")
+  neighbours.add_argument("--index", default=None,
+                          help="another embed OUTPUT to search (default: the "
+                          "queries themselves, each listing's own row excluded)")
+  neighbours.add_argument("--k", type=int, default=10)
+  neighbours.add_argument("--min-score", type=float, default=None,
+                          help="leave out pairs of a lower cosine score")
+  neighbours.add_argument("--output", required=True,
+                          help="the table: .parquet for Parquet (pyarrow), "
+                          "else CSV (query_item_id,rank,item_id,score)")
+  neighbours.add_argument("--block-rows", type=int, default=None,
+                          help="query rows searched at a time (default 16384)")
+  neighbours.add_argument("--index-block-rows", type=int, default=None,
+                          help="index rows on the devices at a time (default 131072)")
+  neighbours.add_argument("--max-blocks", type=int, default=None,
+                          help="stop after this many query blocks (rerun to resume)")
+  neighbours.add_argument("--step", type=int, default=None,
+                          help="with --catalogue: checkpoint step (default: the latest)")
+  neighbours.add_argument("--modality", choices=["both", "title", "image"],
+                          default=None, help="with --catalogue (default both)")
+  neighbours.add_argument("--batch-size", type=int, default=None,
+                          help="with --catalogue: global embedding batch")
+  _add_catalogue_flags(neighbours)
+  _add_distributed_flags(neighbours)
+  neighbours.set_defaults(run=_neighbours)
 
   evaluate = commands.add_parser(
       "eval", help="retrieval, category prediction and baselines -> "
@@ -518,6 +673,7 @@ def build_parser() -> argparse.ArgumentParser:
   _add_distributed_flags(evaluate)
   evaluate.set_defaults(run=_eval)
 
+  _add_categorize_parser(commands)
   _add_convert_parser(commands)
 
   demo = commands.add_parser(
@@ -531,6 +687,46 @@ def build_parser() -> argparse.ArgumentParser:
   for command in commands.choices.values():
     _add_debug_flag(command)
   return parser
+
+
+def _add_categorize_parser(commands):
+  categorize = commands.add_parser(
+      "categorize", help="top-k leaf categories of every listing, from a "
+      "linear probe (or k-NN) fitted once on a labelled split and saved in "
+      "WORKDIR/categorizer/")
+  categorize.add_argument("--workdir", required=True, help="a training workdir")
+  listings = categorize.add_mutually_exclusive_group(required=True)
+  listings.add_argument("--data", default=None,
+                        help="a `prepare` output folder: categorize its --split")
+  listings.add_argument("--embeddings", default=None, metavar="OUTPUT",
+                        help="an `item-jax embed` output (OUTPUT.npy + "
+                        "OUTPUT.ids.json) of this workdir")
+  categorize.add_argument("--split", default="test")
+  categorize.add_argument("--output", required=True,
+                          help="CSV item_id,rank,category,probability")
+  categorize.add_argument("--k", type=int, default=3, help="categories per listing")
+  categorize.add_argument("--method", choices=["probe", "knn"], default="probe")
+  categorize.add_argument("--fit-split", default="train",
+                          help="the labelled split the categorizer is fitted on")
+  categorize.add_argument("--fit-data", default=None,
+                          help="the prepared folder it is fitted on (default: "
+                          "--data, else the saved categorizer's, else the "
+                          "run's data.dir)")
+  categorize.add_argument("--refit", action="store_true",
+                          help="fit again even when the saved categorizer matches")
+  categorize.add_argument("--modality", choices=["both", "title", "image"],
+                          default=None,
+                          help="the view (default: the embeddings' modality, or both)")
+  categorize.add_argument("--step", type=int, default=None,
+                          help="checkpoint step (default: the latest)")
+  categorize.add_argument("--knn-k", type=int, default=10,
+                          help="neighbours that vote (--method knn)")
+  categorize.add_argument("--probe-steps", type=int, default=300,
+                          help="the probe's L-BFGS iterations at most")
+  categorize.add_argument("--batch-size", type=int, default=None,
+                          help="global batch for embedding (default: 64 per "
+                          "batch shard)")
+  categorize.set_defaults(run=_categorize)
 
 
 def _add_convert_parser(commands):
@@ -581,6 +777,23 @@ def _add_convert_parser(commands):
   reshard.add_argument("--step", type=int, default=None)
   for sub in layouts.choices.values():
     _add_debug_flag(sub)
+
+
+def _add_catalogue_flags(parser):
+  """How `--catalogue` is read (as `prepare` reads one)."""
+  parser.add_argument("--images", default=None,
+                      help="with --catalogue: the folder its image paths are "
+                      "relative to (default: the catalogue's folder)")
+  parser.add_argument("--columns", default=None,
+                      help="with --catalogue: renames, e.g. item_id=posting_id")
+  parser.add_argument("--modalities", choices=["both", "any"], default=None,
+                      help="with --catalogue: any (the default) embeds every "
+                      "listing with a title or an image, each with what it has, "
+                      "so that only rows with neither are lost; both skips "
+                      "listings lacking either, as `prepare`'s default does")
+  parser.add_argument("--workers", type=int, default=None,
+                      help="with --catalogue: image processes (default: one "
+                      "per CPU core; 0: in this process)")
 
 
 def _add_distributed_flags(parser):

@@ -54,7 +54,8 @@ def fake_data(tmp_path):
 def test_the_commands_are_the_ones_tested_here():
   commands = cli.build_parser()._subparsers._group_actions[0].choices
   assert set(commands) == {"synth", "prepare", "train", "compile", "embed",
-                           "eval", "convert", "demo"}
+                           "neighbours", "categorize", "eval", "convert",
+                           "demo"}
 
 
 def test_synth_a_bad_flag_value(capsys, tmp_path):
@@ -134,6 +135,18 @@ def test_eval_an_unknown_baseline(capsys, run_dir, fake_data):
   fails_in_one_line(capsys, ["eval", "--workdir", str(run_dir), "--data",
                              str(fake_data), "--baselines", "tfidf,nope"],
                     "eval", "unknown baselines ['nope']")
+
+
+def test_categorize_a_workdir_without_a_run(capsys, tmp_path, fake_data):
+  fails_in_one_line(capsys, ["categorize", "--workdir", str(tmp_path), "--data",
+                             str(fake_data), "--output", str(tmp_path / "p.csv")],
+                    "categorize", "--workdir", f"no training run in {tmp_path}")
+
+
+def test_categorize_missing_embeddings(capsys, tmp_path, run_dir):
+  fails_in_one_line(capsys, ["categorize", "--workdir", str(run_dir), "--embeddings",
+                             str(tmp_path / "nope"), "--output", str(tmp_path / "p.csv")],
+                    "categorize", "--embeddings", "nope.npy")
 
 
 @pytest.mark.parametrize("layout, arguments, named", [

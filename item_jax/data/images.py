@@ -35,6 +35,11 @@ def read_and_encode(path: str | None, max_side: int) -> tuple[bytes | None, str 
     source = epath.Path(path).read_bytes()
   except (FileNotFoundError, IsADirectoryError):
     return None, MISSING_IMAGE, False
+  return encode_bytes(source, max_side)
+
+
+def encode_bytes(source: bytes, max_side: int) -> tuple[bytes | None, str | None, bool]:
+  """An image file's bytes → `(jpeg, reason, reencoded)`, as `read_and_encode`."""
   if not source:
     return None, EMPTY_IMAGE, False
   try:

@@ -20,6 +20,9 @@ from item_jax.errors import MissingInputError, UserError, no_prepared_data
 _log = logging.getLogger(__name__)
 
 RESIZE_MODES = ("pad", "crop")
+# Pixel normalisation, (x/255 - mean)/std, of every reader.
+IMAGE_MEAN = (0.5, 0.5, 0.5)
+IMAGE_STD = (0.5, 0.5, 0.5)
 _JPEG_RATIOS = (1, 2, 4, 8)  # the scales libjpeg can decode at directly.
 _MAX_FILES_READ_AT_ONCE = 16
 _READ_BUFFER_BYTES = 1 << 20  # Fewer, larger reads: what cloud storage wants.
@@ -140,8 +143,8 @@ def make_dataset(
     process_index: int | None = None,
     process_count: int | None = None,
     resize: str = "pad",
-    image_mean: tuple[float, float, float] = (0.5, 0.5, 0.5),
-    image_std: tuple[float, float, float] = (0.5, 0.5, 0.5),
+    image_mean: tuple[float, float, float] = IMAGE_MEAN,
+    image_std: tuple[float, float, float] = IMAGE_STD,
     shuffle_buffer: int = 10_000,
     skipped_records: tf.Variable | None = None,
     num_threads: int | None = None,

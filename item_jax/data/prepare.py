@@ -60,6 +60,7 @@ _log = logging.getLogger(__name__)
 
 
 SPLIT_BY = ("product", "group")
+MAX_IMAGE_SIDE = 512  # the default larger side of stored images
 
 
 def shard_file_name(split: str, shard: int, num_shards: int) -> str:
@@ -86,7 +87,7 @@ def prepare(
     tokenizer_model: str | None = None,
     split_fractions: tuple[float, float, float] = (0.8, 0.1, 0.1),
     seed: int = 0,
-    max_image_side: int = 512,
+    max_image_side: int = MAX_IMAGE_SIDE,
     num_workers: int | None = None,
     lowercase: bool = True,
     split_by: str = "product",
@@ -152,7 +153,7 @@ def prepare(
               "with only a title or only an image")
     raise UserError(f"no usable listings in {catalogue}; "
                     f"reasons: {_reason_counts(conversion.skipped)}{hint}")
-  if not conversion.kept_titles:
+  if not conversion.kept_titles and tokenizer is None:
     raise UserError(f"no listing of {catalogue} has a title: the tokenizer has "
                     "nothing to learn from; pass --tokenizer (an existing one)")
   if modalities == "both" and conversion.skipped:

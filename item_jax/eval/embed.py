@@ -27,7 +27,8 @@ from item_jax.eval.search import fetch_global, put_global
 from item_jax.model import ItemModel
 from item_jax.train import checkpoint as checkpoint_lib
 from item_jax.train import sharding
-from item_jax.train.config import TrainSettings, base_config, validate
+from item_jax.train.config import (TrainSettings, base_config, validate,
+                                   validate_without_data)
 from item_jax.train.optimizer import make_optimizer
 
 VIEWS = ("both", "title", "image")
@@ -47,13 +48,17 @@ class LoadedModel:
 
 
 def load_model(workdir: str, step: int | None = None, data_dir: str | None = None,
-               devices=None, initialise: bool = False) -> LoadedModel:
+               devices=None, initialise: bool = False,
+               vocab_size: int | None = None) -> LoadedModel:
   """The model of a training workdir at `step` (default: its latest checkpoint).
 
   `data_dir` replaces the config's data.dir (its tokenizer must be the one the
   model trained with). The mesh keeps the run's fsdp/model axes where they
   divide the devices present and puts the rest on `data`. `initialise` gives
   the same model as the run started from (same config and seed), untrained.
+  `vocab_size` (the run's tokenizer's, for listings that are no prepared
+  split) builds the settings without reading any dataset.json, so the
+  training data need not be there.
   """
   workdir = epath.Path(workdir)
   if not (workdir / "config.json").exists():
@@ -72,7 +77,11 @@ def load_model(workdir: str, step: int | None = None, data_dir: str | None = Non
   config.global_batch_size = batch_shards
   config.grad_accumulation_steps = 1
   config.eval_every_steps = 0
-  settings = validate(config, len(devices), jax.process_count())
+  if vocab_size is None:
+    settings = validate(config, len(devices), jax.process_count())
+  else:
+    settings = validate_without_data(config, vocab_size, len(devices),
+                                     jax.process_count())
   mesh = sharding.make_mesh(settings.mesh_shape, devices)
   optimizer = make_optimizer(settings.optimizer)
   if initialise:
@@ -317,6 +326,16 @@ def embed_command(workdir: str, data_dir: str, split: str, output: str,
   """`item-jax embed`: one view's embeddings of every listing of `split` that
   has the view's inputs ("both": every listing, with what it has)."""
   loaded = load_model(workdir, step, data_dir)
+  return embed_to_files(loaded, data_dir, split, output, view, batch_size,
+                        {"workdir": str(workdir), "split": split})
+
+
+def embed_to_files(loaded: LoadedModel, data_dir: str, split: str, output: str,
+                   view: str = "both", batch_size: int | None = None,
+                   meta: dict | None = None) -> dict:
+  """`loaded`'s `view` embeddings of `split` of `data_dir` written as
+  `write_embeddings` does (process 0 writes), `meta` added to the ids file;
+  returns embed_command's summary."""
   embedder = Embedder.of(loaded, views=(view,))
   batches = read_split(data_dir, split, loaded.settings,
                        eval_batch_size(embedder, batch_size))
@@ -332,8 +351,8 @@ def embed_command(workdir: str, data_dir: str, split: str, output: str,
   paths = ()
   if jax.process_index() == 0:
     paths = write_embeddings(output, embeddings, result, {
-        "workdir": str(workdir), "step": loaded.step, "split": split,
-        "modality": view, "listings": kinds, "left_out": int((~keep).sum())})
+        **(meta or {}), "step": loaded.step, "modality": view, "listings": kinds,
+        "left_out": int((~keep).sum())})
   return {"count": len(embeddings), "dim": int(embeddings.shape[1]),
           "step": loaded.step, "paths": list(paths), "listings": kinds,
           "left_out": int((~keep).sum())}

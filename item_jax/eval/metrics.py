@@ -11,6 +11,7 @@ feature matrix. Both rank by inner product, then by the lower candidate index,
 so the same rows give the same neighbours either way.
 """
 
+import dataclasses
 import logging
 import warnings
 
@@ -127,13 +128,26 @@ def knn_predict(index_features, index_labels: np.ndarray, query_features,
   Index rows labelled -1 (no category) take no part. Features are dense rows
   or scipy sparse matrices (see `top_k_neighbours`).
   """
+  votes, first_rank = knn_votes(index_features, index_labels, query_features, k,
+                                mesh=mesh, **search_options)
+  return np.argmax(knn_ranking(votes, first_rank, k), axis=1)
+
+
+def knn_votes(index_features, index_labels: np.ndarray, query_features,
+              k: int = 10, num_classes: int | None = None, mesh=None,
+              **search_options) -> tuple[np.ndarray, np.ndarray]:
+  """(votes, first_rank), each (num_queries, num_classes) int64: how many of
+  each query's k most similar labelled index rows carry each label, and the
+  0-based rank of the best of them (k for a label without a vote).
+  `num_classes` defaults to the largest index label + 1."""
   labelled = np.flatnonzero(np.asarray(index_labels) >= 0)
   if not len(labelled):
     raise ValueError("the k-NN index has no labelled rows")
   index_labels = np.asarray(index_labels)[labelled]
   _, neighbours = top_k_neighbours(query_features, index_features[labelled], k,
                                    mesh=mesh, **search_options)
-  num_classes = int(index_labels.max()) + 1
+  if num_classes is None:
+    num_classes = int(index_labels.max()) + 1
   found = neighbours != NO_NEIGHBOUR
   labels = index_labels[np.where(found, neighbours, 0)]
   rows = np.repeat(np.arange(len(neighbours)), k).reshape(labels.shape)
@@ -142,8 +156,13 @@ def knn_predict(index_features, index_labels: np.ndarray, query_features,
   first_rank = np.full((len(neighbours), num_classes), k, np.int64)
   ranks = np.broadcast_to(np.arange(k), labels.shape)
   np.minimum.at(first_rank, (rows[found], labels[found]), ranks[found])
-  # Votes first; among equal votes the earlier first rank wins.
-  return np.argmax(votes * (k + 1) + (k - first_rank), axis=1)
+  return votes, first_rank
+
+
+def knn_ranking(votes: np.ndarray, first_rank: np.ndarray, k: int) -> np.ndarray:
+  """One integer per (query, label) ordering labels as k-NN prefers them:
+  votes first; among equal votes the earlier first rank wins."""
+  return votes * (k + 1) + (k - first_rank)
 
 
 def linear_probe(train_features, train_labels: np.ndarray, test_features,
@@ -175,6 +194,71 @@ def linear_probe(train_features, train_labels: np.ndarray, test_features,
   agree to a few test listings either way, so every entry gets this one. On
   100,000 listings (79,933 training rows): 6 s on TF-IDF rows, 3 s on 384-d.
   """
+  probe = fit_probe(train_features, train_labels, num_classes, steps, weight_decay)
+  return probe.predict(test_features)
+
+
+@dataclasses.dataclass(frozen=True)
+class FittedProbe:
+  """`linear_probe`'s fitted softmax regression: its feature scaling (`mean`:
+  the dense training rows' mean, None for sparse rows, which are not
+  centred; `scale`), and scikit-learn's model over `classes` (the labels
+  that occur in training; None when only one does)."""
+
+  model: "sklearn.linear_model.LogisticRegression | None"
+  classes: np.ndarray
+  num_classes: int
+  mean: np.ndarray | None
+  scale: float
+
+  def features(self, rows):
+    """Rows scaled (and centred) as the training rows were."""
+    if scipy.sparse.issparse(rows):
+      if self.mean is not None:
+        raise ValueError("the probe was fitted on dense rows; got sparse ones")
+      return scipy.sparse.csr_matrix(rows, dtype=np.float64) * self.scale
+    rows = np.asarray(rows, np.float64)
+    return (rows - self.mean) * self.scale if self.mean is not None else rows * self.scale
+
+  def predict(self, rows) -> np.ndarray:
+    if self.model is None:
+      return np.full(_num_rows(rows), self.classes[0])
+    with threadpoolctl.threadpool_limits(1, user_api="blas"):
+      return self.model.predict(self.features(rows))
+
+  def predict_proba(self, rows) -> np.ndarray:
+    """(num_rows, num_classes) probabilities; labels never seen in training
+    get 0."""
+    out = np.zeros((_num_rows(rows), self.num_classes))
+    if self.model is None:
+      out[:, self.classes[0]] = 1.0
+      return out
+    with threadpoolctl.threadpool_limits(1, user_api="blas"):
+      out[:, self.classes] = self.model.predict_proba(self.features(rows))
+    return out
+
+  def logit_weights(self) -> tuple[np.ndarray, np.ndarray]:
+    """(weights (len(classes), dim), bias (len(classes),)) such that the
+    probabilities over `classes` are softmax(features(rows) @ weights.T +
+    bias): sklearn's binary model (one row, a sigmoid) as the equivalent
+    two-row softmax with a zero first row."""
+    if self.model is None:
+      dim = len(self.mean) if self.mean is not None else 0
+      return np.zeros((1, dim)), np.zeros(1)
+    weights, bias = self.model.coef_, self.model.intercept_
+    if len(self.classes) == 2:
+      weights = np.concatenate([np.zeros_like(weights), weights])
+      bias = np.concatenate([np.zeros_like(bias), bias])
+    return weights, bias
+
+
+def _num_rows(rows) -> int:
+  return rows.shape[0] if scipy.sparse.issparse(rows) else np.shape(rows)[0]
+
+
+def fit_probe(train_features, train_labels: np.ndarray, num_classes: int,
+              steps: int = 300, weight_decay: float = 1e-4) -> FittedProbe:
+  """`linear_probe`'s fit (see there) on the rows labelled >= 0."""
   labelled = np.flatnonzero(np.asarray(train_labels) >= 0)
   labels = np.asarray(train_labels)[labelled]
   if not len(labels):
@@ -183,44 +267,41 @@ def linear_probe(train_features, train_labels: np.ndarray, test_features,
     raise ValueError(f"training label {np.max(labels)} is not below num_classes "
                      f"= {num_classes}")
   classes = np.unique(labels)
-  if len(classes) == 1:   # LogisticRegression needs two classes
-    return np.full(np.shape(test_features)[0] if not scipy.sparse.issparse(
-        test_features) else test_features.shape[0], classes[0])
   if not scipy.sparse.issparse(train_features):
     train_features = np.asarray(train_features)
-  features, test_features = _probe_inputs(train_features[labelled], test_features)
-  probe = sklearn.linear_model.LogisticRegression(
+  mean, scale = _probe_scaling(train_features[labelled])
+  if len(classes) == 1:   # LogisticRegression needs two classes
+    return FittedProbe(None, classes, num_classes, mean, scale)
+  probe = FittedProbe(sklearn.linear_model.LogisticRegression(
       C=1.0 / (weight_decay * len(labels)), solver="lbfgs", max_iter=steps,
-      random_state=0)
+      random_state=0), classes, num_classes, mean, scale)
+  features = probe.features(train_features[labelled])
   # One BLAS thread: the products are small, and OpenBLAS's spinning threads
   # made the fit 3-30x slower on a busy machine (2 cores, load 3-4).
   with threadpoolctl.threadpool_limits(1, user_api="blas"), \
        warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter("always", sklearn.exceptions.ConvergenceWarning)
-    probe.fit(features, labels)
+    probe.model.fit(features, labels)
   if any(issubclass(w.category, sklearn.exceptions.ConvergenceWarning)
          for w in caught):
     logging.warning("linear probe: L-BFGS stopped at its %d iterations before "
                     "converging", steps)
-  with threadpoolctl.threadpool_limits(1, user_api="blas"):
-    return probe.predict(test_features)
+  return probe
 
 
-def _probe_inputs(train, test):
-  """(train, test) scaled by the training rows' root mean squared distance to
-  their mean; dense rows are centred too."""
+def _probe_scaling(train) -> tuple[np.ndarray | None, float]:
+  """(mean, scale): scale is 1 / the training rows' root mean squared
+  distance to their mean; dense rows are centred on `mean` too, sparse ones
+  are not (mean None)."""
   if scipy.sparse.issparse(train):
     train = scipy.sparse.csr_matrix(train, dtype=np.float64)
-    test = scipy.sparse.csr_matrix(test, dtype=np.float64)
     mean = np.asarray(train.mean(axis=0)).ravel()
     spread = train.multiply(train).sum() / train.shape[0] - mean @ mean
-    scale = 1.0 / (np.sqrt(max(spread, 0.0)) or 1.0)
-    return train * scale, test * scale
+    return None, 1.0 / (np.sqrt(max(spread, 0.0)) or 1.0)
   train = np.asarray(train, np.float64)
   mean = train.mean(axis=0)
-  train = train - mean
-  scale = 1.0 / (np.sqrt(np.mean(np.sum(np.square(train), axis=1))) or 1.0)
-  return train * scale, (np.asarray(test, np.float64) - mean) * scale
+  scale = 1.0 / (np.sqrt(np.mean(np.sum(np.square(train - mean), axis=1))) or 1.0)
+  return mean, float(scale)
 
 
 def top_k_neighbours(queries, candidates, k: int, *, exclude=None, mesh=None,
