@@ -21,7 +21,7 @@ import sklearn.exceptions
 import sklearn.linear_model
 import threadpoolctl
 
-from item_jax.eval.search import NO_NEIGHBOUR, top_k_search
+from item_jax.eval.search import NO_NEIGHBOUR, check_search_inputs, top_k_search
 
 RETRIEVAL_KS = (1, 5, 10)
 
@@ -350,11 +350,7 @@ def sparse_top_k_search(queries, candidates, k: int, *, exclude=None,
   candidates = scipy.sparse.csr_matrix(candidates, dtype=np.float32)
   num_queries, dim = queries.shape
   num_candidates = candidates.shape[0]
-  if candidates.shape[1] != dim:
-    raise ValueError(f"queries have {dim} dimensions, candidates "
-                     f"{candidates.shape[1]}")
-  if k < 1:
-    raise ValueError(f"k must be at least 1, got {k}")
+  check_search_inputs(queries.shape, candidates.shape, k)
   exclude = (np.full(num_queries, NO_NEIGHBOUR, np.int64) if exclude is None
              else np.asarray(exclude, np.int64))
   scores = np.full((num_queries, k), -np.inf, np.float32)

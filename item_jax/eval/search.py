@@ -26,6 +26,15 @@ def default_mesh() -> Mesh:
   return Mesh(np.asarray(jax.devices()), ("devices",))
 
 
+def check_search_inputs(query_shape, candidate_shape, k: int) -> None:
+  """Both sides (rows, dim) with the same dim, and k >= 1."""
+  if candidate_shape[1] != query_shape[1]:
+    raise ValueError(f"queries have {query_shape[1]} dimensions, candidates "
+                     f"{candidate_shape[1]}")
+  if k < 1:
+    raise ValueError(f"k must be at least 1, got {k}")
+
+
 def top_k_search(queries, candidates, k: int, *, exclude=None,
                  mesh: Mesh | None = None, query_block: int = 1024,
                  candidate_block: int = 4096,
@@ -55,11 +64,7 @@ def top_k_search(queries, candidates, k: int, *, exclude=None,
   candidates = np.asarray(candidates, np.float32)
   num_queries, dim = queries.shape
   num_candidates = candidates.shape[0]
-  if candidates.shape[1] != dim:
-    raise ValueError(f"queries have {dim} dimensions, candidates "
-                     f"{candidates.shape[1]}")
-  if k < 1:
-    raise ValueError(f"k must be at least 1, got {k}")
+  check_search_inputs(queries.shape, candidates.shape, k)
   exclude = (np.full(num_queries, NO_NEIGHBOUR, np.int32) if exclude is None
              else np.asarray(exclude, np.int32))
   if num_candidates == 0:
