@@ -13,6 +13,7 @@ import dataclasses
 import json
 import logging
 import math
+import time
 
 import jax
 import jax.numpy as jnp
@@ -23,7 +24,7 @@ from flax import nnx
 
 from item_jax.data import pipeline
 from item_jax.errors import MissingInputError, UserError, no_training_run
-from item_jax.eval.search import fetch_global, put_global
+from item_jax.eval.search import fetch_global, progress_line, put_global
 from item_jax.model import ItemModel
 from item_jax.train import checkpoint as checkpoint_lib
 from item_jax.train import sharding
@@ -265,13 +266,23 @@ def read_split(data_dir: str, split: str, settings: TrainSettings,
     yield batch
 
 
-def embed_split(batches, runs: dict, host_features: dict | None = None
+def split_count(data_dir: str, split: str, limit: int | None = None) -> int:
+  """How many listings `split` of `data_dir` holds (at most `limit`)."""
+  count = int(pipeline.load_dataset_info(data_dir)["splits"][split]["count"])
+  return count if limit is None else min(count, limit)
+
+
+def embed_split(batches, runs: dict, host_features: dict | None = None,
+                total: int | None = None, log_every_batches: int = 20
                 ) -> SplitEmbeddings:
   """Runs every `runs[name] = (embedder, params)` on each batch.
 
   Outputs are keyed (run name, output name); `host_features[key]` maps a host
   batch to (valid rows, ...) features computed on the host, stored under key.
+  With `total` (listings), progress with an ETA is logged every
+  `log_every_batches` batches.
   """
+  started, done = time.perf_counter(), 0
   parts = {"item_id": [], "product_id": [], "category_id": [], "title": [],
            "has_title": [], "has_image": []}
   outputs = {}
@@ -284,6 +295,10 @@ def embed_split(batches, runs: dict, host_features: dict | None = None
         outputs.setdefault((run, output), []).append(value)
     for key, features in (host_features or {}).items():
       outputs.setdefault(key, []).append(features(batch))
+    done += int(valid.sum())
+    if total and len(parts["item_id"]) % log_every_batches == 0:
+      logging.info(progress_line("embed", "listings", done, total, 0,
+                                 time.perf_counter() - started))
   text = lambda values: np.asarray([v.decode("utf-8") for v in values], dtype=str)
   joined = {name: np.concatenate(values) for name, values in parts.items()}
   return SplitEmbeddings(
@@ -339,7 +354,8 @@ def embed_to_files(loaded: LoadedModel, data_dir: str, split: str, output: str,
   embedder = Embedder.of(loaded, views=(view,))
   batches = read_split(data_dir, split, loaded.settings,
                        eval_batch_size(embedder, batch_size))
-  result = embed_split(batches, {"model": (embedder, loaded.params)})
+  result = embed_split(batches, {"model": (embedder, loaded.params)},
+                       total=split_count(data_dir, split))
   kinds = result.kinds()
   keep = result.has(view)
   if not keep.all():

@@ -26,7 +26,8 @@ from sklearn.feature_extraction.text import TfidfVectorizer
 
 from item_jax.errors import UserError
 from item_jax.eval.embed import (ATTENTION_OUTPUTS, VIEWS, Embedder, embed_split,
-                                 eval_batch_size, load_model, read_split)
+                                 eval_batch_size, load_model, read_split,
+                                 split_count)
 from item_jax.eval.metrics import (classification_metrics, knn_predict,
                                    linear_probe, retrieval_queries,
                                    same_product_retrieval)
@@ -98,7 +99,7 @@ def evaluate(workdir: str, data_dir: str, options: EvalOptions = EvalOptions()
     logging.info("eval: embedding the %s split", split)
     splits[split] = embed_split(
         read_split(data_dir, split, trained.settings, batch_size, limit), runs,
-        host_features)
+        host_features, total=split_count(data_dir, split, limit))
   train, test = splits["train"], splits["test"]
   if "minilm" in pretrained:
     logging.info("eval: MiniLM on %d titles", len(train.titles) + len(test.titles))

@@ -301,25 +301,10 @@ def _read_progress(path: str) -> dict | None:
     return None
 
 
-def _duration(seconds: float) -> str:
-  seconds = int(round(seconds))
-  if seconds < 60:
-    return f"{seconds}s"
-  if seconds < 3600:
-    return f"{seconds // 60}m{seconds % 60:02d}s"
-  return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
-
-
 def progress_line(done: int, total: int, started_at: int, elapsed: float) -> str:
-  """"neighbours: 12,288 / 100,000 queries (12 %), ETA 3m10s": the ETA from
-  this run's pace (rows since `started_at` over `elapsed` seconds)."""
-  percent = 100 * done // max(total, 1)
-  line = f"neighbours: {done:,} / {total:,} queries ({percent} %)"
-  if done > started_at and done < total:
-    line += f", ETA {_duration(elapsed / (done - started_at) * (total - done))}"
-  elif done >= total:
-    line += f", done in {_duration(elapsed)}"
-  return line
+  """"neighbours: 12,288 / 100,000 queries (12 %), ETA 3m10s"."""
+  return search_lib.progress_line("neighbours", "queries", done, total, started_at,
+                                  elapsed)
 
 
 def _to_parquet(csv_path: str, output: str) -> None:

@@ -26,6 +26,28 @@ def default_mesh() -> Mesh:
   return Mesh(np.asarray(jax.devices()), ("devices",))
 
 
+def progress_line(what: str, unit: str, done: int, total: int, started_at: int,
+                  elapsed: float) -> str:
+  """"WHAT: 12,288 / 100,000 UNIT (12 %), ETA 3m10s": the ETA from this
+  run's pace (items since `started_at` over `elapsed` seconds)."""
+  percent = 100 * done // max(total, 1)
+  line = f"{what}: {done:,} / {total:,} {unit} ({percent} %)"
+  if done > started_at and done < total:
+    line += f", ETA {_duration(elapsed / (done - started_at) * (total - done))}"
+  elif done >= total:
+    line += f", done in {_duration(elapsed)}"
+  return line
+
+
+def _duration(seconds: float) -> str:
+  seconds = int(round(seconds))
+  if seconds < 60:
+    return f"{seconds}s"
+  if seconds < 3600:
+    return f"{seconds // 60}m{seconds % 60:02d}s"
+  return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
+
 def check_search_inputs(query_shape, candidate_shape, k: int) -> None:
   """Both sides (rows, dim) with the same dim, and k >= 1."""
   if candidate_shape[1] != query_shape[1]:
