@@ -122,3 +122,15 @@ def test_recomputed_cls_attention_reproduces_the_fused_attention():
   share, uniform = nnx.jit(image_attention_share)(model, title_ids, image)
   np.testing.assert_allclose(share, probabilities[..., 11:].sum(-1).mean(-1), rtol=1e-6)
   np.testing.assert_allclose(uniform, 16 / (1 + title_mask.sum(-1) + 16), rtol=1e-6)
+
+
+def test_listings_without_a_product_id_are_products_of_their_own():
+  from item_jax.eval.embed import own_products
+  from item_jax.eval.metrics import retrieval_queries
+  products = own_products(np.asarray(["p1", "", "p1", ""]),
+                          np.asarray(["a", "b", "c", "d"]))
+  assert list(products) == ["p1", "item:b", "p1", "item:d"]
+  np.testing.assert_array_equal(retrieval_queries(products), [0, 2])
+  # A catalogue without product ids has nothing to retrieve.
+  assert not len(retrieval_queries(own_products(np.asarray(["", ""]),
+                                                np.asarray(["a", "b"]))))

@@ -266,6 +266,16 @@ def read_split(data_dir: str, split: str, settings: TrainSettings,
     yield batch
 
 
+def own_products(product_ids: np.ndarray, item_ids: np.ndarray) -> np.ndarray:
+  """Product ids with each empty one replaced by one of the listing's own
+  ("item:<item_id>"), as `prepare` splits them: a listing without a product
+  id has no same-product partner, and must not join the others that lack one."""
+  empty = np.char.str_len(product_ids.astype(str)) == 0
+  if not empty.any():
+    return product_ids
+  return np.where(empty, np.char.add("item:", item_ids.astype(str)), product_ids)
+
+
 def split_count(data_dir: str, split: str, limit: int | None = None) -> int:
   """How many listings `split` of `data_dir` holds (at most `limit`)."""
   count = int(pipeline.load_dataset_info(data_dir)["splits"][split]["count"])

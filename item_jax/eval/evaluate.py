@@ -26,8 +26,8 @@ from sklearn.feature_extraction.text import TfidfVectorizer
 
 from item_jax.errors import UserError
 from item_jax.eval.embed import (ATTENTION_OUTPUTS, VIEWS, Embedder, embed_split,
-                                 eval_batch_size, load_model, read_split,
-                                 split_count)
+                                 eval_batch_size, load_model, own_products,
+                                 read_split, split_count)
 from item_jax.eval.metrics import (classification_metrics, knn_predict,
                                    linear_probe, retrieval_queries,
                                    same_product_retrieval)
@@ -122,8 +122,9 @@ def evaluate(workdir: str, data_dir: str, options: EvalOptions = EvalOptions()
     train_features, test_features = (_rows(rows, mask) for rows, mask in zip(
         features[entry], (in_train, in_test)))
     retrieval = {"num_queries": 0}  # no product with two test listings
-    if len(retrieval_queries(test.product_ids[in_test])):
-      retrieval = same_product_retrieval(test_features, test.product_ids[in_test],
+    products = own_products(test.product_ids, test.item_ids)[in_test]
+    if len(retrieval_queries(products)):
+      retrieval = same_product_retrieval(test_features, products,
                                          test.category_ids[in_test], mesh=trained.mesh)
     report[entry] = {
         **retrieval,
@@ -331,10 +332,16 @@ class PeriodicRetrieval:
     batches = read_split(self.settings.config.data.dir, PERIODIC_SPLIT,
                          self.settings, self.batch_size, self.num_examples)
     listings = embed_split(batches, {"model": (self.embedder, params)})
+    products = own_products(listings.product_ids, listings.item_ids)
+    if not len(retrieval_queries(products)):
+      logging.warning("eval at step %d: no product has two of the first %d "
+                      "validation listings; nothing to retrieve", step,
+                      self.num_examples)
+      return None
     scalars = {}
     for view in VIEWS:
       metrics = same_product_retrieval(
-          listings.outputs[("model", view)], listings.product_ids,
+          listings.outputs[("model", view)], products,
           listings.category_ids, mesh=self.mesh)
       scalars.update({f"eval/{view}/{name}": value
                       for name, value in metrics.items() if not name.startswith("num_")})
