@@ -19,7 +19,8 @@ nothing for that listing, and validation names the ITC pairs that have
 nothing to contrast).
 
 Sizes: the default is this machine's (2 CPU cores: 64 px photos in 8 px
-patches, 32 listings a step, 1,000 steps, about 40 minutes per catalogue).
+patches, 32 listings a step, 1,000 steps; about 1 s a step alone, 50-90
+minutes per catalogue with other jobs on the cores).
 `:gpu` is one accelerator's (224 px in 16 px patches, the converted ViT
 geometry, with `convert --image-size 224 --patch-size 16`; 256 listings a
 step, 5,000 steps). `:runlocal` is a smoke test.
