@@ -19,8 +19,8 @@ nothing for that listing, and validation names the ITC pairs that have
 nothing to contrast).
 
 Sizes: the default is this machine's (2 CPU cores: 64 px photos in 8 px
-patches, 32 listings a step, 1,000 steps; about 1 s a step alone, 50-90
-minutes per catalogue with other jobs on the cores).
+patches, 32 listings a step, 1,000 steps: 1.2 s a step with one other job
+on the cores, about 90 minutes per catalogue with three).
 `:gpu` is one accelerator's (224 px in 16 px patches, the converted ViT
 geometry, with `convert --image-size 224 --patch-size 16`; 256 listings a
 step, 5,000 steps). `:runlocal` is a smoke test.
