@@ -46,6 +46,7 @@ from item_jax.data.tokenizer import load_tokenizer  # noqa: E402
 from item_jax.eval import metrics  # noqa: E402
 from item_jax.objectives import TokenSpec  # noqa: E402
 from item_jax.train.config import load_config, validate  # noqa: E402
+from item_jax.train.image_stem import with_pretrained_stem  # noqa: E402
 from item_jax.train.optimizer import make_optimizer  # noqa: E402
 from item_jax.train.step import init_model, init_train_state, make_train_step  # noqa: E402
 
@@ -75,7 +76,7 @@ def score(model, train: dict, test: dict, num_classes: int) -> dict:
 
 def run_one(config_spec: str, overrides: list, data_dir: str, splits: dict,
             seed: int, steps: int, eval_at: set, log,
-            init_from: str | None = None) -> list[dict]:
+            init_from: str | None = None, stem_dir: str = ".") -> list[dict]:
   config = load_config(config_spec, [*overrides, f"--config.data.dir={data_dir}",
                                      f"--config.seed={seed}",
                                      f"--config.total_steps={steps}"])
@@ -86,6 +87,8 @@ def run_one(config_spec: str, overrides: list, data_dir: str, splits: dict,
                      tokenizer.special_ids)
   optimizer = make_optimizer(settings.optimizer)
   graphdef, params = init_model(settings.model, config.seed)
+  # A convolutional image stem starts from ImageNet (kept beside the results).
+  params = with_pretrained_stem(params, settings.model, stem_dir)
   if init_from:
     from item_jax.convert.workdir import restore_workdir
     restored = jax.device_get(restore_workdir(init_from).state.params)
@@ -235,7 +238,7 @@ def main():
         log(f"{catalogue} / {name} / seed {seed}")
         started = time.perf_counter()
         for point in run_one(config_spec, overrides, data_dir, splits, seed,
-                             args.steps, eval_at, log, init_from):
+                             args.steps, eval_at, log, init_from, str(output)):
           rows.append({"catalogue": catalogue, "recipe": name, "seed": seed, **point})
         log(f"  {time.perf_counter() - started:.0f} s")
         (output / "curves.json").write_text(json.dumps(rows, indent=1))

@@ -9,14 +9,25 @@ from item_jax.convert import serving
 from item_jax.convert import hf_bert, hf_vit, torch_layout
 from item_jax.convert import workdir as workdir_lib
 from item_jax.errors import OutputExistsError, UserError
+from item_jax.train import image_stem
 
 
 def hf_bert_to_workdir(checkpoint, workdir, image_size: int = 224,
                        patch_size: int = 16, config=None) -> list:
-  """A Hugging Face BERT folder -> step 0 of a pre-training run in `workdir`."""
+  """A Hugging Face BERT folder -> step 0 of a pre-training run in `workdir`.
+
+  The image side's kind comes from `config` (model.image_stem,
+  model.freeze_image_stem); a convolutional stem starts from its pretrained
+  weights (`item_jax.train.image_stem`)."""
   seed = 0 if config is None else int(config.seed)
-  converted = hf_bert.convert_hf_bert(checkpoint, image_size, patch_size, seed)
-  workdir_lib.save_workdir(workdir, converted.config, converted.params,
+  image_side = {} if config is None else {
+      field: config.model[field] for field in ("image_stem", "freeze_image_stem")
+      if field in config.model}
+  converted = hf_bert.convert_hf_bert(checkpoint, image_size, patch_size, seed,
+                                      **image_side)
+  params = {**converted.params,
+            **image_stem.pretrained_stem_flat(converted.config, workdir)}
+  workdir_lib.save_workdir(workdir, converted.config, params,
                            config=config, tokenizer=converted.tokenizer,
                            source=f"hf-bert:{checkpoint}")
   return [converted.report]
@@ -25,6 +36,11 @@ def hf_bert_to_workdir(checkpoint, workdir, image_size: int = 224,
 def hf_vit_into_workdir(checkpoint, workdir) -> list:
   """Sets the image side of a converted (step 0 only) workdir from a ViT."""
   model, params, step = workdir_lib.workdir_params(workdir)
+  if model.image_stem != "patches":
+    raise UserError(f"{workdir} makes image tokens with model.image_stem="
+                    f"{model.image_stem!r}; a ViT brings its own patch embedding: "
+                    "convert into a work directory whose config has "
+                    "model.image_stem='patches'")
   if step != 0:
     raise OutputExistsError(f"{workdir} already holds checkpoints up to step {step}: "
                             "hf-vit sets the image side before pre-training")

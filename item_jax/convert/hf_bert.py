@@ -94,7 +94,7 @@ def normalize_names(tensors: dict) -> dict:
 
 
 def config_from_bert(bert: dict, image_size: int = 224,
-                     patch_size: int = 16) -> ModelConfig:
+                     patch_size: int = 16, **image_side) -> ModelConfig:
   """ModelConfig from a BERT config.json (the image side is ours to choose)."""
   if bert.get("model_type", "bert") != "bert":
     raise UserError(f"model_type={bert.get('model_type')!r}: only BERT "
@@ -114,7 +114,7 @@ def config_from_bert(bert: dict, image_size: int = 224,
       pad_token_id=bert.get("pad_token_id", 0),
       initializer_range=bert.get("initializer_range", 0.02),
       dropout_rate=bert.get("hidden_dropout_prob", 0.1),
-      image_size=image_size, patch_size=patch_size)
+      image_size=image_size, patch_size=patch_size, **image_side)
 
 
 def config_to_bert(config: ModelConfig) -> dict:
@@ -147,11 +147,13 @@ class Converted:
   tokenizer: object | None
 
 
-def read_checkpoint(directory, image_size: int = 224, patch_size: int = 16):
-  """(ModelConfig, BertModel-named tensors, WordPiece tokenizer) of a folder."""
+def read_checkpoint(directory, image_size: int = 224, patch_size: int = 16,
+                    **image_side):
+  """(ModelConfig, BertModel-named tensors, WordPiece tokenizer) of a folder.
+  `image_side`: ModelConfig fields of the image side (image_stem, ...)."""
   directory = epath.Path(directory)
   config = config_from_bert(json.loads((directory / "config.json").read_text()),
-                            image_size, patch_size)
+                            image_size, patch_size, **image_side)
   tensors = normalize_names(tensors_lib.read_tensors(tensors_lib.find_weights(directory)))
   vocab = directory / "tokenizer.json"
   vocab = vocab if vocab.exists() else directory / "vocab.txt"
@@ -162,10 +164,12 @@ def read_checkpoint(directory, image_size: int = 224, patch_size: int = 16):
 
 
 def convert_hf_bert(directory, image_size: int = 224, patch_size: int = 16,
-                    seed: int = 0) -> Converted:
+                    seed: int = 0, **image_side) -> Converted:
   """A BERT checkpoint folder -> a complete item-jax model: BERT's text side,
-  everything BERT lacks (image side, ITEm's heads) freshly initialised."""
-  config, tensors, tokenizer = read_checkpoint(directory, image_size, patch_size)
+  everything BERT lacks (image side, ITEm's heads) freshly initialised.
+  `image_side`: ModelConfig fields of the image side (image_stem, ...)."""
+  config, tensors, tokenizer = read_checkpoint(directory, image_size, patch_size,
+                                               **image_side)
   converted, report = table_lib.to_item(
       bert_layout(tokenizer.cls_id), tensors, tensors_lib.param_shapes(config),
       config.num_layers)

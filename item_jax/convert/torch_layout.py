@@ -15,6 +15,7 @@ from item_jax.convert import tensors as tensors_lib
 from item_jax.convert.hf_bert import BERT_ENCODER_RULES, BERT_MLM_RULES
 from item_jax.convert.table import Layout, Rule, dense, norm
 from item_jax.model import ModelConfig
+from item_jax.model import mobilenet
 
 TORCH_LAYOUT = Layout(
     "torch",
@@ -40,25 +41,42 @@ TORCH_LAYOUT = Layout(
        Rule("itc_logit_scale", "cls.itc.logit_scale")))
 
 
-def torch_layout(patch_size: int) -> Layout:
-  """The table, with the patch embedding's Conv2d for `patch_size`."""
-  patch = Rule("embeddings.patch_embedding.kernel",
-               "bert.embeddings.patch_embeddings.projection.weight",
-               table_lib.conv_to_dense(patch_size))
-  return dataclasses.replace(TORCH_LAYOUT, rules=TORCH_LAYOUT.rules + (patch,))
+# A convolutional stem's HWIO kernels <-> torch's Conv2d OIHW weights.
+HWIO = table_lib.Transform("oihw_to_hwio",
+                           lambda x, shape: x.transpose(2, 3, 1, 0),
+                           lambda y, current: y.transpose(3, 2, 0, 1))
+
+
+def torch_layout(config: ModelConfig) -> Layout:
+  """The table, with the patch embedding's Conv2d for the model's image stem:
+  a patch_size x patch_size convolution over pixels, or a 1x1 one over a
+  MobileNetV2 stem's cells (whose folded convolutions are
+  "bert.embeddings.image_stem.I.J")."""
+  kernel = config.patch_size if config.image_stem == "patches" else 1
+  rules = [Rule("embeddings.patch_embedding.kernel",
+                "bert.embeddings.patch_embeddings.projection.weight",
+                table_lib.conv_to_dense(kernel))]
+  if config.image_stem != "patches":
+    for i, block in enumerate(mobilenet.stem_architecture(config.patch_size)):
+      for j in range(len(block.convs)):
+        ours, theirs = (f"embeddings.image_stem.blocks.{i}.{j}",
+                        f"bert.embeddings.image_stem.{i}.{j}")
+        rules += [Rule(f"{ours}.kernel", f"{theirs}.weight", HWIO),
+                  Rule(f"{ours}.bias", f"{theirs}.bias")]
+  return dataclasses.replace(TORCH_LAYOUT, rules=TORCH_LAYOUT.rules + tuple(rules))
 
 
 def from_torch(state_dict: dict, config: ModelConfig):
   """`ItemTorch.state_dict()` (tensors or numpy) -> ({name: array}, Report)."""
   tensors = {name: _numpy(value) for name, value in state_dict.items()}
-  return table_lib.to_item(torch_layout(config.patch_size), tensors,
+  return table_lib.to_item(torch_layout(config), tensors,
                            tensors_lib.param_shapes(config), config.num_layers)
 
 
 def to_torch(params: dict, config: ModelConfig):
   """item-jax parameters -> ({torch name: float32 numpy}, Report); load with
   `ItemTorch(config).load_state_dict({k: torch.from_numpy(v) ...})`."""
-  return table_lib.from_item(torch_layout(config.patch_size), params, config.num_layers)
+  return table_lib.from_item(torch_layout(config), params, config.num_layers)
 
 
 def _numpy(value):

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from item_jax.model import ModelConfig
+from item_jax.model import mobilenet
 from item_jax.model.item import ITC_INITIAL_LOGIT_SCALE, ITC_MAX_LOGIT_SCALE
 from item_jax.objectives import PAPER_TASKS, TASKS
 from item_jax.train.optimizer import OptimizerConfig
@@ -42,8 +43,21 @@ class Embeddings(nn.Module):
     self.cls_token = nn.Parameter(torch.zeros(hidden))
     self.mask_patch_embedding = nn.Parameter(torch.zeros(hidden))
     self.patch_embeddings = nn.Module()
-    self.patch_embeddings.projection = nn.Conv2d(
-        config.num_channels, hidden, config.patch_size, stride=config.patch_size)
+    self.config = config
+    if config.image_stem == "patches":
+      self.patch_embeddings.projection = nn.Conv2d(
+          config.num_channels, hidden, config.patch_size, stride=config.patch_size)
+    else:
+      # The hybrid input: MobileNetV2 (BatchNorm folded) cut at stride
+      # patch_size, then a 1x1 projection of each cell.
+      self.blocks = mobilenet.stem_architecture(config.patch_size)
+      self.image_stem = nn.ModuleList([nn.ModuleList([
+          nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size,
+                    stride=conv.stride, padding=conv.kernel_size // 2,
+                    groups=conv.in_channels if conv.depthwise else 1)
+          for conv in block.convs]) for block in self.blocks])
+      self.patch_embeddings.projection = nn.Conv2d(
+          config.image_token_input_dim, hidden, 1)
     self.LayerNorm = nn.LayerNorm(hidden, eps=config.layer_norm_eps)
 
   def cls(self, batch: int) -> torch.Tensor:
@@ -56,8 +70,36 @@ class Embeddings(nn.Module):
     return (self.word_embeddings(title_ids) + positions
             + self.token_type_embeddings.weight[TEXT_TYPE])
 
+  def stem(self, pixel_values: torch.Tensor, masked_patches=None) -> torch.Tensor:
+    """NCHW pixels (the pipeline's normalisation) -> the stem's cells; a
+    masked cell's pixels are ImageNet's mean colour."""
+    mean = torch.tensor(mobilenet.IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(mobilenet.IMAGENET_STD).view(1, 3, 1, 1)
+    x = (pixel_values * 0.5 + 0.5 - mean) / std
+    if masked_patches is not None:
+      side, size = self.config.patches_per_side, self.config.patch_size
+      cells = masked_patches.view(-1, 1, side, side)
+      hidden = cells.repeat_interleave(size, 2).repeat_interleave(size, 3)
+      x = torch.where(hidden, torch.zeros_like(x), x)
+    for block, convs in zip(self.blocks, self.image_stem):
+      block_input = x
+      for conv, module in zip(block.convs, convs):
+        x = module(x)
+        if conv.relu6:
+          x = x.clamp(0.0, 6.0)
+      if block.residual:
+        x = x + block_input
+    return x
+
   def image(self, pixel_values: torch.Tensor, masked_patches=None) -> torch.Tensor:
-    patches = self.patch_embeddings.projection(pixel_values).flatten(2).transpose(1, 2)
+    if self.config.image_stem == "patches":
+      inputs = pixel_values
+    elif self.config.freeze_image_stem:
+      with torch.no_grad():
+        inputs = self.stem(pixel_values, masked_patches)
+    else:
+      inputs = self.stem(pixel_values, masked_patches)
+    patches = self.patch_embeddings.projection(inputs).flatten(2).transpose(1, 2)
     if masked_patches is not None:
       patches = torch.where(masked_patches[..., None], self.mask_patch_embedding, patches)
     return (patches + self.image_position_embeddings.weight

@@ -10,6 +10,11 @@ import jax.numpy as jnp
 
 from item_jax.errors import UserError
 
+IMAGE_STEMS = ("patches", "mobilenet_v2")
+# A MobileNetV2 stem's output stride -> its channels there (the last layer of
+# that stride; `item_jax.model.mobilenet.STRIDE_CUTS`).
+STEM_STRIDES = {8: 32, 16: 96, 32: 1280}
+
 # Transformer sizes: (num_layers, hidden_size, num_heads, mlp_dim).
 # `base` is BERT-base (the paper's model); `small` is ViT-S's width.
 SIZE_PRESETS = {
@@ -49,6 +54,15 @@ class ModelConfig:
   # (keep the blocks' matmul outputs, recompute the rest) or "full" (keep
   # only each block's input).
   remat: str = "none"
+  # How image tokens are made. "patches": the paper's linear embedding of
+  # patch_size x patch_size pixel patches. "mobilenet_v2": the ViT paper's
+  # hybrid input, ImageNet MobileNetV2's convolutional layers cut at output
+  # stride patch_size (8, 16 or 32), one token per cell of that feature map,
+  # projected to the hidden size (`item_jax.model.mobilenet`).
+  image_stem: str = "patches"
+  # A convolutional stem's parameters get no gradient (and the optimizer
+  # leaves them as they are): the pretrained features stay ImageNet's.
+  freeze_image_stem: bool = True
 
   def __post_init__(self):
     if self.hidden_size % self.num_heads:
@@ -65,6 +79,17 @@ class ModelConfig:
     if self.remat not in ("none", "block", "full"):
       raise UserError(f"model.remat={self.remat!r}: expected 'none', 'block' "
                       "or 'full'")
+    if self.image_stem not in IMAGE_STEMS:
+      raise UserError(f"model.image_stem={self.image_stem!r}: expected one of "
+                      f"{list(IMAGE_STEMS)}")
+    if self.image_stem != "patches" and self.patch_size not in STEM_STRIDES:
+      raise UserError(
+          f"model.patch_size={self.patch_size} with model.image_stem="
+          f"{self.image_stem!r}: a MobileNetV2 stem's cells are 8, 16 or 32 "
+          "pixels wide (its output stride)")
+    if self.image_stem != "patches" and self.num_channels != 3:
+      raise UserError(f"model.num_channels={self.num_channels}: the "
+                      f"{self.image_stem} stem reads RGB images")
     if self.attention_implementation not in (None, "xla", "cudnn"):
       raise UserError("model.attention_implementation="
                       f"{self.attention_implementation!r}: expected None, "
@@ -86,6 +111,14 @@ class ModelConfig:
   def patch_dim(self) -> int:
     """Pixels in one patch: the width of the MIM/GMIM regression targets."""
     return self.patch_size * self.patch_size * self.num_channels
+
+  @property
+  def image_token_input_dim(self) -> int:
+    """Width of what the patch embedding projects: a patch's pixels, or a
+    convolutional stem's channels."""
+    if self.image_stem == "patches":
+      return self.patch_dim
+    return STEM_STRIDES[self.patch_size]
 
   @property
   def compute_dtype(self):

@@ -11,10 +11,16 @@ import jax.numpy as jnp
 from flax import nnx
 
 from item_jax.model.config import ModelConfig
+from item_jax.model.mobilenet import MobileNetStem, to_imagenet_normalisation
 from item_jax.model.layers import (ACTIVATION_AXES, Dense, EncoderBlock, LayerNorm,
                                    constrain, dropout, gelu, param)
 
 TEXT_TYPE, IMAGE_TYPE = 0, 1
+# The input pipeline's pixel normalisation, (x/255 - mean)/std
+# (`item_jax.data.pipeline.IMAGE_MEAN/IMAGE_STD`): a convolutional stem
+# undoes it for ImageNet's.
+IMAGE_MEAN = (0.5, 0.5, 0.5)
+IMAGE_STD = (0.5, 0.5, 0.5)
 # log(1 / 0.07) and log(100): CLIP's initial and largest contrastive logit scale.
 ITC_INITIAL_LOGIT_SCALE = 2.6592600369327779
 ITC_MAX_LOGIT_SCALE = 4.605170185988092
@@ -38,6 +44,14 @@ def patchify(image: jax.Array, patch_size: int) -> jax.Array:
   patches = image.reshape(batch, rows, patch_size, cols, patch_size, channels)
   patches = patches.transpose(0, 1, 3, 2, 4, 5)
   return patches.reshape(batch, rows * cols, patch_size * patch_size * channels)
+
+
+def cell_pixel_mask(masked_patches: jax.Array, config: ModelConfig) -> jax.Array:
+  """(batch, num_patches) bool -> (batch, image_size, image_size) bool: the
+  pixels of each masked cell (cells row-major, as `patchify`)."""
+  side, size = config.patches_per_side, config.patch_size
+  grid = masked_patches.reshape(masked_patches.shape[0], side, side)
+  return jnp.repeat(jnp.repeat(grid, size, axis=1), size, axis=2)
 
 
 _REMAT_POLICIES = {
@@ -72,7 +86,10 @@ class Embeddings(nnx.Module):
     self.type_embeddings = param(rngs, init, (2, hidden), ("type", "embed"))
     self.cls_token = param(rngs, init, (hidden,), ("embed",))
     self.mask_patch_embedding = param(rngs, init, (hidden,), ("embed",))
-    self.patch_embedding = Dense(config.patch_dim, hidden, ("patch", "embed"),
+    if config.image_stem == "mobilenet_v2":
+      self.image_stem = MobileNetStem(config.patch_size, rngs=rngs)
+    self.patch_embedding = Dense(config.image_token_input_dim, hidden,
+                                 ("patch", "embed"),
                                  rngs=rngs, dtype=dtype,
                                  initializer_range=config.initializer_range)
     self.norm = LayerNorm(hidden, config.layer_norm_eps, rngs=rngs, dtype=dtype)
@@ -92,9 +109,28 @@ class Embeddings(nnx.Module):
     positions = self.title_position_embeddings[1:length + 1]
     return words + positions + self.type_embeddings[TEXT_TYPE]
 
+  def image_tokens_input(self, image: jax.Array,
+                         masked_patches: jax.Array | None) -> jax.Array:
+    """(batch, num_patches, image_token_input_dim): what the patch embedding
+    projects. A convolutional stem sees a masked cell's pixels as ImageNet's
+    mean colour (zero after its normalisation), so no token, the cell's own
+    or a neighbour's, carries a masked cell's pixels."""
+    if self.config.image_stem == "patches":
+      return patchify(image, self.config.patch_size)
+    pixels = to_imagenet_normalisation(image.astype(jnp.float32), IMAGE_MEAN,
+                                       IMAGE_STD)
+    if masked_patches is not None:
+      pixels = jnp.where(cell_pixel_mask(masked_patches, self.config)[..., None],
+                         0.0, pixels)
+    cells = self.image_stem(pixels.astype(self.config.compute_dtype))
+    if self.config.freeze_image_stem:
+      cells = jax.lax.stop_gradient(cells)
+    batch, rows, cols, channels = cells.shape
+    return cells.reshape(batch, rows * cols, channels)
+
   def image(self, image: jax.Array, masked_patches: jax.Array | None) -> jax.Array:
-    pixels = patchify(image, self.config.patch_size)
-    patches = self.patch_embedding(pixels).astype(jnp.float32)
+    inputs = self.image_tokens_input(image, masked_patches)
+    patches = self.patch_embedding(inputs).astype(jnp.float32)
     if masked_patches is not None:
       patches = jnp.where(masked_patches[..., None],
                           self.mask_patch_embedding[...], patches)

@@ -62,6 +62,11 @@ def base_config() -> ml_collections.ConfigDict:
   config.model.layer_norm_eps = 1e-12
   config.model.attention_implementation = ml_collections.FieldReference(
       None, field_type=str)
+  # "patches" (the paper's linear patch embedding) or "mobilenet_v2" (ImageNet
+  # MobileNetV2 cut at stride patch_size: 8, 16 or 32), frozen or fine-tuned
+  # (optimizer.image_stem_learning_rate_scale).
+  config.model.image_stem = "patches"
+  config.model.freeze_image_stem = True
 
   config.objectives = ml_collections.ConfigDict()
   # The paper's five tasks at weight 1; ITC (image-text contrastive) off.
@@ -237,6 +242,9 @@ def _settings(config: ml_collections.ConfigDict, dataset: dict,
   _check_inputs(objectives, dataset, config)
   optimizer = _fields_of(config.optimizer, "optimizer", OptimizerConfig,
                          total_steps=int(config.total_steps))
+  if model.image_stem != "patches" and model.freeze_image_stem:
+    # A frozen stem takes no update at all: not even weight decay.
+    optimizer = dataclasses.replace(optimizer, image_stem_learning_rate_scale=0.0)
 
   mesh_shape = resolve_mesh_shape(config.mesh.to_dict(), num_devices)
   batch_shards = mesh_shape["data"] * mesh_shape["fsdp"]

@@ -20,6 +20,7 @@ from item_jax.data.tokenizer import load_tokenizer
 from item_jax.objectives import TokenSpec
 from item_jax.objectives.flops import training_flops_per_example
 from item_jax.train import checkpoint as checkpoint_lib
+from item_jax.train import image_stem
 from item_jax.train import sharding
 from item_jax.train.config import TrainSettings
 from item_jax.train.optimizer import learning_rate_schedule, make_optimizer
@@ -133,6 +134,9 @@ def _train(settings: TrainSettings, workdir: str, devices,
   if latest is None:
     graphdef, state, state_shardings = sharding.create_train_state(
         settings.model, optimizer, mesh, config.seed)
+    # A convolutional image stem starts from its pretrained weights.
+    state = state._replace(params=image_stem.with_pretrained_stem(
+        state.params, settings.model, workdir, write=is_lead))
   else:
     graphdef, abstract_state, state_shardings = sharding.abstract_train_state(
         settings.model, optimizer, mesh, config.seed)

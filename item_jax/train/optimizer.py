@@ -31,6 +31,11 @@ class OptimizerConfig:
   # entry, so convert with the recipe's config (`convert hf-bert --config`)
   # to resume a converted workdir under it.
   text_learning_rate_scale: float = 1.0
+  # Multiplies the learning rate of a convolutional image stem
+  # (`embeddings.image_stem`, model.image_stem="mobilenet_v2") when it is
+  # fine-tuned (model.freeze_image_stem=False); a frozen stem is always 0:
+  # its parameters stay exactly as loaded, weight decay included.
+  image_stem_learning_rate_scale: float = 1.0
 
   def __post_init__(self):
     if self.decay not in ("cosine", "linear"):
@@ -43,6 +48,9 @@ class OptimizerConfig:
       raise ValueError("optimizer.learning_rate must be > 0")
     if self.text_learning_rate_scale <= 0:
       raise ValueError("optimizer.text_learning_rate_scale must be > 0")
+    if self.image_stem_learning_rate_scale < 0:
+      raise ValueError("optimizer.image_stem_learning_rate_scale must be >= 0 "
+                       "(0: frozen)")
 
 
 def learning_rate_schedule(config: OptimizerConfig) -> optax.Schedule:
@@ -81,15 +89,35 @@ def is_text_side(name: str) -> bool:
              for prefix in TEXT_SIDE)
 
 
-def scale_text_side(factor: float) -> optax.GradientTransformation:
-  """Multiplies the updates of TEXT_SIDE parameters by `factor` (stateless)."""
+# Parameter-name prefix of a convolutional image stem.
+IMAGE_STEM = "embeddings.image_stem"
+
+
+def is_image_stem(name: str) -> bool:
+  return name == IMAGE_STEM or name.startswith(IMAGE_STEM + ".")
+
+
+def scale_parts(text: float = 1.0, image_stem: float = 1.0
+                ) -> optax.GradientTransformation:
+  """Multiplies the updates of TEXT_SIDE parameters by `text` and those of
+  the image stem by `image_stem` (stateless; 0 leaves them unchanged)."""
+  def factor(name: str) -> float:
+    if is_image_stem(name):
+      return image_stem
+    return text if is_text_side(name) else 1.0
+
   def update(updates, state, params=None):
     del params
     scaled = jax.tree_util.tree_map_with_path(
-        lambda path, u: u * factor if is_text_side(_path_name(path)) else u,
-        updates)
+        lambda path, u: u * factor(_path_name(path)) if factor(
+            _path_name(path)) != 1.0 else u, updates)
     return scaled, state
   return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+
+
+def scale_text_side(factor: float) -> optax.GradientTransformation:
+  """Multiplies the updates of TEXT_SIDE parameters by `factor` (stateless)."""
+  return scale_parts(text=factor)
 
 
 def make_optimizer(config: OptimizerConfig) -> optax.GradientTransformation:
@@ -97,8 +125,10 @@ def make_optimizer(config: OptimizerConfig) -> optax.GradientTransformation:
                       eps=config.eps, weight_decay=config.weight_decay,
                       mask=weight_decay_mask)
   parts = [adamw]
-  if config.text_learning_rate_scale != 1.0:
-    parts.append(scale_text_side(config.text_learning_rate_scale))
+  if config.text_learning_rate_scale != 1.0 or \
+      config.image_stem_learning_rate_scale != 1.0:
+    parts.append(scale_parts(config.text_learning_rate_scale,
+                             config.image_stem_learning_rate_scale))
   if config.grad_clip_norm > 0:
     parts.insert(0, optax.clip_by_global_norm(config.grad_clip_norm))
   return parts[0] if len(parts) == 1 else optax.chain(*parts)

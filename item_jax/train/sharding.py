@@ -38,6 +38,10 @@ LOGICAL_AXIS_RULES = {
     "patch": None,
     "classes": None,
     "scalar": None,
+    # A convolutional image stem (3.5 M values at most): replicated.
+    "conv": None,
+    "conv_in": None,
+    "conv_out": None,
 }
 
 
