@@ -265,3 +265,51 @@ def test_a_signal_to_one_process_stops_both_at_the_same_step(data_dir, tmp_path)
   saved = checkpointer.all_steps()
   checkpointer.close()
   assert len(saved) == 1 and 1 <= saved[0] < 400
+
+
+def test_a_stop_signal_is_saved_within_a_step_whatever_the_log_interval(
+    data_dir, tmp_path, monkeypatch):
+  """The host runs at most one step ahead of the devices. With slow steps
+  (a matmul chain beside the real step), one log at the end and no periodic
+  checkpoint, nothing else syncs: a host that ran ahead would have dispatched
+  many steps before the SIGTERM sent half a second after step 4 is asked
+  for, and would save only after all of them."""
+  import threading
+
+  import jax.numpy as jnp
+  from item_jax.data import indexed
+  from item_jax.train import loop
+  make_step = loop.make_train_step
+  original = indexed.IndexedSource.batches
+
+  def slow_make_train_step(*args, **kwargs):
+    real = make_step(*args, **kwargs)
+
+    def step(state, batch):
+      state, metrics = real(state, batch)
+      x = jnp.full((384, 384), 1e-3) * state.step.astype(jnp.float32)
+      for _ in range(40):
+        x = jnp.tanh(x @ x)
+      return state, {**metrics, "burn": jnp.mean(x)}
+    return step
+
+  def signalling(self, start_step):
+    for step, batch in enumerate(original(self, start_step), start=start_step + 1):
+      if step == 4:
+        threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGTERM)).start()
+      yield batch
+
+  monkeypatch.setattr(loop, "make_train_step", slow_make_train_step)
+  monkeypatch.setattr(indexed.IndexedSource, "batches", signalling)
+  workdir = tmp_path / "signalled"
+  history = train(tiny_settings(data_dir, "--config.total_steps=60",
+                                "--config.log_every_steps=1000",
+                                "--config.checkpoint_every_steps=1000",
+                                num_devices=1),
+                  str(workdir), devices=jax.devices()[:1])
+  checkpointer = checkpoint_lib.Checkpointer(workdir / "checkpoints", 1000, 3)
+  saved = checkpointer.all_steps()
+  checkpointer.close()
+  # Here: 5 with the bound, 25 without it.
+  assert len(saved) == 1 and 4 <= saved[0] <= 8, saved
+  assert [entry["step"] for entry in history] == [1]

@@ -194,9 +194,18 @@ def _train(settings: TrainSettings, workdir: str, devices,
                        "next_example_index": step * config.global_batch_size}
   try:
     batches = prefetch_to_devices(source.batches(start_step), mesh)
+    previous = None
     for step in range(start_step + 1, config.total_steps + 1):
       state, metrics = compiled(state, next(batches))
       pending.append(metrics)
+      # The host stays one step ahead of the devices, not a log interval:
+      # step N is dispatched, then step N-1's metrics are waited for (read one
+      # step late, as maxtext does). So the progress hook's rate and ETA are
+      # those of completed steps, and a stop signal is agreed and saved
+      # within about one step plus the save, whatever log_every_steps is.
+      if previous is not None:
+        jax.block_until_ready(previous)
+      previous = metrics
       for hook in hooks:
         hook(step)
       evaluate(step, state.params)
