@@ -397,3 +397,19 @@ def test_itm_pairs_only_listings_with_both_inputs():
   assert np.asarray(masked.matched[:4]).all()
   np.testing.assert_array_equal(masked.image[:4], batch["image"][:4])
   assert not np.asarray(masked.matched[4:]).all()
+
+
+def test_a_frozen_mobilenet_stem_costs_its_forward_pass_once_per_image_pass():
+  # The whole network at 224 px is MobileNetV2's published ~300 M
+  # multiply-adds; the stride-16 cut a part of it.
+  full = model_config("base", image_stem="mobilenet_v2", patch_size=32)
+  from item_jax.objectives.flops import image_stem_flops
+  assert image_stem_flops(full) / 2 == pytest.approx(300e6, rel=0.05)
+  config = model_config("base", image_stem="mobilenet_v2", patch_size=16)
+  flops = training_flops_per_example(config, 40)
+  assert flops["image_stem"] == image_stem_flops(config)            # forward only
+  assert flops["patch_embedding"] == 3 * 2 * 196 * 96 * 768
+  tuned = training_flops_per_example(
+      model_config("base", image_stem="mobilenet_v2", patch_size=16,
+                   freeze_image_stem=False), 40)
+  assert tuned["image_stem"] == 3 * flops["image_stem"]

@@ -5,6 +5,7 @@ and the backward's two matmuls per forward matmul). Only matmuls are counted.
 """
 
 from item_jax.model import ModelConfig
+from item_jax.model import mobilenet
 from item_jax.objectives.losses import PAPER_TASKS, ObjectiveConfig
 from item_jax.objectives.masking import max_predictions, num_masked_patches
 
@@ -25,7 +26,23 @@ def _encoder_pass(config: ModelConfig, tokens: int, image: bool) -> dict:
            # matmuls.
            "attention": config.num_layers * 2 * 2 * tokens * tokens * hidden}
   if image:
-    flops["patch_embedding"] = 2 * config.num_patches * config.patch_dim * hidden
+    flops["patch_embedding"] = (2 * config.num_patches
+                                * config.image_token_input_dim * hidden)
+    if config.image_stem != "patches":
+      flops["image_stem"] = image_stem_flops(config)
+  return flops
+
+
+def image_stem_flops(config: ModelConfig) -> int:
+  """Forward FLOPs of a convolutional image stem on one image (every
+  convolution, depthwise ones per channel)."""
+  side = config.image_size
+  flops = 0
+  for block in mobilenet.stem_architecture(config.patch_size):
+    for conv in block.convs:
+      side = -(-side // conv.stride)
+      per_output = conv.kernel_size ** 2 * (1 if conv.depthwise else conv.in_channels)
+      flops += 2 * side * side * conv.out_channels * per_output
   return flops
 
 
@@ -74,6 +91,9 @@ def training_flops_per_example(config: ModelConfig, title_len: int,
   for task, multiply_adds in head_costs.items():
     if objectives.weight(task) > 0:
       forward[task] = 2 * multiply_adds
-  flops = {part: TRAIN_MULTIPLIER * value for part, value in forward.items()}
+  # A frozen stem runs forward only (no gradient reaches it).
+  frozen = config.image_stem != "patches" and config.freeze_image_stem
+  flops = {part: (1 if frozen and part.endswith("image_stem") else TRAIN_MULTIPLIER)
+           * value for part, value in forward.items()}
   flops["total"] = sum(flops.values())
   return flops
