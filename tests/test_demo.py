@@ -17,6 +17,11 @@ def test_demo_trains_both_recipes_on_the_hard_split_and_names_the_recommended(
   for row in ("recommended: ITEm, title + image", "paper: ITEm, title + image",
               "TF-IDF", "colour histogram", "ITEm untrained"):
     assert row in printed, row
+  # The photo anchor, at the demo's resolution, wherever its weights are.
+  from item_jax.model.mobilenet import weights_path
+  import importlib.util
+  if weights_path() is not None and importlib.util.find_spec("torch"):
+    assert "MobileNetV2 ImageNet, image 128 px" in printed
   summary = json.loads((workdir / "summary.json").read_text())
   assert summary["recipe"] == "recommended"
   assert summary["train_workdir"] == str(workdir / "train")

