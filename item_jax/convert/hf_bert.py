@@ -71,6 +71,7 @@ def bert_layout(cls_id: int, exporting: bool = False) -> Layout:
           "embeddings.image_position_embeddings": IMAGE_SIDE,
           "embeddings.patch_embedding.*": IMAGE_SIDE,
           "embeddings.mask_patch_embedding": IMAGE_SIDE,
+          "embeddings.image_stem.*": IMAGE_SIDE,
           "itm_classifier.*": ITEM_HEADS,
           "mim_*": ITEM_HEADS,
           "gmlm_*": ITEM_HEADS,
