@@ -32,6 +32,7 @@ from item_jax.eval import metrics
 from item_jax.objectives import TokenSpec
 from item_jax.train.config import load_config, validate
 from item_jax.train.optimizer import make_optimizer
+from item_jax.train.image_stem import with_pretrained_stem
 from item_jax.train.step import init_model, init_train_state, make_train_step
 
 LOSSES = ("loss", "itm", "itm_accuracy", "mlm", "gmlm", "mim", "gmim", "itc",
@@ -111,6 +112,8 @@ def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--data", required=True, help="a `prepare` output folder")
   parser.add_argument("--config", default="configs/item_tiny.py")
+  parser.add_argument("--stem-dir", default="runs/learning",
+                      help="where a convolutional image stem's weights file is kept")
   parser.add_argument("--steps", type=int, default=None,
                       help="default: the config's total_steps")
   parser.add_argument("--init-from", default=None, metavar="WORKDIR",
@@ -140,6 +143,8 @@ def main():
   tokens = TokenSpec(model_config.vocab_size, tokenizer.mask_id, tokenizer.special_ids)
   optimizer = make_optimizer(settings.optimizer)
   graphdef, params = init_model(model_config, config.seed)
+  # A convolutional image stem starts from ImageNet (its file kept in --stem-dir).
+  params = with_pretrained_stem(params, model_config, args.stem_dir)
   if args.init_from:
     restored = restore_workdir(args.init_from)
     shapes = lambda tree: jax.tree.map(jnp.shape, tree)

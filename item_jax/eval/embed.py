@@ -26,6 +26,7 @@ from item_jax.data import pipeline
 from item_jax.errors import MissingInputError, UserError, no_training_run
 from item_jax.eval.search import fetch_global, progress_line, put_global
 from item_jax.model import ItemModel
+from item_jax.train import image_stem
 from item_jax.train import checkpoint as checkpoint_lib
 from item_jax.train import sharding
 from item_jax.train.config import (TrainSettings, base_config, validate,
@@ -88,7 +89,10 @@ def load_model(workdir: str, step: int | None = None, data_dir: str | None = Non
   if initialise:
     graphdef, state, shardings = sharding.create_train_state(
         settings.model, optimizer, mesh, config.seed)
-    return LoadedModel(graphdef, state.params, shardings.params, settings, mesh, 0)
+    # Untrained as training starts: a convolutional stem is ImageNet's.
+    params = image_stem.with_pretrained_stem(state.params, settings.model, workdir,
+                                             write=False)
+    return LoadedModel(graphdef, params, shardings.params, settings, mesh, 0)
   graphdef, abstract_state, shardings = sharding.abstract_train_state(
       settings.model, optimizer, mesh, config.seed)
   checkpointer = checkpoint_lib.Checkpointer(
