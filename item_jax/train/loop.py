@@ -27,6 +27,10 @@ from item_jax.train.optimizer import learning_rate_schedule, make_optimizer
 from item_jax.train.step import make_train_step
 
 
+# Steps the host may dispatch beyond the last one it has seen complete.
+RUN_AHEAD = 2
+
+
 class StopRequest:
   """Set by SIGTERM/SIGUSR1; agreed across processes at step boundaries."""
 
@@ -194,18 +198,19 @@ def _train(settings: TrainSettings, workdir: str, devices,
                        "next_example_index": step * config.global_batch_size}
   try:
     batches = prefetch_to_devices(source.batches(start_step), mesh)
-    previous = None
+    in_flight = collections.deque()
     for step in range(start_step + 1, config.total_steps + 1):
       state, metrics = compiled(state, next(batches))
       pending.append(metrics)
-      # The host stays one step ahead of the devices, not a log interval:
-      # step N is dispatched, then step N-1's metrics are waited for (read one
-      # step late, as maxtext does). So the progress hook's rate and ETA are
-      # those of completed steps, and a stop signal is agreed and saved
-      # within about one step plus the save, whatever log_every_steps is.
-      if previous is not None:
-        jax.block_until_ready(previous)
-      previous = metrics
+      # The host stays at most RUN_AHEAD steps ahead of the devices, not a
+      # log interval: step N is dispatched, then step N-RUN_AHEAD's metrics
+      # are waited for (read late, as maxtext does). So the progress hook's
+      # rate and ETA are those of completed steps, and a stop signal is
+      # agreed and saved within a step or two plus the save, whatever
+      # log_every_steps is; one step stays queued behind the running one.
+      in_flight.append(metrics)
+      if len(in_flight) > RUN_AHEAD:
+        jax.block_until_ready(in_flight.popleft())
       for hook in hooks:
         hook(step)
       evaluate(step, state.params)
