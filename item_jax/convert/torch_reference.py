@@ -24,7 +24,8 @@ from torch import nn
 
 from item_jax.model import ModelConfig
 from item_jax.model import mobilenet
-from item_jax.model.item import ITC_INITIAL_LOGIT_SCALE, ITC_MAX_LOGIT_SCALE
+from item_jax.model.item import (IMAGE_MEAN, IMAGE_STD, ITC_INITIAL_LOGIT_SCALE,
+                                 ITC_MAX_LOGIT_SCALE)
 from item_jax.objectives import PAPER_TASKS, TASKS
 from item_jax.train.optimizer import OptimizerConfig
 
@@ -73,9 +74,9 @@ class Embeddings(nn.Module):
   def stem(self, pixel_values: torch.Tensor, masked_patches=None) -> torch.Tensor:
     """NCHW pixels (the pipeline's normalisation) -> the stem's cells; a
     masked cell's pixels are ImageNet's mean colour."""
-    mean = torch.tensor(mobilenet.IMAGENET_MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(mobilenet.IMAGENET_STD).view(1, 3, 1, 1)
-    x = (pixel_values * 0.5 + 0.5 - mean) / std
+    channel = lambda values: torch.tensor(values).view(1, 3, 1, 1)
+    x = ((pixel_values * channel(IMAGE_STD) + channel(IMAGE_MEAN)
+          - channel(mobilenet.IMAGENET_MEAN)) / channel(mobilenet.IMAGENET_STD))
     if masked_patches is not None:
       side, size = self.config.patches_per_side, self.config.patch_size
       cells = masked_patches.view(-1, 1, side, side)

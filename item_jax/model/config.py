@@ -9,11 +9,11 @@ import dataclasses
 import jax.numpy as jnp
 
 from item_jax.errors import UserError
+from item_jax.model.mobilenet import STRIDE_CUTS
 
 IMAGE_STEMS = ("patches", "mobilenet_v2")
-# A MobileNetV2 stem's output stride -> its channels there (the last layer of
-# that stride; `item_jax.model.mobilenet.STRIDE_CUTS`).
-STEM_STRIDES = {8: 32, 16: 96, 32: 1280}
+# A MobileNetV2 stem's output stride -> its channels there.
+STEM_STRIDES = {stride: channels for stride, (_, channels) in STRIDE_CUTS.items()}
 
 # Transformer sizes: (num_layers, hidden_size, num_heads, mlp_dim).
 # `base` is BERT-base (the paper's model); `small` is ViT-S's width.

@@ -106,27 +106,15 @@ def stem_architecture(stride: int) -> tuple[Block, ...]:
   return architecture(STRIDE_CUTS[stride][0])
 
 
-def state_dict_names(blocks: Sequence[Block]) -> set[str]:
-  """The torch state-dict entries `blocks` read."""
-  return {f"{conv.conv}.weight" for block in blocks for conv in block.convs} | {
+def fold_batch_norm(state: dict[str, np.ndarray], blocks: Sequence[Block]) -> tuple:
+  """The params pytree: per block, per convolution, {"kernel" HWIO, "bias"}
+  (float32 numpy) with the BatchNorm's running statistics folded in."""
+  expected = {f"{conv.conv}.weight" for block in blocks for conv in block.convs} | {
       f"{conv.norm}.{name}" for block in blocks for conv in block.convs
       for name in ("weight", "bias", "running_mean", "running_var",
                    "num_batches_tracked")}
-
-
-def fold_batch_norm(state: dict[str, np.ndarray], blocks: Sequence[Block],
-                    exact: bool = True) -> tuple:
-  """The params pytree: per block, per convolution, {"kernel" HWIO, "bias"}
-  (float32 numpy) with the BatchNorm's running statistics folded in.
-
-  `exact`: the state dict must hold exactly what `blocks` read (the whole
-  network); otherwise it may hold later layers too (a stem's cut).
-  """
-  expected = state_dict_names(blocks)
-  missing = sorted(expected - set(state))
-  unexpected = sorted(set(state) - state_dict_names(architecture())) if not exact \
-      else sorted(set(state) - expected)
-  if missing or unexpected:
+  if set(state) != expected:
+    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
     raise ValueError(f"not MobileNetV2_bottle's state dict: missing {missing[:5]}, "
                      f"unexpected {unexpected[:5]}")
   params = []

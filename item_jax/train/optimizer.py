@@ -106,18 +106,14 @@ def scale_parts(text: float = 1.0, image_stem: float = 1.0
       return image_stem
     return text if is_text_side(name) else 1.0
 
+  def scale(path, update):
+    multiplier = factor(_path_name(path))
+    return update if multiplier == 1.0 else update * multiplier
+
   def update(updates, state, params=None):
     del params
-    scaled = jax.tree_util.tree_map_with_path(
-        lambda path, u: u * factor(_path_name(path)) if factor(
-            _path_name(path)) != 1.0 else u, updates)
-    return scaled, state
+    return jax.tree_util.tree_map_with_path(scale, updates), state
   return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
-
-
-def scale_text_side(factor: float) -> optax.GradientTransformation:
-  """Multiplies the updates of TEXT_SIDE parameters by `factor` (stateless)."""
-  return scale_parts(text=factor)
 
 
 def make_optimizer(config: OptimizerConfig) -> optax.GradientTransformation:
