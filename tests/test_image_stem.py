@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 from helpers import TOKENS, tiny_batch, tiny_config, tiny_model
 from item_jax.errors import UserError
@@ -59,6 +60,23 @@ def test_a_masked_cell_is_seen_by_no_token():
   moved = np.abs(np.asarray(plain.patch_states - other.patch_states)).max(axis=-1)
   assert (moved[:, [0, 1, 4, 5, 6, 9, 10]] > 1e-4).all()
 
+
+
+def test_a_batch_without_photos_never_runs_the_stem():
+  """Title-only batches (a catalogue without photos) cost the stem nothing:
+  with NaN weights it would poison every token, yet the embeddings are the
+  title-only ones; one photo in the batch runs it."""
+  model = tiny_model(**STEM)
+  stem = model.embeddings.image_stem
+  nnx.update(stem, jax.tree.map(lambda x: jnp.full_like(x, jnp.nan),
+                                nnx.state(stem)))
+  batch = tiny_batch(batch=3)
+  none = model.embed(batch["title_ids"], batch["image"],
+                     image_mask=jnp.zeros(3, bool))
+  np.testing.assert_allclose(none, model.embed(batch["title_ids"]), atol=1e-6)
+  one = model.embed(batch["title_ids"], batch["image"],
+                    image_mask=jnp.arange(3) == 0)
+  assert np.isnan(np.asarray(one[0])).all()
 
 def _step(config, scale=None):
   graphdef, params = init_model(config, seed=0)

@@ -12,7 +12,7 @@ from flax import nnx
 from helpers import SPECIAL_TOKEN_IDS, TOKENS, tiny_batch, tiny_model
 from item_jax.model import ItemModel, model_config
 from item_jax.objectives import (PAPER_TASKS, TASKS, ObjectiveConfig, example_keys,
-                                 mask_patches, mask_tokens, pair_for_itm,
+                                 mask_batch, mask_patches, mask_tokens, pair_for_itm,
                                  pretraining_loss)
 from item_jax.objectives.flops import training_flops_per_example
 
@@ -413,3 +413,51 @@ def test_a_frozen_mobilenet_stem_costs_its_forward_pass_once_per_image_pass():
       model_config("base", image_stem="mobilenet_v2", patch_size=16,
                    freeze_image_stem=False), 40)
   assert tuned["image_stem"] == 3 * flops["image_stem"]
+
+
+def test_modality_dropout_drops_one_input_of_listings_that_have_both():
+  keys = _keys(2000, seed=3)
+  batch = dict(tiny_batch(batch=2000, title_len=6, image_size=8),
+               has_image=jnp.arange(2000) % 10 != 0)
+  config = tiny_model().config
+  plain = mask_batch(config, batch, keys, ObjectiveConfig(), TOKENS)
+  dropped = mask_batch(config, batch, keys, ObjectiveConfig(
+      joint_image_dropout=0.3, joint_title_dropout=0.2), TOKENS)
+  has_image = np.asarray(batch["has_image"])
+  lost_image = np.asarray(plain.image_present & ~dropped.image_present)
+  lost_title = np.asarray(plain.has_title & ~dropped.has_title)
+  # Never both, never from a listing with one input only.
+  assert not (lost_image & lost_title).any()
+  assert not (lost_title & ~has_image).any() and not (lost_image & ~has_image).any()
+  assert lost_image[has_image].mean() == pytest.approx(0.3, abs=0.04)
+  # The title is drawn among those that kept their photo: 0.7 x 0.2.
+  assert lost_title[has_image].mean() == pytest.approx(0.14, abs=0.03)
+  # A dropped title has no token in the joint pass; other masks are as before.
+  assert not np.asarray(dropped.title_mask)[lost_title].any()
+  np.testing.assert_array_equal(dropped.input_ids, plain.input_ids)
+  np.testing.assert_array_equal(dropped.matched, plain.matched)
+
+
+def test_a_dropped_photo_is_a_listing_without_one_in_the_joint_pass():
+  model, batch = tiny_model(), tiny_batch(batch=8)
+  objectives = dict(itc_weight=1.0, itc_pairs="joint:title", itm_weight=0.0,
+                    mim_weight=0.0, gmim_weight=0.0)
+  keys = _keys(8, seed=5)
+  # With a rate near 1 every listing loses its photo in the joint pass: the
+  # losses are those of the same batch written without photos.
+  _, dropped = pretraining_loss(model, batch, keys, ObjectiveConfig(
+      joint_image_dropout=0.999999, **objectives), TOKENS)
+  _, without = pretraining_loss(model, dict(batch, has_image=jnp.zeros(8, bool)),
+                                keys, ObjectiveConfig(**objectives), TOKENS)
+  _, plain = pretraining_loss(model, batch, keys, ObjectiveConfig(**objectives),
+                              TOKENS)
+  for task in ("itc", "mlm", "gmlm"):
+    assert float(dropped[task]) == pytest.approx(float(without[task]), rel=1e-5)
+  assert float(dropped["mlm"]) != pytest.approx(float(plain["mlm"]), rel=1e-4)
+
+
+@pytest.mark.parametrize("field", ["joint_image_dropout", "joint_title_dropout"])
+@pytest.mark.parametrize("value", [-0.1, 1.0])
+def test_bad_modality_dropout_is_a_config_error(field, value):
+  with pytest.raises(ValueError, match=f"objectives.{field}"):
+    ObjectiveConfig(**{field: value})

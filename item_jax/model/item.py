@@ -110,11 +110,14 @@ class Embeddings(nnx.Module):
     return words + positions + self.type_embeddings[TEXT_TYPE]
 
   def image_tokens_input(self, image: jax.Array,
-                         masked_patches: jax.Array | None) -> jax.Array:
+                         masked_patches: jax.Array | None,
+                         present: jax.Array | None = None) -> jax.Array:
     """(batch, num_patches, image_token_input_dim): what the patch embedding
     projects. A convolutional stem sees a masked cell's pixels as ImageNet's
     mean colour (zero after its normalisation), so no token, the cell's own
-    or a neighbour's, carries a masked cell's pixels."""
+    or a neighbour's, carries a masked cell's pixels. It runs only when some
+    listing of the batch has a photo (`present`, (batch,) bool): a batch of
+    titles alone costs it nothing (its tokens are zeros nobody attends to)."""
     if self.config.image_stem == "patches":
       return patchify(image, self.config.patch_size)
     pixels = to_imagenet_normalisation(image.astype(jnp.float32), IMAGE_MEAN,
@@ -122,14 +125,22 @@ class Embeddings(nnx.Module):
     if masked_patches is not None:
       pixels = jnp.where(cell_pixel_mask(masked_patches, self.config)[..., None],
                          0.0, pixels)
-    cells = self.image_stem(pixels.astype(self.config.compute_dtype))
+    pixels = pixels.astype(self.config.compute_dtype)
+    run_stem = self.image_stem
+    if present is not None:
+      shape = jax.eval_shape(self.image_stem, pixels)
+      run_stem = lambda pixels: jax.lax.cond(
+          jnp.any(present), self.image_stem,
+          lambda pixels: jnp.zeros(shape.shape, shape.dtype), pixels)
+    cells = run_stem(pixels)
     if self.config.freeze_image_stem:
       cells = jax.lax.stop_gradient(cells)
     batch, rows, cols, channels = cells.shape
     return cells.reshape(batch, rows * cols, channels)
 
-  def image(self, image: jax.Array, masked_patches: jax.Array | None) -> jax.Array:
-    inputs = self.image_tokens_input(image, masked_patches)
+  def image(self, image: jax.Array, masked_patches: jax.Array | None,
+            present: jax.Array | None = None) -> jax.Array:
+    inputs = self.image_tokens_input(image, masked_patches, present)
     patches = self.patch_embedding(inputs).astype(jnp.float32)
     if masked_patches is not None:
       patches = jnp.where(masked_patches[..., None],
@@ -213,9 +224,10 @@ class ItemModel(nnx.Module):
       parts.append(self.embeddings.title(title_ids))
       masks.append(title_mask.astype(bool))
     if image is not None:
-      parts.append(self.embeddings.image(image, masked_patches))
       present = (jnp.ones((batch,), bool) if image_mask is None
                  else image_mask.astype(bool))
+      parts.append(self.embeddings.image(
+          image, masked_patches, None if image_mask is None else present))
       masks.append(jnp.broadcast_to(present[:, None],
                                     (batch, self.config.num_patches)))
     token_mask = jnp.concatenate(masks, axis=1)

@@ -47,6 +47,14 @@ class ObjectiveConfig:
   itm_negative_rate: float = 0.5
   # Regress per-patch normalised pixels (zero mean, unit variance per patch).
   normalize_patch_targets: bool = True
+  # Modality dropout in the joint pass: the probability that a listing with
+  # both inputs is seen there without its photo (joint_image_dropout) or
+  # without its title (joint_title_dropout; never both), so that [CLS]
+  # learns to stand on either input. The title and image views are never
+  # dropped; a dropped input weighs nothing in the tasks that need it (ITM,
+  # MLM/GMLM for a title, MIM/GMIM for a photo). 0 is the paper's recipe.
+  joint_image_dropout: float = 0.0
+  joint_title_dropout: float = 0.0
 
   def __post_init__(self):
     for task in TASKS:
@@ -58,6 +66,9 @@ class ObjectiveConfig:
       raise ValueError("objectives.token_mask_rate must be in (0, 1)")
     if not 0.0 <= self.itm_negative_rate < 1.0:
       raise ValueError("objectives.itm_negative_rate must be in [0, 1)")
+    for name in ("joint_image_dropout", "joint_title_dropout"):
+      if not 0.0 <= getattr(self, name) < 1.0:
+        raise ValueError(f"objectives.{name} must be in [0, 1)")
     self.itc_view_pairs()  # validates itc_pairs
 
   def itc_view_pairs(self) -> tuple[tuple[str, str], ...]:
@@ -208,9 +219,30 @@ def mask_batch(config: ModelConfig, batch: dict, keys: jax.Array,
     patch_masking = masking.mask_patches(
         patch_keys, config.patches_per_side, ratio=objectives.patch_mask_ratio,
         block_size=objectives.patch_mask_block_size)
+  has_title, image_present = _drop_modalities(keys, objectives, has_title,
+                                              image_present)
   title_mask = (title_ids != config.pad_token_id) & has_title[:, None]
   return MaskedBatch(input_ids, title_mask, image, matched, example_weight,
                      has_title, image_present, token_masking, patch_masking)
+
+
+# Folded into each example's key for modality dropout, so that switching it
+# on leaves every other task's masks as they were.
+_MODALITY_DROPOUT_FOLD = 3
+
+
+def _drop_modalities(keys: jax.Array, objectives: ObjectiveConfig,
+                     has_title: jax.Array, image_present: jax.Array):
+  """(has_title, image_present) of the joint pass after modality dropout:
+  only a listing that has both loses one, the photo first."""
+  if not (objectives.joint_image_dropout or objectives.joint_title_dropout):
+    return has_title, image_present
+  draws = jax.vmap(lambda key: jax.random.uniform(
+      jax.random.fold_in(key, _MODALITY_DROPOUT_FOLD), (2,)))(keys)
+  both = has_title & image_present
+  drop_image = both & (draws[:, 0] < objectives.joint_image_dropout)
+  drop_title = both & ~drop_image & (draws[:, 1] < objectives.joint_title_dropout)
+  return has_title & ~drop_title, image_present & ~drop_image
 
 
 def presence(batch: dict) -> tuple[jax.Array, jax.Array]:
@@ -259,7 +291,7 @@ def pretraining_loss(model: ItemModel, batch: dict, keys: jax.Array,
 
   losses = {}
   if "itc" in active:
-    losses.update(_itc_losses(model, batch, objectives, encoded,
+    losses.update(_itc_losses(model, batch, objectives, encoded, masked,
                               reconstruction_weight, example_weight,
                               dropout_key, itc_dropout_keys))
   if "itm" in active:
@@ -303,15 +335,17 @@ def pretraining_loss(model: ItemModel, batch: dict, keys: jax.Array,
 
 
 def _itc_losses(model: ItemModel, batch: dict, objectives: ObjectiveConfig,
-                encoded, joint_weight: jax.Array, example_weight: jax.Array,
-                joint_dropout_key, dropout_keys) -> dict:
+                encoded, joint_masks: MaskedBatch, joint_weight: jax.Array,
+                example_weight: jax.Array, joint_dropout_key,
+                dropout_keys) -> dict:
   """ITC over `objectives.itc_pairs`: the mean of each pair's InfoNCE.
 
   The title-only and image-only views are extra passes over the clean title
   and image. The joint view is the main (masked, ITM re-paired) pass's
   [CLS] when another task runs it, counting only matched pairs; otherwise a
-  clean joint pass. Each view counts only the listings that have its inputs
-  (the joint view: either), and a pair only those that have both its views:
+  clean joint pass (either way with `joint_masks`' modality dropout). Each
+  view counts only the listings that have its inputs (the joint view:
+  either), and a pair only those that have both its views:
   for a title-only listing, joint:title contrasts its masked title (the main
   pass) with its clean one, which still teaches the title side.
   """
@@ -326,12 +360,14 @@ def _itc_losses(model: ItemModel, batch: dict, objectives: ObjectiveConfig,
                                   dropout_key=dropout_keys[0]).cls
     weights["title"] = example_weight * has_title
   if "image" in needed:
-    views["image"] = model.encode(None, image, dropout_key=dropout_keys[1]).cls
+    views["image"] = model.encode(None, image, image_mask=has_image,
+                                  dropout_key=dropout_keys[1]).cls
     weights["image"] = example_weight * has_image
   if "joint" in needed:
     if encoded is None:
-      views["joint"] = model.encode(title_ids, image, title_mask=title_mask,
-                                    image_mask=has_image,
+      views["joint"] = model.encode(title_ids, image,
+                                    title_mask=joint_masks.title_mask,
+                                    image_mask=joint_masks.image_present,
                                     dropout_key=joint_dropout_key).cls
       weights["joint"] = example_weight * (has_title | has_image)
     else:
