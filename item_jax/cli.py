@@ -403,7 +403,8 @@ def _eval(args):
   _need_run("--workdir", args.workdir)
   _need_prepared("--data", args.data, ["test", "train"])
   _at_least(args, step=0, batch_size=1, knn_k=1, probe_steps=1,
-            max_train_examples=1, num_processes=1, process_id=0)
+            max_train_examples=1, num_processes=1, process_id=0,
+            mobilenet_image_size=32)
   from item_jax.eval.evaluate import BASELINES, EvalOptions
   from item_jax.eval.report import (compare_table, eval_command, headline_table,
                                     unavailable_lines)
@@ -413,7 +414,9 @@ def _eval(args):
   options = EvalOptions(step=args.step, batch_size=args.batch_size,
                         knn_k=args.knn_k, probe_steps=args.probe_steps,
                         max_train_examples=args.max_train_examples,
-                        baselines=baselines)
+                        baselines=baselines,
+                        mobilenet_image_size=args.mobilenet_image_size,
+                        fusion=args.fusion)
   _initialize_distributed(args)
   report, paths, compared = eval_command(args.workdir, args.data, args.compare,
                                          options)
@@ -670,6 +673,12 @@ def build_parser() -> argparse.ArgumentParser:
   evaluate.add_argument("--max-train-examples", type=int, default=None,
                         help="cap the training listings used as the k-NN "
                         "index and the probe's training set")
+  evaluate.add_argument("--mobilenet-image-size", type=int, default=224,
+                        help="the side MobileNetV2 sees each photo resized to "
+                        "(ImageNet's 224; less costs less CPU)")
+  evaluate.add_argument("--no-fusion", dest="fusion", action="store_false",
+                        help="skip the entries fused with TF-IDF (they embed "
+                        "the validation split to fit their weights)")
   _add_distributed_flags(evaluate)
   evaluate.set_defaults(run=_eval)
 

@@ -10,7 +10,8 @@ import pytest
 from train_helpers import tensorboard_scalars, tiny_settings
 from item_jax.cli import main
 from item_jax.eval import evaluate as evaluate_lib
-from item_jax.eval.evaluate import ENTRIES, PeriodicRetrieval
+from item_jax.eval.evaluate import FUSED, SCORED, PeriodicRetrieval
+from item_jax.eval.fusion import FUSION_WEIGHTS
 from item_jax.eval.report import eval_command
 from item_jax.train.loop import train
 
@@ -50,11 +51,18 @@ def test_eval_writes_the_report(run, capsys):
   assert report["meta"]["step"] == 4
   assert report["meta"]["num_test_listings"] == dataset["splits"]["test"]["count"]
   assert report["meta"]["num_train_listings"] == dataset["splits"]["train"]["count"]
-  for entry in ENTRIES:
-    for name in IN_UNIT_RANGE:
+  for entry in SCORED + tuple(FUSED):
+    names = IN_UNIT_RANGE if entry in SCORED else IN_UNIT_RANGE[:2] + IN_UNIT_RANGE[4:6]
+    for name in names:
       assert 0.0 <= report[entry][name] <= 1.0, (entry, name)
     assert report[entry]["num_queries"] > 0
     assert report[entry]["recall@1"] <= report[entry]["recall@5"] <= report[entry]["recall@10"]
+  # Each fused entry: the weight that did best on the validation split.
+  for entry in FUSED:
+    tried = report["meta"]["fusion_validation_macro_recall@10"][entry]
+    assert [float(w) for w in tried] == list(FUSION_WEIGHTS)
+    assert tried[str(report[entry]["fusion_weight"])] == max(tried.values())
+    assert "knn_accuracy" not in report[entry]
   for entry in ("both", "random_init"):
     assert 0.0 < report[entry]["image_attention_share"] < 1.0
     assert 0.0 < report[entry]["image_token_share"] < 1.0
@@ -62,6 +70,8 @@ def test_eval_writes_the_report(run, capsys):
   assert report["tfidf"]["macro_recall@10"] > 0.5
   markdown = (workdir / "eval" / "report.md").read_text()
   assert "## Headline" in markdown and "![headline.png](headline.png)" in markdown
+  weight = report["both+tfidf"]["fusion_weight"]
+  assert f"ITEm, title + image + TF-IDF (w = {weight:.1f})" in markdown
   for plot in ("headline.png", "recall_at_k.png"):
     assert (workdir / "eval" / plot).read_bytes()[:4] == b"\x89PNG"
   written = tensorboard_scalars(workdir / "eval", "eval/tfidf/map@10")

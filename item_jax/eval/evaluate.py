@@ -28,17 +28,29 @@ from item_jax.errors import MissingInputError, UserError
 from item_jax.eval.embed import (ATTENTION_OUTPUTS, VIEWS, Embedder, embed_split,
                                  eval_batch_size, load_model, own_products,
                                  read_split, split_count)
+from item_jax.eval.fusion import fit_weight, fuse
 from item_jax.eval.metrics import (classification_metrics, knn_predict,
                                    linear_probe, retrieval_queries,
                                    same_product_retrieval)
 
 BASELINES = ("tfidf", "minilm", "image_baseline", "mobilenet", "random_init")
-ENTRIES = VIEWS + BASELINES
+# Each embedding fused with TF-IDF (`item_jax.eval.fusion`): the weight is
+# fitted on the validation split's same-product retrieval, scored on test.
+FUSED = {f"{entry}+tfidf": entry for entry in ("both", "title", "image",
+                                                 "minilm", "mobilenet")}
+SCORED = VIEWS + BASELINES
+ENTRIES = SCORED + tuple(FUSED)
 # The input each entry reads; it scores the listings that have it (None:
 # every listing, each with what it has).
 ENTRY_INPUTS = {"both": None, "title": "title", "image": "image",
                 "tfidf": "title", "minilm": "title", "image_baseline": "image",
                 "mobilenet": "image", "random_init": None}
+# The (run, output) whose rows each embedding entry reads.
+SOURCES = {**{view: ("item", view) for view in VIEWS},
+           "minilm": ("minilm", "title"),
+           "image_baseline": ("image_baseline", "image"),
+           "mobilenet": ("mobilenet", "image"),
+           "random_init": ("random_init", "both")}
 HEADLINE = ("macro_recall@10", "map@10", "knn_accuracy", "probe_accuracy")
 NGRAM_RANGE = (2, 4)   # character n-grams of 2, 3 and 4
 HISTOGRAM_BINS = 8   # per channel: 8^3 = 512 joint colour bins
@@ -58,6 +70,9 @@ class EvalOptions:
   # The side MobileNetV2 sees each photo resized to: ImageNet's 224, or less
   # where its CPU cost matters (it grows with the square of the side).
   mobilenet_image_size: int = 224
+  # The fused entries (FUSED), when the TF-IDF baseline is asked for: they
+  # embed the validation split too, to fit each weight on.
+  fusion: bool = True
 
   def __post_init__(self):
     unknown = set(self.baselines) - set(BASELINES)
@@ -75,6 +90,11 @@ def scored_entries(report: dict) -> list[str]:
 def evaluate(workdir: str, data_dir: str, options: EvalOptions = EvalOptions()
              ) -> dict:
   """The report: {entry: metrics} for each of ENTRIES, plus "meta".
+
+  The fused entries (FUSED; with `options.fusion` and the TF-IDF baseline)
+  hold same-product retrieval only and "fusion_weight", fitted on the
+  validation split (meta's "fusion_validation_macro_recall@10" has each
+  weight tried).
 
   Each entry is scored on the listings that have its input (ENTRY_INPUTS),
   both in the test split and in the training split (the k-NN index and the
@@ -103,21 +123,30 @@ def evaluate(workdir: str, data_dir: str, options: EvalOptions = EvalOptions()
   if "mobilenet" in pretrained:
     host_features[("mobilenet", "image")] = _on_images(pretrained["mobilenet"].embed)
   batch_size = eval_batch_size(embedder, options.batch_size)
+  fusion = (options.fusion and "tfidf" in options.baselines
+            and split_count(data_dir, "validation") > 0)
+  reads = [("test", None, runs, host_features),
+           ("train", options.max_train_examples, runs, host_features)]
+  if fusion:
+    reads.append(("validation", None, {"item": runs["item"]},
+                  {key: value for key, value in host_features.items()
+                   if key[0] == "mobilenet"}))
   splits = {}
-  for split, limit in (("test", None), ("train", options.max_train_examples)):
+  for split, limit, split_runs, split_features in reads:
     logging.info("eval: embedding the %s split", split)
     splits[split] = embed_split(
-        read_split(data_dir, split, trained.settings, batch_size, limit), runs,
-        host_features, total=split_count(data_dir, split, limit))
+        read_split(data_dir, split, trained.settings, batch_size, limit),
+        split_runs, split_features, total=split_count(data_dir, split, limit))
   train, test = splits["train"], splits["test"]
   if "minilm" in pretrained:
-    logging.info("eval: MiniLM on %d titles", len(train.titles) + len(test.titles))
-    for split in (train, test):
+    logging.info("eval: MiniLM on %d titles",
+                 sum(len(split.titles) for split in splits.values()))
+    for split in splits.values():
       split.outputs[("minilm", "title")] = pretrained["minilm"].embed(split.titles)
-  features = _features_by_entry(train, test, [e for e in ENTRIES if e not in unavailable])
+  features = _features_by_entry(train, test, [e for e in SCORED if e not in unavailable])
   num_classes = len(trained.settings.dataset["categories"])
   report = {}
-  for entry in ENTRIES:
+  for entry in SCORED:
     if entry in unavailable:
       report[entry] = {"unavailable": unavailable[entry]}
       continue
@@ -146,6 +175,11 @@ def evaluate(workdir: str, data_dir: str, options: EvalOptions = EvalOptions()
     if "unavailable" not in report[entry]:
       for output in ATTENTION_OUTPUTS:
         report[entry][output] = float(np.mean(test.outputs[(run, output)]))
+  fitted = {}
+  if fusion and "unavailable" not in report["tfidf"]:
+    fused, fitted = _fused_entries(splits, features["tfidf"][1], report,
+                                   trained.mesh)
+    report.update(fused)
   report["meta"] = {
       "workdir": str(workdir), "data": str(data_dir), "step": trained.step,
       "num_test_listings": len(test.item_ids),
@@ -154,6 +188,7 @@ def evaluate(workdir: str, data_dir: str, options: EvalOptions = EvalOptions()
       "num_categories": num_classes, "knn_k": options.knn_k,
       "probe_steps": options.probe_steps,
       "mobilenet_image_size": options.mobilenet_image_size,
+      "fusion_validation_macro_recall@10": fitted,
       "tfidf_dim": (int(features["tfidf"][0].shape[1]) if "tfidf" in features
                     else None),
       "unavailable": {entry: values["unavailable"] for entry, values in report.items()
@@ -206,21 +241,58 @@ def _rows(rows, mask: np.ndarray):
 
 def _features_by_entry(train, test, entries) -> dict:
   """{entry: (train rows, test rows)} of `entries`."""
-  both = lambda key: (train.outputs[key], test.outputs[key])
-  sources = {**{view: lambda view=view: both(("item", view)) for view in VIEWS},
-             "minilm": lambda: both(("minilm", "title")),
-             "image_baseline": lambda: both(("image_baseline", "image")),
-             "mobilenet": lambda: both(("mobilenet", "image")),
-             "random_init": lambda: both(("random_init", "both"))}
-  features = {entry: sources[entry]() for entry in entries if entry in sources}
+  features = {entry: (train.outputs[SOURCES[entry]], test.outputs[SOURCES[entry]])
+              for entry in entries if entry in SOURCES}
   if "tfidf" in entries:
-    # Fitted on the titles of the listings that have one.
-    titled = {"train": train.has_title, "test": test.has_title}
-    tfidf = tfidf_features({name: [t for t, kept in zip(split.titles, titled[name]) if kept]
-                            for name, split in (("train", train), ("test", test))})
-    features["tfidf"] = tuple(_scatter(tfidf[name], titled[name])
-                              for name in ("train", "test"))
+    features["tfidf"] = _tfidf_pair(train, test)
   return features
+
+
+def _tfidf_pair(train, other) -> tuple:
+  """(train rows, `other`'s rows) of TF-IDF fitted on both splits' titles
+  (of the listings that have one; the others get empty rows)."""
+  splits = {"train": train, "other": other}
+  tfidf = tfidf_features({name: [t for t, kept in zip(split.titles, split.has_title)
+                                 if kept] for name, split in splits.items()})
+  return tuple(_scatter(tfidf[name], splits[name].has_title) for name in splits)
+
+
+def _fused_entries(splits: dict, test_tfidf, report: dict, mesh) -> tuple:
+  """({fused entry: metrics}, {fused entry: {weight: validation macro
+  Recall@10}}): each embedding's rows beside TF-IDF's, the
+  weight fitted on the validation split (its TF-IDF fitted, as the test
+  split's, on the training titles and its own), scored on the test split."""
+  validation, test = splits["validation"], splits["test"]
+  validation_tfidf = _tfidf_pair(splits["train"], validation)[1]
+  labelled = {name: own_products(split.product_ids, split.item_ids)
+              for name, split in (("validation", validation), ("test", test))}
+  fused, fitted = {}, {}
+  for entry, source in FUSED.items():
+    if source not in report or "unavailable" in report[source]:
+      fused[entry] = {"unavailable": f"{source} is not scored"}
+      continue
+    if not len(retrieval_queries(labelled["validation"])):
+      fused[entry] = {"unavailable": "no product has two validation listings "
+                                     "to fit the weight on"}
+      continue
+    if not len(retrieval_queries(labelled["test"])):
+      fused[entry] = {"unavailable": "no product has two test listings"}
+      continue
+    # A listing without the embedding's input is its TF-IDF row alone.
+    rows = {name: split.outputs[SOURCES[source]]
+            * split.has(ENTRY_INPUTS[source] or "both")[:, None]
+            for name, split in (("validation", validation), ("test", test))}
+    logging.info("eval: fitting the fusion of %s with TF-IDF", source)
+    weight, tried = fit_weight(rows["validation"], validation_tfidf,
+                               labelled["validation"], validation.category_ids,
+                               mesh=mesh)
+    fused[entry] = {
+        **same_product_retrieval(fuse(rows["test"], test_tfidf, weight),
+                                 labelled["test"], test.category_ids, mesh=mesh),
+        "fusion_weight": weight,
+        "num_test_listings": len(test.item_ids)}
+    fitted[entry] = {str(w): recall for w, recall in tried.items()}
+  return fused, fitted
 
 
 def _scatter(rows, present: np.ndarray):

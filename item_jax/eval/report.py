@@ -9,7 +9,7 @@ from clu import metric_writers
 from etils import epath
 
 from item_jax.eval import evaluate as evaluate_lib
-from item_jax.eval.evaluate import ENTRIES, HEADLINE, scored_entries
+from item_jax.eval.evaluate import ENTRIES, HEADLINE, VIEWS, scored_entries
 from item_jax.eval.metrics import RETRIEVAL_KS
 
 LABELS = {
@@ -22,17 +22,24 @@ LABELS = {
     "mobilenet": "MobileNetV2 ImageNet, image",
     "random_init": "ITEm untrained, title + image",
 }
+LABELS.update({fused: f"{LABELS[source]} + TF-IDF"
+               for fused, source in evaluate_lib.FUSED.items()})
 HEADLINE_NAMES = {"macro_recall@10": "macro R@10", "map@10": "MAP@10",
                   "knn_accuracy": "k-NN acc", "probe_accuracy": "probe acc"}
 REPORT_JSON, REPORT_MD = "report.json", "report.md"
 
 
 def entry_label(entry: str, report: dict) -> str:
-  """LABELS[entry], with the side MobileNetV2 saw the photos at."""
+  """LABELS[entry], with the side MobileNetV2 saw the photos at and a fused
+  entry's weight."""
   size = report.get("meta", {}).get("mobilenet_image_size")
-  if entry == "mobilenet" and size:
-    return f"{LABELS[entry]} {size} px"
-  return LABELS[entry]
+  label = LABELS[entry]
+  if entry in ("mobilenet", "mobilenet+tfidf") and size:
+    label = label.replace("image", f"image {size} px", 1)
+  weight = report.get(entry, {}).get("fusion_weight")
+  if weight is not None:
+    label += f" (w = {weight:.1f})"
+  return label
 
 
 def eval_dir(workdir: str) -> epath.Path:
@@ -97,17 +104,19 @@ def unavailable_lines(report: dict) -> list[str]:
 
 
 def recipes_table(reports: dict, markdown: bool = True) -> str:
-  """Several recipes' three views on one catalogue, then the baselines (of
-  the first report: they do not depend on the recipe)."""
+  """Several recipes' three views on one catalogue (and each fused with
+  TF-IDF), then the baselines (of the first report: they do not depend on
+  the recipe)."""
+  own = VIEWS + tuple(f"{view}+tfidf" for view in VIEWS)
   rows = []
   for name, report in reports.items():
-    for view in ("both", "title", "image"):
+    for view in own:
       if view in scored_entries(report):
-        rows.append([f"{name}: {LABELS[view]}",
+        rows.append([f"{name}: {entry_label(view, report)}",
                      *(report[view].get(metric) for metric in HEADLINE)])
   first = next(iter(reports.values()))
   for entry in scored_entries(first):
-    if entry not in ("both", "title", "image"):
+    if entry not in own:
       rows.append([entry_label(entry, first),
                    *(first[entry].get(metric) for metric in HEADLINE)])
   return format_table(["", *HEADLINE_NAMES.values()], rows, markdown)
@@ -158,12 +167,17 @@ def format_markdown(report: dict, plots: list[str], compare: dict | None) -> str
       "min(k, number of the query's other listings). Plain: mean over queries; "
       "macro: mean of each leaf category's mean.",
       format_table(["", *retrieval_columns],
-                   [[LABELS[e], *(report[e].get(c) for c in retrieval_columns)]
+                   [[entry_label(e, report),
+                     *(report[e].get(c) for c in retrieval_columns)]
                     for e in entries]),
+      "Fused entries: w x the embedding's cosine + (1 - w) x TF-IDF's, w "
+      "fitted on the validation split's same-product macro Recall@10 and "
+      "applied here as it is.",
       "## Leaf-category prediction (test split)",
       format_table(["", *classification_columns],
-                   [[LABELS[e], *(report[e].get(c) for c in classification_columns)]
-                    for e in entries]),
+                   [[entry_label(e, report),
+                     *(report[e].get(c) for c in classification_columns)]
+                    for e in entries if e not in evaluate_lib.FUSED]),
       "## Where [CLS] looks (last block, mean over heads and test listings)",
       "Share of [CLS] attention on image patches, beside the patches' share "
       "of the attended tokens (what uniform attention would give).",
