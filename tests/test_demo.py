@@ -15,8 +15,12 @@ def test_demo_trains_both_recipes_on_the_hard_split_and_names_the_recommended(
         "--config.model.image_size=32", "--config.optimizer.warmup_steps=1"])
   printed = capsys.readouterr().out
   for row in ("recommended: ITEm, title + image", "paper: ITEm, title + image",
-              "TF-IDF", "colour histogram", "ITEm untrained"):
+              "TF-IDF", "colour histogram", "ITEm untrained",
+              "recommended: ITEm, title + image + TF-IDF (w = "):
     assert row in printed, row
+  # The fused entries are the recommended recipe's; the baselines are shown once.
+  assert "paper: ITEm, title + image + TF-IDF" not in printed
+  assert printed.count("TF-IDF, title char 2-4-grams") == 1
   # The photo anchor, at the demo's resolution, wherever its weights are.
   from item_jax.model.mobilenet import weights_path
   import importlib.util
