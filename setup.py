@@ -13,7 +13,6 @@ INSTALL_REQUIRES = [
     "orbax-checkpoint==0.12.8",
     "tensorflow-cpu==2.21.0",
     "tensorboard==2.21.0",
-    "tensorflow-datasets==4.9.10",
     "sentencepiece==0.2.3",
     "numpy==2.4.6",
     "clu==0.0.12",
