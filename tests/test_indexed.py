@@ -81,3 +81,48 @@ def test_a_truncated_shard_is_counted_and_never_hangs(data_dir, tmp_path):
   for batch in batches:
     assert np.isfinite(batch["image"]).all()
     assert (batch["image"][~batch["valid"]] == 0).all()
+
+
+def test_prepare_writes_each_shards_record_index_beside_it(data_dir):
+  from item_jax.data import indexed
+  info = json.loads(open(f"{data_dir}/dataset.json").read())
+  for split in info["splits"].values():
+    assert len(split["offsets_files"]) == len(split["files"])
+    for shard, index, count in zip(split["files"], split["offsets_files"],
+                                   split["shard_counts"]):
+      written = np.load(f"{data_dir}/{index}", allow_pickle=False)
+      np.testing.assert_array_equal(written, scan_offsets(f"{data_dir}/{shard}"))
+      assert written.shape == (count, 2)
+      assert indexed.read_offsets(f"{data_dir}/{shard}", f"{data_dir}/{index}") is not None
+
+
+def test_a_source_reads_the_index_and_scans_only_without_a_fitting_one(
+    data_dir, tmp_path, monkeypatch, caplog):
+  from item_jax.data import indexed
+  expected = _take(_source(data_dir), 0, 3)
+  scanned = []
+  real_scan = indexed.scan_offsets
+  monkeypatch.setattr(indexed, "scan_offsets",
+                      lambda path: scanned.append(path) or real_scan(path))
+  # With the index files no shard is scanned.
+  batches = _take(_source(data_dir), 0, 3)
+  assert scanned == []
+  # An older dataset (no index in dataset.json) and a wrong index (another
+  # shard's) are scanned, with the same batches.
+  older, wrong = tmp_path / "older", tmp_path / "wrong"
+  for copy in (older, wrong):
+    shutil.copytree(data_dir, copy)
+  info = json.loads((older / "dataset.json").read_text())
+  for split in info["splits"].values():
+    del split["offsets_files"]
+  (older / "dataset.json").write_text(json.dumps(info))
+  indexes = sorted(wrong.glob("train-*.offsets.npy"))
+  shutil.copy(indexes[1], indexes[0])
+  for copy, scans in ((older, 8), (wrong, 1)):
+    scanned.clear()
+    batches = _take(_source(str(copy)), 0, 3)
+    assert len(scanned) == scans, copy
+    for reference, batch in zip(expected, batches):
+      for name in ("title_ids", "image", "index", "valid"):
+        np.testing.assert_array_equal(reference[name], batch[name])
+  assert "does not match" in caplog.text

@@ -4,7 +4,9 @@ of (seed, step), whatever the number of processes or where a run resumed.
 Global example e of the run is record perm(seed, epoch)[e % N] of the split
 (epoch = e // N). Step s uses examples [s*B, (s+1)*B); process p reads rows
 [p*b, (p+1)*b) of them (b = B / process count). Records are read by random
-access: each shard's record offsets come from one scan of its framing. A record
+access: each shard's record offsets come from the index `prepare` writes
+beside it (SHARD.offsets.npy), or from one scan of its framing for a dataset
+without one (or whose index does not fit the shard). A record
 that cannot be read or parsed, or whose image is not a whole JPEG, is counted,
 and its batch row is marked invalid (weight 0) so shapes and order never change.
 """
@@ -46,6 +48,30 @@ def scan_offsets(path: str) -> np.ndarray:
   return np.asarray(offsets, np.int64).reshape(-1, 2)
 
 
+def read_offsets(shard_path: str, offsets_path: str) -> np.ndarray | None:
+  """The (offset, length) rows `prepare` wrote beside a shard, or None (with
+  a warning: the shard is then scanned) when the file is missing,
+  unreadable, or does not fit the shard's size and framing."""
+  try:
+    with epath.Path(offsets_path).open("rb") as file:
+      offsets = np.load(file, allow_pickle=False)
+    size = epath.Path(shard_path).stat().length
+  except (OSError, ValueError) as error:
+    _log.warning("%s: no usable record index (%s); scanning the shard",
+                 offsets_path, error)
+    return None
+  starts = (offsets[:, 0] - _HEADER.size if offsets.ndim == 2 and len(offsets)
+            else np.zeros(0, np.int64))
+  ends = starts + _HEADER.size + (offsets[:, 1] if len(starts) else 0) + _FOOTER_BYTES
+  if (offsets.ndim != 2 or offsets.shape[1] != 2 or offsets.dtype != np.int64
+      or (len(starts) and (starts[0] != 0 or np.any(starts[1:] != ends[:-1])))
+      or (ends[-1] if len(starts) else 0) != size):
+    _log.warning("%s does not match %s (%d bytes); scanning the shard",
+                 offsets_path, shard_path, size)
+    return None
+  return offsets
+
+
 def _whole_jpeg(data: bytes) -> bool:
   return data[:2] == b"\xff\xd8" and data[-2:] == b"\xff\xd9"
 
@@ -66,6 +92,9 @@ class IndexedSource:
       raise UserError(f"{data_dir} has no split {split!r}; it has "
                       f"{sorted(info['splits'])}")
     self._files = [str(epath.Path(data_dir) / name) for name in split_info["files"]]
+    # Written by `prepare` beside each shard; older datasets have none.
+    self._offsets_files = [str(epath.Path(data_dir) / name)
+                           for name in split_info.get("offsets_files", ())]
     self._counts = np.asarray(split_info["shard_counts"], np.int64)
     self.num_records = int(self._counts.sum())
     if not self.num_records:
@@ -107,7 +136,11 @@ class IndexedSource:
   def _shard_offsets(self, shard: int) -> np.ndarray:
     with self._offsets_lock:
       if shard not in self._offsets:
-        self._offsets[shard] = scan_offsets(self._files[shard])
+        offsets = None
+        if self._offsets_files:
+          offsets = read_offsets(self._files[shard], self._offsets_files[shard])
+        self._offsets[shard] = (scan_offsets(self._files[shard]) if offsets is None
+                                else offsets)
         found, expected = len(self._offsets[shard]), int(self._counts[shard])
         if found != expected:
           _log.warning("%s: %d whole records, dataset.json says %d; the missing "

@@ -19,6 +19,7 @@ import os
 import time
 
 from etils import epath
+import numpy as np
 import tensorflow as tf
 
 from item_jax.data import catalogue as catalogue_lib
@@ -278,12 +279,22 @@ def _kind(listing: catalogue_lib.Listing, jpeg: bytes | None) -> str:
   return "title_and_image" if listing.title.strip() else "image_only"
 
 
+def offsets_file_name(shard_file: str) -> str:
+  """The record index written beside a shard: (offset, length) int64 rows."""
+  return shard_file + ".offsets.npy"
+
+
 class _SplitWriter:
-  """Deals one split's records round-robin over its shards, numbering them."""
+  """Deals one split's records round-robin over its shards, numbering them,
+  and keeps each shard's record offsets (TFRecord framing: an 8-byte length
+  and its 4-byte CRC, the data, its 4-byte CRC) to write beside it."""
 
   def __init__(self, output_dir: epath.Path, split: str, num_shards: int):
+    self.output_dir = output_dir
     self.files = [shard_file_name(split, shard, num_shards) for shard in range(num_shards)]
     self._writers = [tf.io.TFRecordWriter(str(output_dir / name)) for name in self.files]
+    self._offsets = [[] for _ in range(num_shards)]
+    self._ends = [0] * num_shards
     self.shard_counts = [0] * num_shards
     self.count = 0
     self.kinds = dict.fromkeys(LISTING_KINDS, 0)
@@ -291,20 +302,26 @@ class _SplitWriter:
   def write(self, listing: catalogue_lib.Listing, jpeg: bytes | None,
             category_id: int, kind: str = "title_and_image"):
     shard = self.count % len(self._writers)
-    self._writers[shard].write(_make_example(listing, jpeg, category_id, self.count))
+    record = _make_example(listing, jpeg, category_id, self.count)
+    self._writers[shard].write(record)
+    self._offsets[shard].append((self._ends[shard] + 12, len(record)))
+    self._ends[shard] += 16 + len(record)
     self.shard_counts[shard] += 1
     self.count += 1
     self.kinds[kind] += 1
 
   def close(self):
-    for writer in self._writers:
+    for writer, name, offsets in zip(self._writers, self.files, self._offsets):
       writer.close()
+      with (self.output_dir / offsets_file_name(name)).open("wb") as file:
+        np.save(file, np.asarray(offsets, np.int64).reshape(-1, 2))
 
   def summary(self) -> dict:
     return {
         "count": self.count,
         "num_shards": len(self.files),
         "files": self.files,
+        "offsets_files": [offsets_file_name(name) for name in self.files],
         "shard_counts": self.shard_counts,
         "listings": self.kinds,
     }
