@@ -204,7 +204,7 @@ def test_debug_after_a_convert_layout(tmp_path):
 def test_a_bug_keeps_its_traceback(monkeypatch, tmp_path, bug):
   def broken(args):
     raise bug
-  monkeypatch.setattr(cli, "_synth", broken)
+  monkeypatch.setattr(cli.data, "_synth", broken)
   with pytest.raises(type(bug), match=str(bug)):
     cli.main(["synth", "--output", str(tmp_path / "c")])
 
@@ -213,7 +213,7 @@ def test_a_bug_shows_a_traceback_in_a_subprocess(tmp_path):
   # What a person sees: Python's traceback, not a one-line error.
   script = ("import sys; from item_jax import cli\n"
             "def broken(args): raise ZeroDivisionError('division by zero')\n"
-            "cli._synth = broken\n"
+            "cli.data._synth = broken\n"
             f"cli.main(['synth', '--output', {str(tmp_path / 'c')!r}])\n")
   result = subprocess.run([sys.executable, "-c", script], capture_output=True,
                           text=True, timeout=120, cwd=ROOT)

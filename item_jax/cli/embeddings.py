@@ -1,0 +1,154 @@
+"""`item-jax embed` (a prepared split or a raw catalogue file -> embedding
+files) and `item-jax neighbours` (their exact top k -> a resumable table)."""
+
+import os
+
+from item_jax.cli.common import (CATALOGUE_FLAGS, CATALOGUE_MODALITIES,
+                                 add_catalogue_flags, add_distributed_flags,
+                                 at_least, catalogue_columns,
+                                 initialize_distributed, is_local, need_prepared,
+                                 need_run, only_with)
+from item_jax.errors import UserError
+
+
+def register(commands):
+  embed = commands.add_parser(
+      "embed", help="embeddings of every listing of a prepared split, or of a "
+      "raw catalogue file, from a checkpoint")
+  embed.add_argument("--workdir", required=True, help="a training workdir")
+  source = embed.add_mutually_exclusive_group(required=True)
+  source.add_argument("--data", help="a `prepare` output folder")
+  source.add_argument("--catalogue", help="a raw catalogue CSV or JSONL file, "
+                      "read and checked as `prepare` does, tokenised with the "
+                      "run's tokenizer; bad rows are named in OUTPUT.skipped.json")
+  embed.add_argument("--split", default=None, help="with --data (default test)")
+  embed.add_argument("--output", required=True,
+                     help="writes OUTPUT.npy and OUTPUT.ids.json")
+  embed.add_argument("--step", type=int, default=None,
+                     help="checkpoint step (default: the latest)")
+  embed.add_argument("--modality", choices=["both", "title", "image"],
+                     default="both")
+  embed.add_argument("--batch-size", type=int, default=None,
+                     help="global batch (default: 64 per batch shard)")
+  add_catalogue_flags(embed)
+  add_distributed_flags(embed)
+  embed.set_defaults(run=_embed)
+
+  neighbours = commands.add_parser(
+      "neighbours", help="the k most similar listings of every listing "
+      "(exact cosine search) -> a resumable CSV or Parquet table")
+  neighbours.add_argument("--embeddings", default=None,
+                          help="an `item-jax embed` OUTPUT (OUTPUT.npy + "
+                          "OUTPUT.ids.json): its listings are the queries")
+  neighbours.add_argument("--workdir", default=None,
+                          help="with --catalogue: embed it with this run first "
+                          "(into OUTPUT's folder, kept for a rerun)")
+  neighbours.add_argument("--catalogue", default=None,
+                          help="a raw catalogue CSV or JSONL file (with --workdir)")
+  neighbours.add_argument("--index", default=None,
+                          help="another embed OUTPUT to search (default: the "
+                          "queries themselves, each listing's own row excluded)")
+  neighbours.add_argument("--k", type=int, default=10)
+  neighbours.add_argument("--min-score", type=float, default=None,
+                          help="leave out pairs of a lower cosine score")
+  neighbours.add_argument("--output", required=True,
+                          help="the table: .parquet for Parquet (pyarrow), "
+                          "else CSV (query_item_id,rank,item_id,score)")
+  neighbours.add_argument("--block-rows", type=int, default=None,
+                          help="query rows searched at a time (default 16384)")
+  neighbours.add_argument("--index-block-rows", type=int, default=None,
+                          help="index rows on the devices at a time (default 131072)")
+  neighbours.add_argument("--max-blocks", type=int, default=None,
+                          help="stop after this many query blocks (rerun to resume)")
+  neighbours.add_argument("--step", type=int, default=None,
+                          help="with --catalogue: checkpoint step (default: the latest)")
+  neighbours.add_argument("--modality", choices=["both", "title", "image"],
+                          default=None, help="with --catalogue (default both)")
+  neighbours.add_argument("--batch-size", type=int, default=None,
+                          help="with --catalogue: global embedding batch")
+  add_catalogue_flags(neighbours)
+  add_distributed_flags(neighbours)
+  neighbours.set_defaults(run=_neighbours)
+
+
+def _embed(args):
+  need_run("--workdir", args.workdir)
+  at_least(args, step=0, batch_size=1, workers=0, num_processes=1, process_id=0)
+  if args.catalogue is not None:
+    only_with(args, ["split"], "--data (a --catalogue is embedded whole)")
+    columns = catalogue_columns(args)
+    from item_jax.eval.serve import embed_catalogue
+    initialize_distributed(args)
+    summary = embed_catalogue(
+        args.workdir, args.catalogue, args.output, images=args.images,
+        step=args.step, view=args.modality,
+        modalities=args.modalities or CATALOGUE_MODALITIES, columns=columns,
+        batch_size=args.batch_size, num_workers=args.workers)
+    print(f"embedded {summary['count']} listings of {args.catalogue} "
+          f"({args.modality}, dim {summary['dim']}, step {summary['step']}; "
+          f"{summary['skipped']} rows skipped): {' '.join(summary['paths'])}")
+    return
+  only_with(args, CATALOGUE_FLAGS, "--catalogue")
+  split = args.split or "test"
+  need_prepared("--data", args.data, [split], split_flag="--split")
+  from item_jax.eval.embed import embed_command
+  initialize_distributed(args)
+  summary = embed_command(args.workdir, args.data, split, args.output,
+                          step=args.step, view=args.modality,
+                          batch_size=args.batch_size)
+  print(f"embedded {summary['count']} {split} listings ({args.modality}, "
+        f"dim {summary['dim']}, step {summary['step']}): "
+        f"{' '.join(summary['paths'])}")
+
+
+def _neighbours(args):
+  at_least(args, k=1, block_rows=1, index_block_rows=1, max_blocks=1, step=0,
+           batch_size=1, workers=0, num_processes=1, process_id=0)
+  embed_flags = ["step", "batch_size", "modality", *CATALOGUE_FLAGS]
+  if args.embeddings is not None:
+    if args.workdir is not None or args.catalogue is not None:
+      raise UserError("give --embeddings (an `item-jax embed` output) or "
+                      "--workdir and --catalogue (to embed first), not both")
+    only_with(args, embed_flags,
+              "--workdir and --catalogue (embedding first), not --embeddings")
+  elif args.workdir is None or args.catalogue is None:
+    raise UserError("give --embeddings OUTPUT (an `item-jax embed` output), or "
+                    "--workdir and --catalogue to embed a catalogue first")
+  else:
+    need_run("--workdir", args.workdir)
+    columns = catalogue_columns(args)
+  if is_local(args.output) and os.path.isdir(args.output):
+    raise UserError(f"--output {args.output} is a folder; expected a .csv or "
+                    ".parquet file")
+  from item_jax.eval.neighbours import neighbours_command
+  initialize_distributed(args)
+  queries, embedded = args.embeddings, ""
+  if queries is None:
+    from item_jax.eval.serve import embed_catalogue_once
+    # Beside the output: a rerun finds them and resumes the search.
+    queries = os.path.splitext(args.output)[0] + ".embeddings"
+    summary = embed_catalogue_once(
+        args.workdir, args.catalogue, queries, images=args.images,
+        step=args.step, view=args.modality or "both",
+        modalities=args.modalities or CATALOGUE_MODALITIES, columns=columns,
+        batch_size=args.batch_size, num_workers=args.workers)
+    embedded = (f" (embeddings {queries}.npy, step {summary['step']}, "
+                f"{'kept from before' if summary['reused'] else 'new'}; "
+                f"{summary['skipped']} catalogue rows skipped: "
+                f"{queries}.skipped.json)")
+  block_flags = {name: getattr(args, name) for name in
+                 ("block_rows", "index_block_rows") if getattr(args, name)}
+  result = neighbours_command(queries, args.output, index=args.index, k=args.k,
+                              min_score=args.min_score, max_blocks=args.max_blocks,
+                              **block_flags)
+  import jax
+  if jax.process_index():
+    return
+  if result["complete"]:
+    print(f"neighbours: {result['pairs']:,} pairs for {result['queries']:,} "
+          f"queries (k {result['k']}, {result['index_rows']:,} index rows): "
+          f"{result['path']}{embedded}")
+  else:
+    print(f"neighbours: {result['pairs']:,} pairs so far of {result['queries']:,} "
+          f"queries in {result['path']}{embedded}; incomplete: rerun the same "
+          "command to resume")
