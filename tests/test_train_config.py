@@ -115,3 +115,17 @@ def test_the_recommended_recipe_validates_on_titles_alone(data_dir, tmp_path, ca
   settings = validate(config, num_devices=8)
   assert settings.objectives.itc_weight > 0
   assert "title:image, joint:image contrast nothing" in caplog.text
+
+
+def test_every_field_of_the_parts_can_be_set_from_a_config():
+  """A dataclass field the config lacks could not be set by a recipe or a
+  --config.* override. (The model's sizes come from `model.size`'s preset.)"""
+  import dataclasses
+  from item_jax.objectives import ObjectiveConfig
+  from item_jax.train.optimizer import OptimizerConfig
+  config = load_config("configs/item_tiny.py")
+  for part, cls in (("objectives", ObjectiveConfig), ("optimizer", OptimizerConfig)):
+    fields = {field.name for field in dataclasses.fields(cls) if field.init}
+    # The schedule's length is the run's (config.total_steps).
+    missing = fields - set(config[part].keys()) - {"total_steps"}
+    assert not missing, (part, sorted(missing))

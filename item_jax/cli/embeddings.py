@@ -60,6 +60,14 @@ def register(commands):
                           help="index rows on the devices at a time (default 131072)")
   neighbours.add_argument("--max-blocks", type=int, default=None,
                           help="stop after this many query blocks (rerun to resume)")
+  neighbours.add_argument("--rank-by", choices=["embedding", "lexical", "hybrid"],
+                          default="embedding",
+                          help="the embedding's cosine (default), TF-IDF over "
+                          "the titles' character n-grams, or both fused")
+  neighbours.add_argument("--fusion-weight", type=float, default=None,
+                          help="with --rank-by hybrid: W x cosine + (1 - W) x "
+                          "TF-IDF (default: the weight `item-jax eval` fitted "
+                          "for the view on the validation split)")
   neighbours.add_argument("--step", type=int, default=None,
                           help="with --catalogue: checkpoint step (default: the latest)")
   neighbours.add_argument("--modality", choices=["both", "title", "image"],
@@ -101,6 +109,16 @@ def _embed(args):
         f"{' '.join(summary['paths'])}")
 
 
+def _fitted_weight(args, queries: str) -> float | None:
+  """The fusion weight `item-jax eval` fitted for the run and view the query
+  embeddings come from (None when there is none)."""
+  from item_jax.eval.neighbours import fitted_fusion_weight, open_embeddings
+  meta = open_embeddings(queries).meta or {}
+  workdir = args.workdir or meta.get("workdir")
+  view = meta.get("modality") or args.modality or "both"
+  return None if workdir is None else fitted_fusion_weight(workdir, view)
+
+
 def _neighbours(args):
   at_least(args, k=1, block_rows=1, index_block_rows=1, max_blocks=1, step=0,
            batch_size=1, workers=0, num_processes=1, process_id=0)
@@ -138,16 +156,22 @@ def _neighbours(args):
                 f"{queries}.skipped.json)")
   block_flags = {name: getattr(args, name) for name in
                  ("block_rows", "index_block_rows") if getattr(args, name)}
+  weight = args.fusion_weight
+  if args.rank_by == "hybrid" and weight is None:
+    weight = _fitted_weight(args, queries)
   result = neighbours_command(queries, args.output, index=args.index, k=args.k,
                               min_score=args.min_score, max_blocks=args.max_blocks,
+                              rank_by=args.rank_by, fusion_weight=weight,
                               **block_flags)
   import jax
   if jax.process_index():
     return
+  ranked = ("" if args.rank_by == "embedding" else f", ranked by {args.rank_by}"
+            + (f" (w = {weight:g})" if args.rank_by == "hybrid" else ""))
   if result["complete"]:
     print(f"neighbours: {result['pairs']:,} pairs for {result['queries']:,} "
-          f"queries (k {result['k']}, {result['index_rows']:,} index rows): "
-          f"{result['path']}{embedded}")
+          f"queries (k {result['k']}, {result['index_rows']:,} index rows"
+          f"{ranked}): {result['path']}{embedded}")
   else:
     print(f"neighbours: {result['pairs']:,} pairs so far of {result['queries']:,} "
           f"queries in {result['path']}{embedded}; incomplete: rerun the same "

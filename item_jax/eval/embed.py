@@ -345,7 +345,8 @@ def write_embeddings(output: str, embeddings: np.ndarray, split: SplitEmbeddings
       **meta, "item_id": split.item_ids.tolist(),
       "product_id": split.product_ids.tolist(),
       "category_id": split.category_ids.tolist(),
-      "has_title": split.has_title.tolist(), "has_image": split.has_image.tolist()}))
+      "has_title": split.has_title.tolist(), "has_image": split.has_image.tolist(),
+      "title": list(split.titles)}))
   return array_path, ids_path
 
 

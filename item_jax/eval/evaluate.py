@@ -22,13 +22,13 @@ import time
 
 import numpy as np
 import scipy.sparse
-from sklearn.feature_extraction.text import TfidfVectorizer
 
 from item_jax.errors import MissingInputError, UserError
 from item_jax.eval.embed import (ATTENTION_OUTPUTS, VIEWS, Embedder, embed_split,
                                  eval_batch_size, load_model, own_products,
                                  read_split, split_count)
-from item_jax.eval.fusion import fit_weight, fuse
+from item_jax.eval.fusion import (NGRAM_RANGE, fit_weight, fuse, tfidf_features,
+                                  tfidf_vectorizer)
 from item_jax.eval.metrics import (classification_metrics, knn_predict,
                                    linear_probe, retrieval_queries,
                                    same_product_retrieval)
@@ -52,7 +52,6 @@ SOURCES = {**{view: ("item", view) for view in VIEWS},
            "mobilenet": ("mobilenet", "image"),
            "random_init": ("random_init", "both")}
 HEADLINE = ("macro_recall@10", "map@10", "knn_accuracy", "probe_accuracy")
-NGRAM_RANGE = (2, 4)   # character n-grams of 2, 3 and 4
 HISTOGRAM_BINS = 8   # per channel: 8^3 = 512 joint colour bins
 PERIODIC_SPLIT = "validation"
 
@@ -321,57 +320,6 @@ def _category_metrics(train_features, train_labels, test_features, test_labels,
       steps=options.probe_steps))
   return {**{f"knn_{name}": value for name, value in knn.items()},
           **{f"probe_{name}": value for name, value in probe.items()}}
-
-
-def tfidf_vectorizer(ngram_range=NGRAM_RANGE) -> TfidfVectorizer:
-  """scikit-learn's TF-IDF over character n-grams, as the baseline uses it.
-
-  Each title is lower-cased, its whitespace runs made single spaces, and a
-  space put at each end, so that word beginnings and ends are n-grams of
-  their own; n-grams run across words ("b c" is one of "ab c"). Term
-  frequency is 1 + log(count), idf is log((1 + N) / (1 + df)) + 1, rows are
-  L2-normalised. This reproduces the hand-written n-grams and weights it
-  replaces (cosines equal to 1e-6), so earlier reports' TF-IDF figures stand.
-
-  sklearn's `analyzer="char_wb"` pads every word instead and never crosses a
-  space. On 12,000 synthetic listings split by sibling group it retrieves
-  better (macro R@10 0.868 against 0.857 with groups of 2-3, 0.677 against
-  0.661 with groups of 5-8 as in the demo; MAP@10 +2.6 and +5.0 points) but
-  classifies a little worse (k-NN 0.951 against 0.954, 0.937 against 0.945;
-  probe equal): a stronger retrieval bar, and a change of the baseline.
-  """
-  return TfidfVectorizer(analyzer="char", preprocessor=_padded_title,
-                         ngram_range=tuple(ngram_range), sublinear_tf=True,
-                         smooth_idf=True, norm="l2", dtype=np.float32)
-
-
-def _padded_title(title: str) -> str:
-  return " " + " ".join(title.lower().split()) + " "
-
-
-def tfidf_features(titles_by_split: dict, ngram_range=NGRAM_RANGE) -> dict:
-  """{split: (n, features) scipy CSR float32} TF-IDF rows of every split's
-  titles (`tfidf_vectorizer`).
-
-  The vocabulary and document frequencies come from all the given titles
-  together (no labels are read). Rows are L2-normalised over every n-gram,
-  then only n-grams found in two or more titles are kept as columns: the
-  others add nothing to any dot product between two titles, so cosine
-  similarities stay exact (a title's cosine with itself may fall below 1).
-  The rows stay sparse: the metrics take them as they are.
-  """
-  splits = list(titles_by_split)
-  titles = [title for split in splits for title in titles_by_split[split]]
-  if not titles:
-    raise ValueError("tfidf_features needs at least one title")
-  matrix = tfidf_vectorizer(ngram_range).fit_transform(titles).tocsr()
-  document_frequency = np.bincount(matrix.indices, minlength=matrix.shape[1])
-  matrix = matrix[:, np.flatnonzero(document_frequency >= 2)]
-  features, start = {}, 0
-  for split in splits:
-    features[split] = matrix[start:start + len(titles_by_split[split])]
-    start += len(titles_by_split[split])
-  return features
 
 
 def colour_histograms(images: np.ndarray, image_mean=(0.5, 0.5, 0.5),

@@ -1,4 +1,5 @@
-"""Hybrid scores: an embedding's cosine and the titles' TF-IDF cosine, fused.
+"""The lexical side and hybrid scores: TF-IDF over the titles' character
+n-grams, and an embedding's cosine fused with TF-IDF's.
 
 score(a, b) = w cos(embedding_a, embedding_b) + (1 - w) cos(tfidf_a, tfidf_b)
 
@@ -13,12 +14,66 @@ it is, to another split.
 
 import numpy as np
 import scipy.sparse
+from sklearn.feature_extraction.text import TfidfVectorizer
 
 from item_jax.eval.metrics import retrieval_queries, same_product_retrieval
+
+NGRAM_RANGE = (2, 4)   # character n-grams of 2, 3 and 4
 
 # w = 0 is TF-IDF alone, w = 1 the embedding alone.
 FUSION_WEIGHTS = tuple(round(0.1 * i, 1) for i in range(11))
 FIT_METRICS = ("macro_recall@10", "macro_map@10")
+
+
+def tfidf_vectorizer(ngram_range=NGRAM_RANGE) -> TfidfVectorizer:
+  """scikit-learn's TF-IDF over character n-grams, as the baseline uses it.
+
+  Each title is lower-cased, its whitespace runs made single spaces, and a
+  space put at each end, so that word beginnings and ends are n-grams of
+  their own; n-grams run across words ("b c" is one of "ab c"). Term
+  frequency is 1 + log(count), idf is log((1 + N) / (1 + df)) + 1, rows are
+  L2-normalised. This reproduces the hand-written n-grams and weights it
+  replaces (cosines equal to 1e-6), so earlier reports' TF-IDF figures stand.
+
+  sklearn's `analyzer="char_wb"` pads every word instead and never crosses a
+  space. On 12,000 synthetic listings split by sibling group it retrieves
+  better (macro R@10 0.868 against 0.857 with groups of 2-3, 0.677 against
+  0.661 with groups of 5-8 as in the demo; MAP@10 +2.6 and +5.0 points) but
+  classifies a little worse (k-NN 0.951 against 0.954, 0.937 against 0.945;
+  probe equal): a stronger retrieval bar, and a change of the baseline.
+  """
+  return TfidfVectorizer(analyzer="char", preprocessor=_padded_title,
+                         ngram_range=tuple(ngram_range), sublinear_tf=True,
+                         smooth_idf=True, norm="l2", dtype=np.float32)
+
+
+def _padded_title(title: str) -> str:
+  return " " + " ".join(title.lower().split()) + " "
+
+
+def tfidf_features(titles_by_split: dict, ngram_range=NGRAM_RANGE) -> dict:
+  """{split: (n, features) scipy CSR float32} TF-IDF rows of every split's
+  titles (`tfidf_vectorizer`).
+
+  The vocabulary and document frequencies come from all the given titles
+  together (no labels are read). Rows are L2-normalised over every n-gram,
+  then only n-grams found in two or more titles are kept as columns: the
+  others add nothing to any dot product between two titles, so cosine
+  similarities stay exact (a title's cosine with itself may fall below 1).
+  The rows stay sparse: the metrics take them as they are.
+  """
+  splits = list(titles_by_split)
+  titles = [title for split in splits for title in titles_by_split[split]]
+  if not titles:
+    raise ValueError("tfidf_features needs at least one title")
+  matrix = tfidf_vectorizer(ngram_range).fit_transform(titles).tocsr()
+  document_frequency = np.bincount(matrix.indices, minlength=matrix.shape[1])
+  matrix = matrix[:, np.flatnonzero(document_frequency >= 2)]
+  features, start = {}, 0
+  for split in splits:
+    features[split] = matrix[start:start + len(titles_by_split[split])]
+    start += len(titles_by_split[split])
+  return features
 
 
 def unit_rows(dense: np.ndarray) -> np.ndarray:
@@ -36,10 +91,47 @@ def fuse(dense: np.ndarray, sparse, weight: float) -> scipy.sparse.csr_matrix:
   if dense.shape[0] != sparse.shape[0]:
     raise ValueError(f"{dense.shape[0]} embedding rows against {sparse.shape[0]} "
                      "TF-IDF rows")
-  return scipy.sparse.hstack(
+  fused = scipy.sparse.hstack(
       [scipy.sparse.csr_matrix(unit_rows(dense) * np.float32(np.sqrt(weight))),
        scipy.sparse.csr_matrix(sparse, dtype=np.float32)
        * np.float32(np.sqrt(1.0 - weight))], format="csr")
+  fused.eliminate_zeros()
+  return fused
+
+
+def hybrid_blocks(query_vectors: np.ndarray, query_titles: list[str],
+                  index_vectors: np.ndarray | None, index_titles: list[str] | None,
+                  k: int, weight: float, *, block_rows: int, start_row: int = 0):
+  """(first query row, scores, indices) of each block of `block_rows` query
+  rows from `start_row` on, ranked by the fused score (`fuse`; weight 0 is
+  TF-IDF alone), exactly: every candidate is scored. The arrays are as
+  `item_jax.eval.neighbours.neighbour_blocks` yields them (best first, ties
+  to the lower index row, NO_NEIGHBOUR and -inf past the candidates);
+  `index_vectors=None` searches the queries against themselves, each row's
+  own excluded.
+
+  TF-IDF is fitted on the queries' and the index's titles together; both
+  sides' fused rows are held in memory (the embedding as float32, the
+  n-grams sparse), the candidates prepared once for every block
+  (`SparseCandidates`).
+  """
+  from item_jax.eval.metrics import SparseCandidates
+  if len(query_titles) != len(query_vectors) or (
+      index_vectors is not None and len(index_titles) != len(index_vectors)):
+    raise ValueError("one title per embedding row is needed on each side")
+  titles = {"queries": query_titles}
+  if index_vectors is not None:
+    titles["index"] = index_titles
+  tfidf = tfidf_features(titles)
+  queries = fuse(np.asarray(query_vectors, np.float32), tfidf["queries"], weight)
+  candidates = queries if index_vectors is None else fuse(
+      np.asarray(index_vectors, np.float32), tfidf["index"], weight)
+  prepared = SparseCandidates(candidates)
+  for first in range(start_row, queries.shape[0], block_rows):
+    block = queries[first:first + block_rows]
+    exclude = first + np.arange(block.shape[0]) if index_vectors is None else None
+    scores, indices = prepared.search(block, k, exclude=exclude)
+    yield first, scores, indices
 
 
 def fit_weight(dense: np.ndarray, sparse, product_ids: np.ndarray,

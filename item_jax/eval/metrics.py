@@ -335,7 +335,16 @@ def sparse_top_k_search(queries, candidates, k: int, *, exclude=None,
   Same arguments and results as `item_jax.eval.search.top_k_search`: (scores,
   indices) of shape (num_queries, k), float32 and int32, best first, ties to
   the lower candidate index, `exclude` (one candidate per query, or -1)
-  never returned, slots beyond the candidates -1 with score -inf.
+  never returned, slots beyond the candidates -1 with score -inf. See
+  `SparseCandidates`, which keeps the candidates' preparation for several
+  searches.
+  """
+  return SparseCandidates(candidates).search(queries, k, exclude=exclude,
+                                             query_block=query_block)
+
+
+class SparseCandidates:
+  """Sparse candidate rows prepared once for exact top-k searches.
 
   Queries go `query_block` at a time; neither side is ever made dense as a
   whole. A block's (query_block x candidates) scores are one dense float32
@@ -346,44 +355,52 @@ def sparse_top_k_search(queries, candidates, k: int, *, exclude=None,
   their maxima (a candidate outside them has k group maxima ahead of it in
   the (score, then index) order), then the best k within those groups.
   """
-  queries = scipy.sparse.csr_matrix(queries, dtype=np.float32)
-  candidates = scipy.sparse.csr_matrix(candidates, dtype=np.float32)
-  num_queries, dim = queries.shape
-  num_candidates = candidates.shape[0]
-  check_search_inputs(queries.shape, candidates.shape, k)
-  exclude = (np.full(num_queries, NO_NEIGHBOUR, np.int64) if exclude is None
-             else np.asarray(exclude, np.int64))
-  scores = np.full((num_queries, k), -np.inf, np.float32)
-  indices = np.full((num_queries, k), NO_NEIGHBOUR, np.int32)
-  if num_candidates == 0 or num_queries == 0:
+
+  def __init__(self, candidates):
+    candidates = scipy.sparse.csr_matrix(candidates, dtype=np.float32)
+    self.num_candidates, self.dim = candidates.shape
+    # Empty rows pad the candidates to whole groups; they score -inf.
+    self.width = width = -(-self.num_candidates // _GROUP) * _GROUP
+    candidates = scipy.sparse.vstack(
+        [candidates, scipy.sparse.csr_matrix((width - self.num_candidates, self.dim),
+                                             dtype=np.float32)], format="csr")
+    uses = np.bincount(candidates.indices, minlength=self.dim)
+    dense = np.flatnonzero(uses >= _DENSE_COLUMN_SHARE * max(self.num_candidates, 1))
+    max_dense = min(_MAX_DENSE_COLUMNS, _DENSE_BYTES // (4 * max(width, 1)))
+    if len(dense) > max_dense:
+      dense = np.sort(np.argsort(-uses, kind="stable")[:max_dense])
+    self.dense_columns = dense
+    self.sparse_columns = np.setdiff1d(np.arange(self.dim), dense)
+    self.dense = np.ascontiguousarray(candidates[:, dense].toarray().T)
+    self.sparse = candidates[:, self.sparse_columns].T.tocsr()
+
+  def search(self, queries, k: int, *, exclude=None, query_block: int = 1024):
+    """(scores, indices) of `queries`' best k candidates (see
+    `sparse_top_k_search`)."""
+    queries = scipy.sparse.csr_matrix(queries, dtype=np.float32)
+    num_queries = queries.shape[0]
+    check_search_inputs(queries.shape, (self.num_candidates, self.dim), k)
+    exclude = (np.full(num_queries, NO_NEIGHBOUR, np.int64) if exclude is None
+               else np.asarray(exclude, np.int64))
+    scores = np.full((num_queries, k), -np.inf, np.float32)
+    indices = np.full((num_queries, k), NO_NEIGHBOUR, np.int32)
+    if self.num_candidates == 0 or num_queries == 0:
+      return scores, indices
+    dense_queries = queries[:, self.dense_columns]
+    sparse_queries = queries[:, self.sparse_columns].tocsr()
+    query_block = max(1, min(query_block, _BLOCK_BYTES // (4 * self.width)))
+    for start in range(0, num_queries, query_block):
+      stop = min(start + query_block, num_queries)
+      block = dense_queries[start:stop].toarray() @ self.dense
+      block += (sparse_queries[start:stop] @ self.sparse).toarray()
+      block[:, self.num_candidates:] = -np.inf
+      excluded = np.flatnonzero(exclude[start:stop] >= 0)
+      block[excluded, exclude[start:stop][excluded]] = -np.inf
+      top_scores, top_indices = _top_k_rows(block, min(k, self.width))
+      scores[start:stop, :top_scores.shape[1]] = top_scores
+      indices[start:stop, :top_scores.shape[1]] = np.where(
+          np.isneginf(top_scores), NO_NEIGHBOUR, top_indices)
     return scores, indices
-  # Empty rows pad the candidates to whole groups; they score -inf.
-  width = -(-num_candidates // _GROUP) * _GROUP
-  candidates = scipy.sparse.vstack(
-      [candidates, scipy.sparse.csr_matrix((width - num_candidates, dim),
-                                           dtype=np.float32)], format="csr")
-  uses = np.bincount(candidates.indices, minlength=dim)
-  dense = np.flatnonzero(uses >= _DENSE_COLUMN_SHARE * num_candidates)
-  max_dense = min(_MAX_DENSE_COLUMNS, _DENSE_BYTES // (4 * width))
-  if len(dense) > max_dense:
-    dense = np.sort(np.argsort(-uses, kind="stable")[:max_dense])
-  sparse = np.setdiff1d(np.arange(dim), dense)
-  dense_candidates = np.ascontiguousarray(candidates[:, dense].toarray().T)
-  sparse_candidates = candidates[:, sparse].T.tocsr()
-  dense_queries, sparse_queries = queries[:, dense], queries[:, sparse].tocsr()
-  query_block = max(1, min(query_block, _BLOCK_BYTES // (4 * width)))
-  for start in range(0, num_queries, query_block):
-    stop = min(start + query_block, num_queries)
-    block = dense_queries[start:stop].toarray() @ dense_candidates
-    block += (sparse_queries[start:stop] @ sparse_candidates).toarray()
-    block[:, num_candidates:] = -np.inf
-    excluded = np.flatnonzero(exclude[start:stop] >= 0)
-    block[excluded, exclude[start:stop][excluded]] = -np.inf
-    top_scores, top_indices = _top_k_rows(block, min(k, width))
-    scores[start:stop, :top_scores.shape[1]] = top_scores
-    indices[start:stop, :top_scores.shape[1]] = np.where(
-        np.isneginf(top_scores), NO_NEIGHBOUR, top_indices)
-  return scores, indices
 
 
 def _top_k_rows(scores: np.ndarray, k: int):

@@ -66,6 +66,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from item_jax.errors import MissingDependencyError, MissingInputError, UserError
 from item_jax.eval import search as search_lib
+from item_jax.eval.fusion import hybrid_blocks
 from item_jax.eval.search import NO_NEIGHBOUR
 
 CSV_HEADER = "query_item_id,rank,item_id,score\n"
@@ -82,6 +83,8 @@ class EmbeddingsFile:
   ids_path: str
   vectors: np.ndarray          # (rows, dim), memory-mapped, any float dtype
   item_ids: list[str]
+  titles: list[str] | None = None   # each row's title, where the file has them
+  meta: dict | None = None          # the ids file's other fields (workdir, modality, ...)
 
   @property
   def rows(self) -> int:
@@ -125,8 +128,14 @@ def open_embeddings(path: str) -> EmbeddingsFile:
     raise UserError(f"{ids_path} lists {len(item_ids)} item ids but "
                     f"{array_path} holds {vectors.shape[0]} rows: they must "
                     "come from the same `item-jax embed` run")
+  titles = ids.get("title")
+  if titles is not None and (not isinstance(titles, list)
+                             or len(titles) != len(item_ids)):
+    raise UserError(f"{ids_path}: `title` must list one title per row")
+  meta = {key: value for key, value in ids.items() if not isinstance(value, list)}
   return EmbeddingsFile(array_path, ids_path, vectors,
-                        [str(item) for item in item_ids])
+                        [str(item) for item in item_ids],
+                        None if titles is None else [str(t) for t in titles], meta)
 
 
 def merge_top_k(first: tuple[np.ndarray, np.ndarray],
@@ -269,7 +278,8 @@ def csv_rows(query_ids: list[str], scores: np.ndarray, indices: np.ndarray,
 
 
 def _fingerprint(queries: EmbeddingsFile, index: EmbeddingsFile | None, k: int,
-                 min_score: float | None) -> dict:
+                 min_score: float | None, rank_by: str = "embedding",
+                 weight: float | None = None) -> dict:
   """What a resumed run must share with the interrupted one."""
   def identity(file: EmbeddingsFile) -> dict:
     stats = [os.stat(path) for path in (file.array_path, file.ids_path)]
@@ -278,7 +288,9 @@ def _fingerprint(queries: EmbeddingsFile, index: EmbeddingsFile | None, k: int,
             "files": [[stat.st_size, stat.st_mtime_ns] for stat in stats]}
   return {"format": _PROGRESS_FORMAT, "queries": identity(queries),
           "index": None if index is None else identity(index), "k": k,
-          "min_score": min_score, "score_digits": SCORE_DIGITS}
+          "min_score": min_score, "score_digits": SCORE_DIGITS,
+          **({} if rank_by == "embedding" else
+             {"rank_by": rank_by, "fusion_weight": weight})}
 
 
 def _write_json_atomically(path: str, value: dict) -> None:
@@ -329,7 +341,8 @@ def neighbours_command(queries: str, output: str, index: str | None = None,
                        block_rows: int = DEFAULT_BLOCK_ROWS,
                        index_block_rows: int = DEFAULT_INDEX_BLOCK_ROWS,
                        mesh: Mesh | None = None, max_blocks: int | None = None,
-                       log_every_blocks: int = 8) -> dict:
+                       log_every_blocks: int = 8, rank_by: str = "embedding",
+                       fusion_weight: float | None = None) -> dict:
   """`item-jax neighbours`: the k nearest index listings of every query
   listing, as a CSV (or Parquet) at `output`; see the module docstring for
   the files, resuming and several processes.
@@ -347,6 +360,12 @@ def neighbours_command(queries: str, output: str, index: str | None = None,
     max_blocks: stop after this many query blocks, resumable (for jobs with a
       time limit, and tests); None runs to the end.
     log_every_blocks: a progress line every so many blocks.
+    rank_by: "embedding" (the cosine of the rows), "lexical" (TF-IDF over
+      the titles' character n-grams, as `item-jax eval`'s baseline) or
+      "hybrid" (`fusion_weight` x the cosine + (1 - fusion_weight) x
+      TF-IDF's); the last two need the files' titles (`item-jax embed`
+      writes them) and search on the host (`item_jax.eval.fusion.hybrid_blocks`).
+    fusion_weight: the hybrid's weight in [0, 1] (see `fitted_fusion_weight`).
 
   Returns:
     a summary: query and index rows, dim, k, pairs written (counted on
@@ -366,6 +385,7 @@ def neighbours_command(queries: str, output: str, index: str | None = None,
   if index_file is not None and index_file.dim != query_file.dim:
     raise UserError(f"{query_file.array_path} has {query_file.dim} dimensions "
                     f"but the index {index_file.array_path} has {index_file.dim}")
+  weight = _check_ranking(rank_by, fusion_weight, query_file, index_file)
   parquet = os.fspath(output).endswith(".parquet")
   if parquet:
     try:
@@ -380,7 +400,7 @@ def neighbours_command(queries: str, output: str, index: str | None = None,
 
   output = os.fspath(output)
   partial, progress_path = output + ".partial", output + ".progress.json"
-  fingerprint = _fingerprint(query_file, index_file, k, min_score)
+  fingerprint = _fingerprint(query_file, index_file, k, min_score, rank_by, weight)
   writer = jax.process_index() == 0
   start, length, pairs, file = 0, 0, 0, None
   if writer:
@@ -434,11 +454,20 @@ def neighbours_command(queries: str, output: str, index: str | None = None,
   executor = ThreadPoolExecutor(1) if writer else None
   writing = None
   began, blocks, done = time.perf_counter(), 0, start
-  try:
-    for first, scores, indices in neighbour_blocks(
+  if rank_by == "embedding":
+    searched = neighbour_blocks(
         query_file.vectors, None if index_file is None else index_file.vectors,
         search_k, block_rows=block_rows, index_block_rows=index_block_rows,
-        start_row=start, mesh=mesh):
+        start_row=start, mesh=mesh)
+  else:
+    # Every process computes every block (on the host); process 0 writes.
+    searched = hybrid_blocks(
+        query_file.vectors, query_file.titles,
+        None if index_file is None else index_file.vectors,
+        None if index_file is None else index_file.titles, search_k, weight,
+        block_rows=block_rows, start_row=start)
+  try:
+    for first, scores, indices in searched:
       done = first + scores.shape[0]
       if writer:
         if writing is not None:
@@ -468,7 +497,51 @@ def neighbours_command(queries: str, output: str, index: str | None = None,
       os.replace(partial, output)
     os.remove(progress_path)
   return {"queries": total, "index_rows": index_rows, "dim": query_file.dim,
-          "k": k, "pairs": pairs, "resumed_at": start, "complete": complete,
+          "k": k, "rank_by": rank_by, "fusion_weight": weight, "pairs": pairs, "resumed_at": start, "complete": complete,
           "path": output if complete else partial,
           "seconds": time.perf_counter() - began}
 
+
+RANK_BY = ("embedding", "lexical", "hybrid")
+
+
+def _check_ranking(rank_by: str, fusion_weight: float | None,
+                   query_file: EmbeddingsFile,
+                   index_file: EmbeddingsFile | None) -> float | None:
+  """The fusion weight the ranking uses (None: the embedding alone; 0.0:
+  TF-IDF alone); a bad choice or a file without titles is a UserError."""
+  if rank_by not in RANK_BY:
+    raise UserError(f"rank_by must be one of {', '.join(RANK_BY)}, got {rank_by!r}")
+  if rank_by == "embedding":
+    if fusion_weight is not None:
+      raise UserError("a fusion weight needs --rank-by hybrid")
+    return None
+  for file in (query_file, index_file):
+    if file is not None and file.titles is None:
+      raise UserError(f"{file.ids_path} has no `title` list: ranking by "
+                      f"{rank_by} reads the listings' titles (embed again: "
+                      "`item-jax embed` writes them)")
+  if rank_by == "lexical":
+    if fusion_weight is not None:
+      raise UserError("a fusion weight needs --rank-by hybrid")
+    return 0.0
+  if fusion_weight is None:
+    raise UserError("--rank-by hybrid needs a fusion weight: --fusion-weight W, "
+                    "or `item-jax eval` of the run (it fits one on the "
+                    "validation split) before")
+  if not 0.0 <= fusion_weight <= 1.0:
+    raise UserError(f"--fusion-weight {fusion_weight}: must be in [0, 1]")
+  return float(fusion_weight)
+
+
+def fitted_fusion_weight(workdir: str, view: str) -> float | None:
+  """The weight `item-jax eval` fitted for `view` fused with TF-IDF on the
+  validation split (WORKDIR/eval/report.json), or None."""
+  path = os.path.join(os.fspath(workdir), "eval", "report.json")
+  try:
+    with open(path, encoding="utf-8") as file:
+      entry = json.load(file).get(f"{view}+tfidf", {})
+  except (OSError, ValueError):
+    return None
+  weight = entry.get("fusion_weight") if isinstance(entry, dict) else None
+  return None if weight is None else float(weight)

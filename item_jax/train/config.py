@@ -79,6 +79,8 @@ def base_config() -> ml_collections.ConfigDict:
   config.objectives.patch_mask_block_size = 2
   config.objectives.itm_negative_rate = 0.5
   config.objectives.normalize_patch_targets = True
+  config.objectives.joint_image_dropout = 0.0
+  config.objectives.joint_title_dropout = 0.0
 
   config.optimizer = ml_collections.ConfigDict()
   config.optimizer.learning_rate = 1e-4
@@ -92,6 +94,9 @@ def base_config() -> ml_collections.ConfigDict:
   config.optimizer.grad_clip_norm = 1.0
   # < 1: the pretrained text side learns slower than the fresh image side.
   config.optimizer.text_learning_rate_scale = 1.0
+  # A fine-tuned image stem's rate against the rest (forced to 0 when
+  # model.freeze_image_stem).
+  config.optimizer.image_stem_learning_rate_scale = 1.0
 
   # Device mesh: one axis may be -1 (all remaining devices).
   config.mesh = ml_collections.ConfigDict()

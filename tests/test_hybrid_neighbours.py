@@ -1,0 +1,145 @@
+"""`item-jax neighbours --rank-by lexical|hybrid`: TF-IDF and the fused score,
+exact against a brute-force numpy search, resumable, with its errors."""
+
+import json
+
+import numpy as np
+import pytest
+
+from item_jax.cli import main
+from item_jax.errors import UserError
+from item_jax.eval.fusion import hybrid_blocks, tfidf_features
+from item_jax.eval.neighbours import neighbours_command
+
+WORDS = "red blue black steel cotton lamp mug shirt kettle cable".split()
+
+
+def _listings(rows: int, seed: int):
+  """Unit embeddings and titles with model codes that only the words share."""
+  rng = np.random.default_rng(seed)
+  vectors = rng.normal(size=(rows, 8)).astype(np.float32)
+  vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+  titles = [" ".join(rng.choice(WORDS, 3)) + f" KX-{rng.integers(0, 30)}"
+            for _ in range(rows)]
+  titles[3] = ""   # a listing without a title: its embedding alone
+  return vectors, titles
+
+
+def _write(path, vectors, titles, **meta) -> str:
+  np.save(f"{path}.npy", vectors)
+  ids = {**meta, "item_id": [f"{path.name}-{row}" for row in range(len(vectors))],
+         "title": titles}
+  (path.parent / f"{path.name}.ids.json").write_text(json.dumps(ids))
+  return str(path)
+
+
+def _reference_scores(queries, query_titles, index, index_titles, weight):
+  titles = {"queries": query_titles} if index is None else {
+      "queries": query_titles, "index": index_titles}
+  tfidf = tfidf_features(titles)
+  q_tfidf = tfidf["queries"].toarray().astype(np.float64)
+  i_tfidf = q_tfidf if index is None else tfidf["index"].toarray().astype(np.float64)
+  i_dense = queries if index is None else index
+  scores = (weight * queries.astype(np.float64) @ i_dense.astype(np.float64).T
+            + (1 - weight) * q_tfidf @ i_tfidf.T)
+  if index is None:
+    np.fill_diagonal(scores, -np.inf)
+  return scores
+
+
+@pytest.mark.parametrize("weight, self_search", [(0.4, True), (0.0, True),
+                                                 (0.7, False)])
+def test_blocks_are_the_exact_fused_top_k(weight, self_search):
+  queries, query_titles = _listings(57, 0)
+  index, index_titles = (None, None) if self_search else _listings(33, 1)
+  reference = _reference_scores(queries, query_titles, index, index_titles, weight)
+  k = 5
+  rows = 0
+  for first, scores, indices in hybrid_blocks(queries, query_titles, index,
+                                              index_titles, k, weight,
+                                              block_rows=10, start_row=10):
+    for row in range(scores.shape[0]):
+      expected = np.sort(reference[first + row])[::-1][:k]
+      np.testing.assert_allclose(scores[row], expected, atol=1e-5)
+      # The rows named score what they are said to score.
+      np.testing.assert_allclose(reference[first + row, indices[row]], scores[row],
+                                 atol=1e-5)
+      if self_search:
+        assert first + row not in indices[row]
+    rows += scores.shape[0]
+  assert rows == 57 - 10
+
+
+@pytest.fixture
+def files(tmp_path):
+  queries, titles = _listings(61, 2)
+  return {"path": _write(tmp_path / "listings", queries, titles,
+                         workdir=str(tmp_path / "run"), modality="both"),
+          "tmp": tmp_path}
+
+
+def test_a_hybrid_run_resumes_to_the_same_bytes(files):
+  tmp = files["tmp"]
+  whole = neighbours_command(files["path"], str(tmp / "whole.csv"), k=4,
+                             block_rows=9, rank_by="hybrid", fusion_weight=0.3)
+  assert whole["complete"] and whole["fusion_weight"] == 0.3
+  first = neighbours_command(files["path"], str(tmp / "resumed.csv"), k=4,
+                             block_rows=9, rank_by="hybrid", fusion_weight=0.3,
+                             max_blocks=2)
+  assert not first["complete"]
+  # Another weight is another table: it starts afresh.
+  other = neighbours_command(files["path"], str(tmp / "resumed.csv"), k=4,
+                             block_rows=9, rank_by="hybrid", fusion_weight=0.6,
+                             max_blocks=1)
+  assert other["resumed_at"] == 0
+  neighbours_command(files["path"], str(tmp / "resumed.csv"), k=4, block_rows=9,
+                     rank_by="hybrid", fusion_weight=0.3, max_blocks=2)
+  last = neighbours_command(files["path"], str(tmp / "resumed.csv"), k=4,
+                            block_rows=5, rank_by="hybrid", fusion_weight=0.3)
+  assert last["resumed_at"] == 18 and last["complete"]
+  assert (tmp / "resumed.csv").read_bytes() == (tmp / "whole.csv").read_bytes()
+  embedding = neighbours_command(files["path"], str(tmp / "dense.csv"), k=4)
+  assert embedding["rank_by"] == "embedding"
+  assert (tmp / "dense.csv").read_bytes() != (tmp / "whole.csv").read_bytes()
+
+
+@pytest.mark.parametrize("arguments, message", [
+    (dict(rank_by="hybrid"), "needs a fusion weight"),
+    (dict(rank_by="hybrid", fusion_weight=1.5), "must be in \\[0, 1\\]"),
+    (dict(rank_by="lexical", fusion_weight=0.5), "needs --rank-by hybrid"),
+    (dict(fusion_weight=0.5), "needs --rank-by hybrid"),
+    (dict(rank_by="words"), "rank_by must be one of"),
+])
+def test_bad_rankings_are_named(files, arguments, message):
+  with pytest.raises(UserError, match=message):
+    neighbours_command(files["path"], str(files["tmp"] / "out.csv"), **arguments)
+
+
+def test_files_without_titles_are_named(tmp_path):
+  vectors, _ = _listings(8, 3)
+  np.save(tmp_path / "old.npy", vectors)
+  (tmp_path / "old.ids.json").write_text(json.dumps(
+      {"item_id": [str(row) for row in range(8)]}))
+  with pytest.raises(UserError, match="old.ids.json has no `title` list"):
+    neighbours_command(str(tmp_path / "old"), str(tmp_path / "out.csv"),
+                       rank_by="lexical")
+
+
+def test_the_command_takes_the_weight_eval_fitted(files, capsys):
+  tmp = files["tmp"]
+  output = str(tmp / "out.csv")
+  command = ["neighbours", "--embeddings", files["path"], "--k", "3",
+             "--rank-by", "hybrid", "--output", output]
+  with pytest.raises(SystemExit) as raised:
+    main(command)
+  assert raised.value.code == 2
+  assert "needs a fusion weight" in capsys.readouterr().err
+  (tmp / "run" / "eval").mkdir(parents=True)
+  (tmp / "run" / "eval" / "report.json").write_text(json.dumps(
+      {"both+tfidf": {"fusion_weight": 0.3}}))
+  main(command)
+  assert "ranked by hybrid (w = 0.3)" in capsys.readouterr().out
+  by_hand = str(tmp / "by_hand.csv")
+  neighbours_command(files["path"], by_hand, k=3, rank_by="hybrid",
+                     fusion_weight=0.3)
+  assert open(output).read() == open(by_hand).read()
