@@ -397,3 +397,54 @@ def test_a_catalogue_without_images_is_refused_unless_asked_for(prepared, tmp_pa
                          tokenizer_model=str(root / "out" / "tokenizer.model"))
   assert info["listings"] == {"title_and_image": 0, "title_only": 6, "image_only": 0}
   assert info["skipped"] == []
+
+
+def test_reports_list_every_row_and_dataset_json_the_first(prepared_any, tmp_path,
+                                                           monkeypatch):
+  data_dir, info, _ = prepared_any
+  # Every report row is in its file, in catalogue order.
+  for name, count in (("skipped", info["num_skipped"]),
+                      ("without_image", info["num_without_image"])):
+    rows = list(prepare.report_rows(str(data_dir), name))
+    assert rows == info[name] and len(rows) == count > 0
+    assert [row["row"] for row in rows] == sorted(row["row"] for row in rows)
+  assert info["num_skipped"] == sum(info["skipped_reasons"].values())
+  # With a short list in dataset.json, the file still holds them all.
+  monkeypatch.setattr(prepare, "REPORTED_ROWS", 2)
+  root = data_dir.parent
+  short = prepare.prepare(str(root / "catalogue.csv"), info["source"]["images"],
+                          str(tmp_path / "short"), num_shards=2, num_workers=0,
+                          tokenizer_model=str(data_dir / info["tokenizer"]),
+                          max_image_side=MAX_SIDE, modalities="any")
+  assert short["skipped"] == info["skipped"][:2]
+  assert list(prepare.report_rows(str(tmp_path / "short"), "skipped")) == info["skipped"]
+  assert short["skipped_reasons"] == info["skipped_reasons"]
+  # A folder written before the report files: dataset.json's lists.
+  old = json.loads((tmp_path / "short" / "dataset.json").read_text())
+  del old["reports"]
+  (tmp_path / "short" / "dataset.json").write_text(json.dumps(old))
+  assert list(prepare.report_rows(str(tmp_path / "short"), "skipped")) == info["skipped"][:2]
+
+
+def test_the_tokenizer_sample_is_a_bottom_k_by_hash_in_catalogue_order():
+  from item_jax.data.tokenizer import TitleSample
+  rows = [(row, f"item-{row}", f"title {row}") for row in range(2, 502)]
+  whole = TitleSample(capacity=1000, seed=0)
+  for row in rows:
+    whole.add(*row)
+  assert whole.titles() == [title for _, _, title in rows] and whole.seen == 500
+  samples = []
+  for order in (rows, rows[::-1], rows[250:] + rows[:250]):
+    sample = TitleSample(capacity=50, seed=0)
+    for row in order:
+      sample.add(*row)
+    samples.append(sample.titles())
+  # The same 50 whatever the reading order: the smallest hashes, by row.
+  assert samples[0] == samples[1] == samples[2] and len(samples[0]) == 50
+  keys = sorted((TitleSample(seed=0).key(item), title) for _, item, title in rows)
+  assert set(samples[0]) == {title for _, title in keys[:50]}
+  assert samples[0] == sorted(samples[0], key=lambda title: int(title.split()[1]))
+  other = TitleSample(capacity=50, seed=1)
+  for row in rows:
+    other.add(*row)
+  assert other.titles() != samples[0]

@@ -30,6 +30,9 @@ def register(commands):
   prepare.add_argument("--output", required=True)
   prepare.add_argument("--num-shards", type=int, default=8)
   prepare.add_argument("--vocab-size", type=int, default=8000)
+  prepare.add_argument("--tokenizer-sample", type=int, default=250_000,
+                       help="train the tokenizer on at most this many titles (a "
+                       "sample by the hash of the seed and item id)")
   prepare.add_argument("--tokenizer", default=None,
                        help="reuse this tokenizer instead of training one: a "
                        "sentencepiece .model, or a converted checkpoint's "
@@ -79,7 +82,8 @@ def _prepare(args):
   if args.tokenizer:
     need_file("--tokenizer", args.tokenizer)
   output_folder("--output", args.output)
-  at_least(args, num_shards=1, vocab_size=1, seed=0, max_image_side=1, workers=1)
+  at_least(args, num_shards=1, vocab_size=1, seed=0, max_image_side=1, workers=1,
+           tokenizer_sample=1)
   from item_jax.data.catalogue import parse_column_mapping
   columns = parse_column_mapping(args.columns) if args.columns else None
   from item_jax.data.prepare import prepare  # TensorFlow from here on
@@ -90,9 +94,10 @@ def _prepare(args):
       columns=columns,
       seed=args.seed, max_image_side=args.max_image_side,
       num_workers=args.workers, lowercase=not args.cased, split_by=args.split_by,
-      modalities=args.modalities)
+      modalities=args.modalities, tokenizer_sample=args.tokenizer_sample)
   counts = {split: info["count"] for split, info in summary["splits"].items()}
   kinds = ", ".join(f"{count} {kind.replace('_', ' ')}"
                     for kind, count in summary["listings"].items() if count)
-  print(f"prepared {counts} listings ({kinds}) into {args.output}; skipped "
-        f"rows and their reasons are in {args.output}/dataset.json")
+  print(f"prepared {counts} listings ({kinds}) into {args.output}; "
+        f"{summary['num_skipped']} rows skipped, with their reasons in "
+        f"{args.output}/{summary['reports']['skipped']} (counts in dataset.json)")

@@ -56,6 +56,9 @@ NO_IMAGE_NAMED = "no image named"  # an empty image cell, with --modalities any
 _ROWS_PER_TASK = 32  # images per worker task: big enough to amortise IPC.
 _TASKS_IN_FLIGHT_PER_WORKER = 4  # bounds memory while keeping workers busy.
 _LOG_EVERY_ROWS = 5000
+# dataset.json lists the first rows of each report; the files beside it, all.
+REPORTED_ROWS = 100
+REPORT_FILES = {"skipped": "skipped.jsonl", "without_image": "without_image.jsonl"}
 
 _log = logging.getLogger(__name__)
 
@@ -93,17 +96,22 @@ def prepare(
     lowercase: bool = True,
     split_by: str = "product",
     modalities: str = "both",
+    tokenizer_sample: int = tokenizer_lib.TOKENIZER_SAMPLE_TITLES,
 ) -> dict:
   """Converts a catalogue into `output`; returns the summary written to dataset.json.
 
   Rows with a broken image, an empty title, non-UTF-8 text or a repeated item
-  id are skipped and listed under "skipped" with their reason. Every split
+  id are skipped, each with its reason: all of them in skipped.jsonl (one
+  JSON object a line), their count by reason and the first REPORTED_ROWS
+  under "skipped" in dataset.json (`report_rows` reads a report). Every split
   gets `num_shards` files (records dealt round-robin), so any process count
   that can read the training split can read validation and test too.
   `num_workers` image processes (default: one per CPU; 0 checks images in
   this process) are spawned, so a calling script needs the usual
   `if __name__ == "__main__":` guard. A sentencepiece model is trained on
-  the kept titles unless `tokenizer_model` is given (a sentencepiece .model,
+  at most `tokenizer_sample` kept titles (`tokenizer.TitleSample`: a
+  bottom-k by the hash of the seed and item id, in catalogue order; all of
+  them in a smaller catalogue) unless `tokenizer_model` is given (a sentencepiece .model,
   or a converted checkpoint's WordPiece tokenizer.json or vocab.txt); it folds
   case unless `lowercase` is False. `split_by="group"` keeps every product of
   a `group` (the catalogue column) in one split, so that look-alike siblings
@@ -114,7 +122,8 @@ def prepare(
   `modalities="any"` keeps listings with only a title or only an image (see
   catalogue.MODALITIES): a row whose image is absent or unusable keeps its
   title (dataset.json counts those images by reason under
-  "images_dropped" and lists them under "without_image"), a row with an
+  "images_dropped"; without_image.jsonl lists the refused ones, and
+  dataset.json the first of them under "without_image"), a row with an
   empty title keeps its image, and only a row with neither is skipped.
   dataset.json counts the listings of each kind (LISTING_KINDS), overall
   and per split.
@@ -146,21 +155,20 @@ def prepare(
   results = _with_images(rows, epath.Path(images), max_image_side, num_workers,
                          modalities)
   conversion = _write_records(results, output_dir, num_shards, split_fractions, seed,
-                              split_by)
+                              split_by, tokenizer_lib.TitleSample(tokenizer_sample, seed))
   if not sum(conversion.kinds.values()):
     hint = ""
     if modalities == "both":
       hint = (f"; `prepare {catalogue_lib.MODALITIES_SWITCH}` keeps listings "
               "with only a title or only an image")
     raise UserError(f"no usable listings in {catalogue}; "
-                    f"reasons: {_reason_counts(conversion.skipped)}{hint}")
-  if not conversion.kept_titles and tokenizer is None:
+                    f"reasons: {conversion.skipped_reasons}{hint}")
+  if not len(conversion.titles) and tokenizer is None:
     raise UserError(f"no listing of {catalogue} has a title: the tokenizer has "
                     "nothing to learn from; pass --tokenizer (an existing one)")
-  if modalities == "both" and conversion.skipped:
-    missing = sum(entry["reason"] in (catalogue_lib.EMPTY_TITLE,
-                                      images_lib.MISSING_IMAGE)
-                  for entry in conversion.skipped)
+  if modalities == "both" and conversion.num_skipped:
+    missing = sum(conversion.skipped_reasons.get(reason, 0)
+                  for reason in (catalogue_lib.EMPTY_TITLE, images_lib.MISSING_IMAGE))
     if missing:
       _log.warning("prepare: %d rows skipped for a missing title or image; "
                    "`prepare %s` keeps them as single-input listings", missing,
@@ -168,7 +176,7 @@ def prepare(
 
   if tokenizer is None:
     tokenizer = tokenizer_lib.Tokenizer(tokenizer_lib.train_sentencepiece(
-        conversion.kept_titles, str(output_dir / "tokenizer"), vocab_size,
+        conversion.titles.titles(), str(output_dir / "tokenizer"), vocab_size,
         lowercase=lowercase))
   tokenizer_file = tokenizer.save(output_dir)
   info = {
@@ -190,12 +198,16 @@ def prepare(
       "split_by": split_by,
       "modalities": modalities,
       "listings": conversion.kinds,
-      "images_dropped": _reason_counts(conversion.without_image),
-      "skipped_reasons": _reason_counts(conversion.skipped),
+      "images_dropped": conversion.images_dropped,
+      "skipped_reasons": conversion.skipped_reasons,
+      "num_skipped": conversion.num_skipped,
       "skipped": conversion.skipped,
       # Kept listings whose named image was refused (not those naming none).
-      "without_image": [entry for entry in conversion.without_image
-                        if entry["reason"] != NO_IMAGE_NAMED],
+      "num_without_image": conversion.num_without_image,
+      "without_image": conversion.without_image,
+      "reports": REPORT_FILES,
+      "tokenizer_titles": {"kept": conversion.titles.seen,
+                           "sampled": len(conversion.titles)},
   }
   (output_dir / DATASET_INFO_FILE).write_text(json.dumps(info, indent=1, ensure_ascii=False))
   _log.info("prepare: wrote %s: %s records (%s), skipped %s", output_dir,
@@ -210,11 +222,50 @@ class _Conversion:
 
   splits: dict[str, dict]
   categories: list[str]
-  kept_titles: list[str]
-  skipped: list[dict]
+  titles: tokenizer_lib.TitleSample
+  skipped: list[dict]          # the first REPORTED_ROWS skipped rows
+  skipped_reasons: dict[str, int]
+  num_skipped: int
   num_reencoded: int
   kinds: dict[str, int]        # LISTING_KINDS -> count
-  without_image: list[dict]    # kept listings whose image was absent or refused
+  without_image: list[dict]    # the first kept listings whose named image was refused
+  num_without_image: int
+  images_dropped: dict[str, int]   # kept listings without an image, by reason
+
+
+class _Report:
+  """One report's rows: every one to its JSON-lines file as it comes, the
+  first REPORTED_ROWS kept for dataset.json, a count by reason."""
+
+  def __init__(self, path: epath.Path):
+    self._file = path.open("w")
+    self.first, self.count, self.reasons = [], 0, collections.Counter()
+
+  def add(self, entry: dict, listed: bool = True) -> None:
+    self.reasons[entry["reason"]] += 1
+    if not listed:
+      return
+    self.count += 1
+    if len(self.first) < REPORTED_ROWS:
+      self.first.append(entry)
+    self._file.write(json.dumps(entry, ensure_ascii=False) + "\n")
+
+  def close(self) -> None:
+    self._file.close()
+
+
+def report_rows(data_dir: str, report: str) -> Iterator[dict]:
+  """Every row of a report ("skipped" or "without_image") of a prepared
+  folder, from its file (or, for a folder written before the files
+  existed, dataset.json's list)."""
+  info = json.loads((epath.Path(data_dir) / DATASET_INFO_FILE).read_text())
+  name = info.get("reports", {}).get(report)
+  if name is None:
+    yield from info.get(report, [])
+    return
+  with (epath.Path(data_dir) / name).open() as file:
+    for line in file:
+      yield json.loads(line)
 
 
 def _write_records(
@@ -225,10 +276,13 @@ def _write_records(
     split_fractions: tuple[float, ...],
     seed: int,
     split_by: str = "product",
+    titles: tokenizer_lib.TitleSample | None = None,
 ) -> _Conversion:
   writers = {split: _SplitWriter(output_dir, split, num_shards) for split in SPLITS}
   categories: dict[str, int] = {}
-  kept_titles, skipped, without_image = [], [], []
+  titles = titles or tokenizer_lib.TitleSample(seed=seed)
+  skipped, without_image = (_Report(output_dir / REPORT_FILES[name])
+                            for name in ("skipped", "without_image"))
   kinds = dict.fromkeys(LISTING_KINDS, 0)
   num_reencoded = 0
   started = time.monotonic()
@@ -236,10 +290,11 @@ def _write_records(
       results, start=1):
     if row_count % _LOG_EVERY_ROWS == 0:
       _log.info("prepare: %d rows, %d kept, %d skipped, %.0f rows/s", row_count,
-                len(kept_titles), len(skipped), row_count / (time.monotonic() - started))
+                sum(kinds.values()), skipped.count,
+                row_count / (time.monotonic() - started))
     if reason:
       item_id = catalogue_lib.printable_item_id(listing.item_id)
-      skipped.append({"row": listing.row, "item_id": item_id, "reason": reason})
+      skipped.add({"row": listing.row, "item_id": item_id, "reason": reason})
       continue
     category_id = -1
     if listing.category:
@@ -252,24 +307,29 @@ def _write_records(
     kind = _kind(listing, jpeg)
     kinds[kind] += 1
     if image_reason:
-      without_image.append({"row": listing.row,
-                            "item_id": catalogue_lib.printable_item_id(listing.item_id),
-                            "reason": image_reason})
+      without_image.add({"row": listing.row,
+                         "item_id": catalogue_lib.printable_item_id(listing.item_id),
+                         "reason": image_reason},
+                        listed=image_reason != NO_IMAGE_NAMED)
     writers[split_of_product(product_key, seed, split_fractions)].write(
         listing, jpeg, category_id, kind)
     if kind != "image_only":
-      kept_titles.append(listing.title)
+      titles.add(listing.row, listing.item_id, listing.title)
     num_reencoded += reencoded
-  for writer in writers.values():
+  for writer in (*writers.values(), skipped, without_image):
     writer.close()
   return _Conversion(
       splits={split: writer.summary() for split, writer in writers.items()},
       categories=list(categories),
-      kept_titles=kept_titles,
-      skipped=skipped,
+      titles=titles,
+      skipped=skipped.first,
+      skipped_reasons=dict(skipped.reasons),
+      num_skipped=skipped.count,
       num_reencoded=num_reencoded,
       kinds=kinds,
-      without_image=without_image,
+      without_image=without_image.first,
+      num_without_image=without_image.count,
+      images_dropped=dict(without_image.reasons),
   )
 
 
@@ -411,7 +471,3 @@ def _run_now(function, *args) -> concurrent.futures.Future:
   future = concurrent.futures.Future()
   future.set_result(function(*args))
   return future
-
-
-def _reason_counts(skipped: list[dict]) -> dict[str, int]:
-  return dict(collections.Counter(entry["reason"] for entry in skipped))

@@ -7,6 +7,8 @@ id arrays (pieces + [SEP], padded); the model adds its own [CLS].
 """
 
 from collections.abc import Iterable, Sequence
+import hashlib
+import heapq
 import io
 import json
 import os
@@ -28,6 +30,44 @@ MASK_PIECE = "[MASK]"
 
 # Enough titles to learn a title vocabulary; more only slows training down.
 _MAX_TRAINING_TITLES = 2_000_000
+# `prepare` trains the tokenizer on at most this many titles (`TitleSample`).
+TOKENIZER_SAMPLE_TITLES = 250_000
+
+
+class TitleSample:
+  """A deterministic sample of at most `capacity` titles, in memory that does
+  not grow with the catalogue: the titles whose (seed, item id) hashes are
+  the smallest (a bottom-k sample), given back in catalogue-row order. Any
+  reader that sees the same rows keeps the same sample, in whatever order
+  or pieces it sees them; a catalogue of at most `capacity` titles is kept
+  whole, in its own order."""
+
+  def __init__(self, capacity: int = TOKENIZER_SAMPLE_TITLES, seed: int = 0):
+    if capacity < 1:
+      raise ValueError(f"a title sample holds at least 1 title, got {capacity}")
+    self.capacity, self.seed = capacity, seed
+    self._heap = []      # (-hash, row, title): the largest kept hash on top
+    self.seen = 0
+
+  def key(self, item_id: str) -> int:
+    digest = hashlib.blake2b(f"{self.seed}\x00{item_id}".encode("utf-8"),
+                             digest_size=8).digest()
+    return int.from_bytes(digest, "big")
+
+  def add(self, row: int, item_id: str, title: str) -> None:
+    self.seen += 1
+    entry = (-self.key(item_id), row, title)
+    if len(self._heap) < self.capacity:
+      heapq.heappush(self._heap, entry)
+    elif entry > self._heap[0]:
+      heapq.heapreplace(self._heap, entry)
+
+  def titles(self) -> list[str]:
+    """The sampled titles, in catalogue-row order."""
+    return [title for _, _, title in sorted(self._heap, key=lambda e: e[1])]
+
+  def __len__(self) -> int:
+    return len(self._heap)
 
 
 def train_sentencepiece(

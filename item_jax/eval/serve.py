@@ -155,7 +155,9 @@ def embed_catalogue(workdir: str, catalogue: str, output: str,
     summary = embed_to_files(loaded, prepared, "test", output, view, batch_size, {
         "workdir": str(workdir), "catalogue": str(catalogue),
         "images": str(images), "modalities": modalities,
-        "skipped": len(info["skipped"]), "source": source})
+        "skipped": info["num_skipped"], "source": source})
+    reports = {name: list(prepare_lib.report_rows(prepared, name))
+               for name in ("skipped", "without_image")}
   finally:
     shutil.rmtree(prepared, ignore_errors=True)
   read, written = sum(summary["listings"].values()), sum(info["listings"].values())
@@ -164,16 +166,16 @@ def embed_catalogue(workdir: str, catalogue: str, output: str,
                        f"prepared from {catalogue}")
   skipped = {
       "catalogue": str(catalogue), "images": str(images),
-      "modalities": modalities, "rows": written + len(info["skipped"]),
+      "modalities": modalities, "rows": written + info["num_skipped"],
       "listings": info["listings"], "skipped_reasons": info["skipped_reasons"],
-      "skipped": info["skipped"], "images_dropped": info["images_dropped"],
-      "without_image": info["without_image"]}
+      "skipped": reports["skipped"], "images_dropped": info["images_dropped"],
+      "without_image": reports["without_image"]}
   if jax.process_index() == 0:
     epath.Path(paths["skipped"]).write_text(
         json.dumps(skipped, indent=1, ensure_ascii=False))
     summary["paths"] = [*summary["paths"], paths["skipped"]]
-  return {**summary, "skipped": len(info["skipped"]),
-          "without_image": len(info["without_image"]), "reused": False}
+  return {**summary, "skipped": info["num_skipped"],
+          "without_image": info["num_without_image"], "reused": False}
 
 
 def latest_step(workdir: str) -> int | None:
