@@ -8,7 +8,8 @@ import pytest
 
 from item_jax.cli import main
 from item_jax.errors import UserError
-from item_jax.eval.fusion import hybrid_blocks, tfidf_features
+from item_jax.eval.fusion import (HybridIndex, hybrid_blocks, tfidf_features,
+                                  tfidf_vectorizer)
 from item_jax.eval.neighbours import neighbours_command
 
 WORDS = "red blue black steel cotton lamp mug shirt kettle cable".split()
@@ -143,3 +144,21 @@ def test_the_command_takes_the_weight_eval_fitted(files, capsys):
   neighbours_command(files["path"], by_hand, k=3, rank_by="hybrid",
                      fusion_weight=0.3)
   assert open(output).read() == open(by_hand).read()
+
+
+def test_the_python_index_ranks_new_listings_by_the_fused_score():
+  index_vectors, index_titles = _listings(40, 4)
+  queries, query_titles = _listings(7, 5)
+  query_titles[2] = None      # no title: the embedding's part alone
+  index = HybridIndex(index_vectors, index_titles, weight=0.6)
+  scores, rows = index.search(queries, query_titles, k=4)
+  vectorizer = tfidf_vectorizer().fit(index_titles)
+  words = (vectorizer.transform([t or "" for t in query_titles])
+           @ vectorizer.transform(index_titles).T).toarray()
+  reference = 0.6 * queries.astype(np.float64) @ index_vectors.T + 0.4 * words
+  for row in range(7):
+    np.testing.assert_allclose(scores[row], np.sort(reference[row])[::-1][:4],
+                               atol=1e-5)
+    np.testing.assert_allclose(reference[row, rows[row]], scores[row], atol=1e-5)
+  with pytest.raises(ValueError, match="7 embeddings but 6 titles"):
+    index.search(queries, query_titles[:6], k=4)

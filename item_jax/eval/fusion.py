@@ -151,3 +151,38 @@ def fit_weight(dense: np.ndarray, sparse, product_ids: np.ndarray,
     if best_key is None or key > best_key:
       best, best_key = weight, key
   return best, scores
+
+
+class HybridIndex:
+  """Listings held in memory for hybrid search from Python (the job's
+  `neighbours --rank-by hybrid` on files): each row its embedding and its
+  title, TF-IDF fitted on the index's titles.
+
+    index = HybridIndex(embeddings, titles, weight=0.3)
+    scores, rows = index.search(query_embeddings, query_titles, k=10)
+
+  `search` gives (scores, index rows) as `top_k_search` does (best first,
+  ties to the lower row, -1 past the candidates), every candidate scored by
+  `weight` x the embeddings' cosine + (1 - weight) x the titles' TF-IDF
+  cosine; `exclude` (one index row per query, or -1) leaves a row out, e.g.
+  each listing itself when the queries are the index.
+  """
+
+  def __init__(self, embeddings: np.ndarray, titles, weight: float):
+    from item_jax.eval.metrics import SparseCandidates
+    titles = ["" if title is None else str(title) for title in titles]
+    if len(titles) != len(embeddings):
+      raise ValueError(f"{len(embeddings)} embeddings but {len(titles)} titles")
+    self.weight = float(weight)
+    self.vectorizer = tfidf_vectorizer()
+    self.candidates = SparseCandidates(
+        fuse(np.asarray(embeddings, np.float32),
+             self.vectorizer.fit_transform(titles), self.weight))
+
+  def search(self, embeddings: np.ndarray, titles, k: int, exclude=None):
+    titles = ["" if title is None else str(title) for title in titles]
+    if len(titles) != len(embeddings):
+      raise ValueError(f"{len(embeddings)} embeddings but {len(titles)} titles")
+    queries = fuse(np.asarray(embeddings, np.float32),
+                   self.vectorizer.transform(titles), self.weight)
+    return self.candidates.search(queries, k, exclude=exclude)
