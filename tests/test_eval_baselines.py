@@ -12,7 +12,8 @@ from flax import nnx
 
 from helpers import tiny_batch, tiny_model
 from item_jax.eval.embed import image_attention_share, last_layer_cls_attention
-from item_jax.eval.evaluate import colour_histograms, tfidf_features, tfidf_vectorizer
+from item_jax.eval.evaluate import colour_histograms
+from item_jax.eval.fusion import tfidf_features, tfidf_vectorizer
 
 
 def _char_ngrams(title, sizes=(2, 3, 4)):

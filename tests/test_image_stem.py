@@ -234,3 +234,34 @@ def test_a_new_run_starts_its_stem_from_imagenet_and_keeps_it(
   for step in (1, 2):
     _, params, _ = workdir_lib.workdir_params(tmp_path / "run", step=step)
     assert all(np.array_equal(params[name], value) for name, value in stem.items())
+
+
+def _convolutions(jaxpr) -> int:
+  """conv_general_dilated equations in a jaxpr, its sub-jaxprs (cond
+  branches, custom rules) included."""
+  count = 0
+  for eqn in jaxpr.eqns:
+    count += eqn.primitive.name == "conv_general_dilated"
+    for param in eqn.params.values():
+      for sub in param if isinstance(param, (list, tuple)) else [param]:
+        inner = getattr(sub, "jaxpr", sub)
+        if hasattr(inner, "eqns"):
+          count += _convolutions(inner)
+  return count
+
+
+@pytest.mark.parametrize("mim_weight, runs", [(0.0, 1), (1.0, 2)])
+def test_a_step_runs_the_stem_once_per_set_of_pixels(mim_weight, runs):
+  """Every pass over the clean photos (the joint pass, re-paired for ITM, and
+  ITC's image view) shares one run of the stem; masked pixels need their own."""
+  from item_jax.objectives import example_keys, pretraining_loss
+  objectives = ObjectiveConfig(itc_weight=1.0, itc_pairs="title:image,joint:image",
+                               mim_weight=mim_weight, gmim_weight=0.0)
+  model = tiny_model(**STEM)
+  batch = tiny_batch(batch=4)
+  keys = example_keys(jax.random.key(0), jnp.arange(4))
+  stem = _convolutions(jax.make_jaxpr(model.embeddings.image_stem)(
+      batch["image"]).jaxpr)
+  step = jax.make_jaxpr(lambda batch: pretraining_loss(
+      model, batch, keys, objectives, TOKENS)[0])(batch)
+  assert stem > 10 and _convolutions(step.jaxpr) == runs * stem

@@ -4,6 +4,7 @@ Owns the record schema (`RECORD_FEATURES`), the split by product, the shard
 layout and the dataset.json summary that the input pipeline reads back.
 """
 
+import array
 import collections
 from collections.abc import Iterable, Iterator
 import concurrent.futures
@@ -339,6 +340,11 @@ def _kind(listing: catalogue_lib.Listing, jpeg: bytes | None) -> str:
   return "title_and_image" if listing.title.strip() else "image_only"
 
 
+# TFRecord framing around each record's data: its length (8 bytes) and that
+# length's CRC (4) before, the data's CRC (4) after.
+_RECORD_HEADER_BYTES, _RECORD_FOOTER_BYTES = 12, 4
+
+
 def offsets_file_name(shard_file: str) -> str:
   """The record index written beside a shard: (offset, length) int64 rows."""
   return shard_file + ".offsets.npy"
@@ -353,7 +359,8 @@ class _SplitWriter:
     self.output_dir = output_dir
     self.files = [shard_file_name(split, shard, num_shards) for shard in range(num_shards)]
     self._writers = [tf.io.TFRecordWriter(str(output_dir / name)) for name in self.files]
-    self._offsets = [[] for _ in range(num_shards)]
+    # Flat (offset, length) pairs: 16 bytes a record.
+    self._offsets = [array.array("q") for _ in range(num_shards)]
     self._ends = [0] * num_shards
     self.shard_counts = [0] * num_shards
     self.count = 0
@@ -364,8 +371,9 @@ class _SplitWriter:
     shard = self.count % len(self._writers)
     record = _make_example(listing, jpeg, category_id, self.count)
     self._writers[shard].write(record)
-    self._offsets[shard].append((self._ends[shard] + 12, len(record)))
-    self._ends[shard] += 16 + len(record)
+    self._offsets[shard].extend((self._ends[shard] + _RECORD_HEADER_BYTES,
+                                 len(record)))
+    self._ends[shard] += _RECORD_HEADER_BYTES + len(record) + _RECORD_FOOTER_BYTES
     self.shard_counts[shard] += 1
     self.count += 1
     self.kinds[kind] += 1
@@ -374,7 +382,7 @@ class _SplitWriter:
     for writer, name, offsets in zip(self._writers, self.files, self._offsets):
       writer.close()
       with (self.output_dir / offsets_file_name(name)).open("wb") as file:
-        np.save(file, np.asarray(offsets, np.int64).reshape(-1, 2))
+        np.save(file, np.frombuffer(offsets, np.int64).reshape(-1, 2))
 
   def summary(self) -> dict:
     return {

@@ -27,8 +27,7 @@ from item_jax.errors import MissingInputError, UserError
 from item_jax.eval.embed import (ATTENTION_OUTPUTS, VIEWS, Embedder, embed_split,
                                  eval_batch_size, load_model, own_products,
                                  read_split, split_count)
-from item_jax.eval.fusion import (NGRAM_RANGE, fit_weight, fuse, tfidf_features,
-                                  tfidf_vectorizer)
+from item_jax.eval.fusion import fit_weight, fuse, tfidf_features
 from item_jax.eval.metrics import (classification_metrics, knn_predict,
                                    linear_probe, retrieval_queries,
                                    same_product_retrieval)

@@ -16,7 +16,8 @@ import numpy as np
 import scipy.sparse
 from sklearn.feature_extraction.text import TfidfVectorizer
 
-from item_jax.eval.metrics import retrieval_queries, same_product_retrieval
+from item_jax.eval.metrics import (SparseCandidates, retrieval_queries,
+                                   same_product_retrieval)
 
 NGRAM_RANGE = (2, 4)   # character n-grams of 2, 3 and 4
 
@@ -115,7 +116,6 @@ def hybrid_blocks(query_vectors: np.ndarray, query_titles: list[str],
   n-grams sparse), the candidates prepared once for every block
   (`SparseCandidates`).
   """
-  from item_jax.eval.metrics import SparseCandidates
   if len(query_titles) != len(query_vectors) or (
       index_vectors is not None and len(index_titles) != len(index_vectors)):
     raise ValueError("one title per embedding row is needed on each side")
@@ -169,20 +169,19 @@ class HybridIndex:
   """
 
   def __init__(self, embeddings: np.ndarray, titles, weight: float):
-    from item_jax.eval.metrics import SparseCandidates
-    titles = ["" if title is None else str(title) for title in titles]
-    if len(titles) != len(embeddings):
-      raise ValueError(f"{len(embeddings)} embeddings but {len(titles)} titles")
     self.weight = float(weight)
     self.vectorizer = tfidf_vectorizer()
-    self.candidates = SparseCandidates(
-        fuse(np.asarray(embeddings, np.float32),
-             self.vectorizer.fit_transform(titles), self.weight))
+    self.candidates = SparseCandidates(self._rows(embeddings, titles, fit=True))
 
   def search(self, embeddings: np.ndarray, titles, k: int, exclude=None):
+    return self.candidates.search(self._rows(embeddings, titles), k,
+                                  exclude=exclude)
+
+  def _rows(self, embeddings: np.ndarray, titles, fit: bool = False):
+    """Fused rows of listings (a None title is an empty one)."""
     titles = ["" if title is None else str(title) for title in titles]
     if len(titles) != len(embeddings):
       raise ValueError(f"{len(embeddings)} embeddings but {len(titles)} titles")
-    queries = fuse(np.asarray(embeddings, np.float32),
-                   self.vectorizer.transform(titles), self.weight)
-    return self.candidates.search(queries, k, exclude=exclude)
+    words = (self.vectorizer.fit_transform(titles) if fit
+             else self.vectorizer.transform(titles))
+    return fuse(np.asarray(embeddings, np.float32), words, self.weight)

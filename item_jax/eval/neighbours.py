@@ -497,7 +497,8 @@ def neighbours_command(queries: str, output: str, index: str | None = None,
       os.replace(partial, output)
     os.remove(progress_path)
   return {"queries": total, "index_rows": index_rows, "dim": query_file.dim,
-          "k": k, "rank_by": rank_by, "fusion_weight": weight, "pairs": pairs, "resumed_at": start, "complete": complete,
+          "k": k, "rank_by": rank_by, "fusion_weight": weight, "pairs": pairs,
+          "resumed_at": start, "complete": complete,
           "path": output if complete else partial,
           "seconds": time.perf_counter() - began}
 
@@ -512,9 +513,9 @@ def _check_ranking(rank_by: str, fusion_weight: float | None,
   TF-IDF alone); a bad choice or a file without titles is a UserError."""
   if rank_by not in RANK_BY:
     raise UserError(f"rank_by must be one of {', '.join(RANK_BY)}, got {rank_by!r}")
+  if rank_by != "hybrid" and fusion_weight is not None:
+    raise UserError("a fusion weight needs --rank-by hybrid")
   if rank_by == "embedding":
-    if fusion_weight is not None:
-      raise UserError("a fusion weight needs --rank-by hybrid")
     return None
   for file in (query_file, index_file):
     if file is not None and file.titles is None:
@@ -522,8 +523,6 @@ def _check_ranking(rank_by: str, fusion_weight: float | None,
                       f"{rank_by} reads the listings' titles (embed again: "
                       "`item-jax embed` writes them)")
   if rank_by == "lexical":
-    if fusion_weight is not None:
-      raise UserError("a fusion weight needs --rank-by hybrid")
     return 0.0
   if fusion_weight is None:
     raise UserError("--rank-by hybrid needs a fusion weight: --fusion-weight W, "

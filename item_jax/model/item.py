@@ -126,21 +126,23 @@ class Embeddings(nnx.Module):
       pixels = jnp.where(cell_pixel_mask(masked_patches, self.config)[..., None],
                          0.0, pixels)
     pixels = pixels.astype(self.config.compute_dtype)
-    run_stem = self.image_stem
-    if present is not None:
+    if present is None:
+      cells = self.image_stem(pixels)
+    else:
       shape = jax.eval_shape(self.image_stem, pixels)
-      run_stem = lambda pixels: jax.lax.cond(
-          jnp.any(present), self.image_stem,
-          lambda pixels: jnp.zeros(shape.shape, shape.dtype), pixels)
-    cells = run_stem(pixels)
+      cells = jax.lax.cond(jnp.any(present), self.image_stem,
+                           lambda pixels: jnp.zeros(shape.shape, shape.dtype),
+                           pixels)
     if self.config.freeze_image_stem:
       cells = jax.lax.stop_gradient(cells)
     batch, rows, cols, channels = cells.shape
     return cells.reshape(batch, rows * cols, channels)
 
   def image(self, image: jax.Array, masked_patches: jax.Array | None,
-            present: jax.Array | None = None) -> jax.Array:
-    inputs = self.image_tokens_input(image, masked_patches, present)
+            present: jax.Array | None = None,
+            tokens_input: jax.Array | None = None) -> jax.Array:
+    inputs = (self.image_tokens_input(image, masked_patches, present)
+              if tokens_input is None else tokens_input)
     patches = self.patch_embedding(inputs).astype(jnp.float32)
     if masked_patches is not None:
       patches = jnp.where(masked_patches[..., None],
@@ -196,7 +198,8 @@ class ItemModel(nnx.Module):
              masked_patches: jax.Array | None = None,
              image_mask: jax.Array | None = None,
              dropout_key: jax.Array | None = None,
-             num_layers: int | None = None) -> Encoded:
+             num_layers: int | None = None,
+             image_tokens_input: jax.Array | None = None) -> Encoded:
     """Runs the encoder on whichever modalities are given.
 
     Args:
@@ -212,6 +215,9 @@ class ItemModel(nnx.Module):
       dropout_key: PRNG key enabling dropout (training); None disables it.
       num_layers: run only the first this many blocks (default all), e.g. to
         read the input of the last block when inspecting its attention.
+      image_tokens_input: `Embeddings.image_tokens_input` of `image`, already
+        computed (a convolutional stem's cells, shared by several passes of
+        one step); masked_patches then only swaps in the mask vector.
     """
     if title_ids is None and image is None:
       raise ValueError("encode needs title_ids, image, or both")
@@ -227,7 +233,8 @@ class ItemModel(nnx.Module):
       present = (jnp.ones((batch,), bool) if image_mask is None
                  else image_mask.astype(bool))
       parts.append(self.embeddings.image(
-          image, masked_patches, None if image_mask is None else present))
+          image, masked_patches, None if image_mask is None else present,
+          image_tokens_input))
       masks.append(jnp.broadcast_to(present[:, None],
                                     (batch, self.config.num_patches)))
     token_mask = jnp.concatenate(masks, axis=1)

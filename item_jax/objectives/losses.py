@@ -173,6 +173,7 @@ class MaskedBatch(NamedTuple):
   image_present: jax.Array          # (batch,) bool: the paired image exists
   tokens: masking.TokenMasking | None    # when MLM or GMLM is on
   patches: masking.PatchMasking | None   # when MIM or GMIM is on
+  image_source: jax.Array | None = None  # (batch,) the batch row of each image (ITM)
 
 
 def mask_batch(config: ModelConfig, batch: dict, keys: jax.Array,
@@ -203,6 +204,7 @@ def mask_batch(config: ModelConfig, batch: dict, keys: jax.Array,
     matched = pairing.matched | ~complete
     image_present = jnp.take(has_image, image_source, axis=0)
   else:
+    image_source = None
     matched = jnp.ones(title_ids.shape[0], bool)
     image_present = has_image
 
@@ -223,7 +225,8 @@ def mask_batch(config: ModelConfig, batch: dict, keys: jax.Array,
                                               image_present)
   title_mask = (title_ids != config.pad_token_id) & has_title[:, None]
   return MaskedBatch(input_ids, title_mask, image, matched, example_weight,
-                     has_title, image_present, token_masking, patch_masking)
+                     has_title, image_present, token_masking, patch_masking,
+                     image_source)
 
 
 # Folded into each example's key for modality dropout, so that switching it
@@ -243,6 +246,16 @@ def _drop_modalities(keys: jax.Array, objectives: ObjectiveConfig,
   drop_image = both & (draws[:, 0] < objectives.joint_image_dropout)
   drop_title = both & ~drop_image & (draws[:, 1] < objectives.joint_title_dropout)
   return has_title & ~drop_title, image_present & ~drop_image
+
+
+def _stem_cells(model: ItemModel, batch: dict) -> jax.Array | None:
+  """A convolutional stem's cells of the batch's clean photos, computed once
+  for every pass of the step that reads them (none when no listing has a
+  photo); None for the patch embedding, which costs nothing to redo."""
+  if model.config.image_stem == "patches":
+    return None
+  return model.embeddings.image_tokens_input(batch["image"], None,
+                                             presence(batch)[1])
 
 
 def presence(batch: dict) -> tuple[jax.Array, jax.Array]:
@@ -282,18 +295,26 @@ def pretraining_loss(model: ItemModel, batch: dict, keys: jax.Array,
   itc_dropout_keys = ((None, None) if dropout_key is None else
                       tuple(jax.random.fold_in(dropout_key, i) for i in (1, 2)))
 
+  cells = _stem_cells(model, batch)
   encoded = None
   if active - {"itc"}:
+    # The clean photos' cells, re-paired as ITM re-paired the photos; a
+    # masked batch's cells are computed from its masked pixels.
+    main_cells = None
+    if cells is not None and patch_masking is None:
+      main_cells = (cells if masked.image_source is None
+                    else jnp.take(cells, masked.image_source, axis=0))
     encoded = model.encode(
         masked.input_ids, image, title_mask=masked.title_mask,
         masked_patches=None if patch_masking is None else patch_masking.masked,
-        image_mask=masked.image_present, dropout_key=dropout_key)
+        image_mask=masked.image_present, dropout_key=dropout_key,
+        image_tokens_input=main_cells)
 
   losses = {}
   if "itc" in active:
     losses.update(_itc_losses(model, batch, objectives, encoded, masked,
                               reconstruction_weight, example_weight,
-                              dropout_key, itc_dropout_keys))
+                              dropout_key, itc_dropout_keys, cells))
   if "itm" in active:
     logits = model.itm_logits(encoded.cls)
     per_example = optax.softmax_cross_entropy_with_integer_labels(
@@ -337,7 +358,7 @@ def pretraining_loss(model: ItemModel, batch: dict, keys: jax.Array,
 def _itc_losses(model: ItemModel, batch: dict, objectives: ObjectiveConfig,
                 encoded, joint_masks: MaskedBatch, joint_weight: jax.Array,
                 example_weight: jax.Array, joint_dropout_key,
-                dropout_keys) -> dict:
+                dropout_keys, cells: jax.Array | None = None) -> dict:
   """ITC over `objectives.itc_pairs`: the mean of each pair's InfoNCE.
 
   The title-only and image-only views are extra passes over the clean title
@@ -361,14 +382,16 @@ def _itc_losses(model: ItemModel, batch: dict, objectives: ObjectiveConfig,
     weights["title"] = example_weight * has_title
   if "image" in needed:
     views["image"] = model.encode(None, image, image_mask=has_image,
-                                  dropout_key=dropout_keys[1]).cls
+                                  dropout_key=dropout_keys[1],
+                                  image_tokens_input=cells).cls
     weights["image"] = example_weight * has_image
   if "joint" in needed:
     if encoded is None:
       views["joint"] = model.encode(title_ids, image,
                                     title_mask=joint_masks.title_mask,
                                     image_mask=joint_masks.image_present,
-                                    dropout_key=joint_dropout_key).cls
+                                    dropout_key=joint_dropout_key,
+                                    image_tokens_input=cells).cls
       weights["joint"] = example_weight * (has_title | has_image)
     else:
       views["joint"] = encoded.cls
