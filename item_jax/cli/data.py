@@ -5,6 +5,7 @@ import argparse
 import os
 
 from item_jax.cli.common import at_least, need_file, need_folder, output_folder
+from item_jax.errors import UserError
 
 
 def register(commands):
@@ -52,6 +53,14 @@ def register(commands):
   prepare.add_argument("--cased", action="store_true",
                        help="keep case in the trained sentencepiece model "
                        "(by default it folds case, like uncased BERT)")
+  prepare.add_argument("--runner", default=None,
+                       help="convert on Apache Beam with this runner (pip install "
+                       "'item-jax[beam]'): FnApiRunner here (DirectRunner means "
+                       "it too), DataflowRunner, FlinkRunner or SparkRunner on a "
+                       "cluster (docs/LAUNCH.md); the same dataset as without")
+  prepare.add_argument("--beam-options", default=None,
+                       help="Beam pipeline options for --runner, without dashes: "
+                       "e.g. direct_num_workers=2,direct_running_mode=multi_processing")
   prepare.set_defaults(run=_prepare)
 
 
@@ -84,8 +93,15 @@ def _prepare(args):
   output_folder("--output", args.output)
   at_least(args, num_shards=1, vocab_size=1, seed=0, max_image_side=1, workers=1,
            tokenizer_sample=1)
+  if args.beam_options and not args.runner:
+    raise UserError("--beam-options needs --runner (the Beam runner to use)")
   from item_jax.data.catalogue import parse_column_mapping
   columns = parse_column_mapping(args.columns) if args.columns else None
+  converter = None
+  if args.runner:
+    from item_jax.data import beam_prepare  # TensorFlow from here on
+    converter = beam_prepare.converter(
+        args.runner, beam_prepare.parse_beam_options(args.beam_options))
   from item_jax.data.prepare import prepare  # TensorFlow from here on
   images = args.images or os.path.dirname(os.path.abspath(args.catalogue))
   summary = prepare(
@@ -94,7 +110,8 @@ def _prepare(args):
       columns=columns,
       seed=args.seed, max_image_side=args.max_image_side,
       num_workers=args.workers, lowercase=not args.cased, split_by=args.split_by,
-      modalities=args.modalities, tokenizer_sample=args.tokenizer_sample)
+      modalities=args.modalities, tokenizer_sample=args.tokenizer_sample,
+      converter=converter)
   counts = {split: info["count"] for split, info in summary["splits"].items()}
   kinds = ", ".join(f"{count} {kind.replace('_', ' ')}"
                     for kind, count in summary["listings"].items() if count)

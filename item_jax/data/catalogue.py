@@ -4,10 +4,11 @@ Owns the catalogue columns and their renaming, and the text-level checks that
 decide whether a row is usable (the image checks live in `images`).
 """
 
-from collections.abc import Iterator
+from collections.abc import Container, Iterator
 import csv
 import dataclasses
 import io
+import itertools
 import json
 
 from etils import epath
@@ -82,7 +83,8 @@ def normalise_category(category: str) -> str:
 
 def read_catalogue(
     path: str, columns: dict[str, str] | None = None, require: tuple[str, ...] = (),
-    modalities: str = "both",
+    modalities: str = "both", block: "Block | None" = None,
+    duplicate_rows: Container[int] | None = None,
 ) -> Iterator[tuple[Listing, str | None]]:
   """Yields every row as `(listing, reason)`, reason None when the text is usable.
 
@@ -94,10 +96,67 @@ def read_catalogue(
   the row if its image is usable). The first row carrying an item id claims
   it; later rows with that id are duplicates even if the first is skipped
   for another reason.
+
+  `block` (from `blocks`) reads only that block's rows. A reader that does
+  not see the whole catalogue cannot find duplicates itself: it passes the
+  rows that are (`duplicate_rows`, from `claims` over every row).
   """
+  columns = resolve_columns(columns)
+  records = _records(path, *_expected_columns(columns, require, modalities), block)
+  seen_item_ids = set()
+  for row, record, _ in records:
+    if record is None:
+      yield Listing(row=row, item_id="", title="", image=""), MALFORMED_ROW
+      continue
+    fields = {name: _as_text(record.get(source)) for name, source in columns.items()}
+    fields["category"] = normalise_category(fields["category"])
+    listing = Listing(row=row, **fields)
+    if duplicate_rows is None:
+      duplicate = claims_item_id(listing) and listing.item_id in seen_item_ids
+      if claims_item_id(listing):
+        seen_item_ids.add(listing.item_id)
+    else:
+      duplicate = listing.row in duplicate_rows
+    yield listing, text_problem(listing, duplicate, modalities == "both")
+
+
+@dataclasses.dataclass(frozen=True)
+class Block:
+  """A run of consecutive catalogue rows that a reader can start at: the
+  file position of its first record (`position`, as the text stream's
+  tell() gives it), that record's line, and how many records it holds."""
+
+  index: int
+  position: int
+  first_line: int
+  num_records: int
+
+
+def blocks(path: str, records_per_block: int, columns: dict[str, str] | None = None,
+           require: tuple[str, ...] = (), modalities: str = "both") -> list[Block]:
+  """The catalogue cut into blocks of `records_per_block` records, for readers
+  that each read a part (`read_catalogue(..., block=)`). One pass over the
+  file, keeping one entry per block; the columns are checked as
+  `read_catalogue` checks them."""
+  if records_per_block < 1:
+    raise UserError(f"records_per_block must be at least 1, got {records_per_block}")
+  starts, count = [], 0
+  for row, _, position in _records(
+      path, *_expected_columns(resolve_columns(columns), require, modalities),
+      positions_every=records_per_block):
+    if count % records_per_block == 0:
+      starts.append((position, row))
+    count += 1
+  return [Block(index, position, line,
+                min(records_per_block, count - index * records_per_block))
+          for index, (position, line) in enumerate(starts)]
+
+
+def _expected_columns(columns: dict[str, str], require: tuple[str, ...], modalities: str
+                      ) -> tuple[dict[str, str], tuple[str, ...]]:
+  """The columns a file must have, and the pair of which it needs one."""
   if modalities not in MODALITIES:
     raise UserError(f"modalities must be one of {MODALITIES}, got {modalities!r}")
-  columns = resolve_columns(columns)
   optional = ("title", "image") if modalities == "any" else ()
   # Required columns must exist, and so must any the user named explicitly or
   # the caller needs (`require`).
@@ -106,22 +165,14 @@ def read_catalogue(
       if (name in REQUIRED_COLUMNS and name not in optional) or name in require
       or source != name
   }
-  suffix = epath.Path(path).suffix.lower()
-  if suffix == ".csv":
-    records = _read_csv(path, expected, optional and (columns["title"], columns["image"]))
-  elif suffix in (".jsonl", ".ndjson"):
-    records = _read_jsonl(path, expected, optional and (columns["title"], columns["image"]))
-  else:
-    raise UserError(f"catalogue {path} must end in .csv or .jsonl")
-  seen_item_ids = set()
-  for row, record in records:
-    if record is None:
-      yield Listing(row=row, item_id="", title="", image=""), MALFORMED_ROW
-      continue
-    fields = {name: _as_text(record.get(source)) for name, source in columns.items()}
-    fields["category"] = normalise_category(fields["category"])
-    listing = Listing(row=row, **fields)
-    yield listing, _text_problem(listing, seen_item_ids, modalities == "both")
+  return expected, optional and (columns["title"], columns["image"])
+
+
+def claims_item_id(listing: Listing) -> bool:
+  """Whether the row claims its item id: later rows with that id are
+  duplicates. Rows whose text is not UTF-8 or that have no id claim none."""
+  return bool(listing.item_id.strip()) and not any(
+      _has_undecodable_bytes(field) for field in _fields(listing))
 
 
 def printable_item_id(item_id: str) -> str:
@@ -129,20 +180,24 @@ def printable_item_id(item_id: str) -> str:
   return item_id.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
-def _text_problem(listing: Listing, seen_item_ids: set[str],
-                  title_required: bool = True) -> str | None:
-  fields = (listing.item_id, listing.title, listing.image, listing.product_id, listing.category,
-            listing.group)
-  if any(_has_undecodable_bytes(field) for field in fields):
+def text_problem(listing: Listing, duplicate: bool,
+                 title_required: bool = True) -> str | None:
+  """Why the row's text is unusable (None: it is usable), given whether an
+  earlier row claimed its item id (`claims_item_id`)."""
+  if any(_has_undecodable_bytes(field) for field in _fields(listing)):
     return NOT_UTF8
   if not listing.item_id.strip():
     return MISSING_ITEM_ID
-  if listing.item_id in seen_item_ids:
+  if duplicate:
     return DUPLICATE_ITEM_ID
-  seen_item_ids.add(listing.item_id)
   if title_required and not listing.title.strip():
     return EMPTY_TITLE
   return None
+
+
+def _fields(listing: Listing) -> tuple[str, ...]:
+  return (listing.item_id, listing.title, listing.image, listing.product_id,
+          listing.category, listing.group)
 
 
 def _has_undecodable_bytes(text: str) -> bool:
@@ -189,34 +244,72 @@ def _check_columns(path: str, found: list[str], expected: dict[str, str],
                     f"nor an image column {one_of[1]!r}; its columns are {found}")
 
 
-def _read_csv(path: str, expected: dict[str, str], one_of: tuple[str, ...] = ()
-              ) -> Iterator[tuple[int, dict | None]]:
+def _records(path: str, expected: dict[str, str], one_of: tuple[str, ...] = (),
+             block: Block | None = None, positions_every: int | None = None
+             ) -> Iterator[tuple[int, dict | None, int | None]]:
+  """`(row, record, position)` for each record of the file (or of `block`):
+  record None for a malformed one; position (where the record starts, for
+  `blocks`) every `positions_every` records, else None."""
+  suffix = epath.Path(path).suffix.lower()
+  if suffix == ".csv":
+    return _read_csv(path, expected, one_of, block, positions_every)
+  if suffix in (".jsonl", ".ndjson"):
+    return _read_jsonl(path, expected, one_of, block, positions_every)
+  raise UserError(f"catalogue {path} must end in .csv or .jsonl")
+
+
+def _read_csv(path: str, expected: dict[str, str], one_of: tuple[str, ...] = (),
+              block: Block | None = None, positions_every: int | None = None
+              ) -> Iterator[tuple[int, dict | None, int | None]]:
+  # readline, not iteration, so that tell() gives where a record starts.
   with _open_text(path) as file:
-    reader = csv.DictReader(file)
+    reader = csv.DictReader(iter(file.readline, ""))
     _check_columns(path, list(reader.fieldnames or []), expected, one_of)
-    row_start = reader.line_num + 1
-    for record in reader:
-      yield row_start, record
-      row_start = reader.line_num + 1
+    line_shift, limit = 0, None
+    if block is not None:
+      file.seek(block.position)
+      line_shift = block.first_line - (reader.line_num + 1)
+      limit = block.num_records
+    for count in itertools.count():
+      if count == limit:
+        return
+      position = file.tell() if positions_every and count % positions_every == 0 else None
+      row_start = line_shift + reader.line_num + 1
+      record = next(reader, None)
+      if record is None:
+        return
+      yield row_start, record, position
 
 
-def _read_jsonl(path: str, expected: dict[str, str], one_of: tuple[str, ...] = ()
-                ) -> Iterator[tuple[int, dict | None]]:
-  # JSONL has no header: the first record shows which columns the file has;
-  # a later record lacking a required key is skipped by the usual checks.
-  checked = False
+def _read_jsonl(path: str, expected: dict[str, str], one_of: tuple[str, ...] = (),
+                block: Block | None = None, positions_every: int | None = None
+                ) -> Iterator[tuple[int, dict | None, int | None]]:
+  # JSONL has no header: the first record shows which columns the file has
+  # (a block's reader relies on the whole file's check); a later record
+  # lacking a required key is skipped by the usual checks.
+  checked = block is not None
   with _open_text(path) as file:
-    for line_number, line in enumerate(file, start=1):
+    line_number, count = 0, 0
+    if block is not None:
+      file.seek(block.position)
+      line_number = block.first_line - 1
+    while block is None or count < block.num_records:
+      position = file.tell() if positions_every and count % positions_every == 0 else None
+      line = file.readline()
+      if not line:
+        return
+      line_number += 1
       if not line.strip():
         continue
+      count += 1
       try:
         record = json.loads(line)
       except json.JSONDecodeError:
         record = None
       if not isinstance(record, dict):
-        yield line_number, None
+        yield line_number, None, position
         continue
       if not checked:
         _check_columns(path, list(record), expected, one_of)
         checked = True
-      yield line_number, record
+      yield line_number, record, position

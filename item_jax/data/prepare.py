@@ -6,7 +6,7 @@ layout and the dataset.json summary that the input pipeline reads back.
 
 import array
 import collections
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 import concurrent.futures
 import contextlib
 import dataclasses
@@ -98,6 +98,7 @@ def prepare(
     split_by: str = "product",
     modalities: str = "both",
     tokenizer_sample: int = tokenizer_lib.TOKENIZER_SAMPLE_TITLES,
+    converter: "Converter | None" = None,
 ) -> dict:
   """Converts a catalogue into `output`; returns the summary written to dataset.json.
 
@@ -128,6 +129,10 @@ def prepare(
   empty title keeps its image, and only a row with neither is skipped.
   dataset.json counts the listings of each kind (LISTING_KINDS), overall
   and per split.
+
+  `converter` turns the catalogue into the records (default: `convert`,
+  this process and `num_workers` image processes); `beam_prepare.converter`
+  runs the same per-row functions on Apache Beam, for the same output.
   """
   if modalities not in catalogue_lib.MODALITIES:
     raise UserError(f"modalities must be one of {catalogue_lib.MODALITIES}, "
@@ -143,20 +148,16 @@ def prepare(
   # A given tokenizer is loaded now: a model with other special ids is refused
   # before the images are read.
   tokenizer = tokenizer_lib.load_tokenizer(tokenizer_model) if tokenizer_model else None
-  columns = catalogue_lib.resolve_columns(columns)
-  rows = catalogue_lib.read_catalogue(
-      catalogue, columns, require=("group",) if split_by == "group" else (),
-      modalities=modalities)
-  # Reading the first row checks the catalogue's columns before any output exists.
-  rows = itertools.chain(list(itertools.islice(rows, 1)), rows)
-
+  options = Options(
+      columns=catalogue_lib.resolve_columns(columns), num_shards=num_shards,
+      split_fractions=tuple(split_fractions), seed=seed,
+      max_image_side=max_image_side,
+      num_workers=(os.cpu_count() or 1) if num_workers is None else num_workers,
+      split_by=split_by, modalities=modalities, tokenizer_sample=tokenizer_sample)
+  conversion = (converter or convert)(catalogue, epath.Path(images),
+                                      epath.Path(output), options)
+  columns = options.columns
   output_dir = epath.Path(output)
-  output_dir.mkdir(parents=True, exist_ok=True)
-  num_workers = (os.cpu_count() or 1) if num_workers is None else num_workers
-  results = _with_images(rows, epath.Path(images), max_image_side, num_workers,
-                         modalities)
-  conversion = _write_records(results, output_dir, num_shards, split_fractions, seed,
-                              split_by, tokenizer_lib.TitleSample(tokenizer_sample, seed))
   if not sum(conversion.kinds.values()):
     hint = ""
     if modalities == "both":
@@ -217,8 +218,57 @@ def prepare(
   return info
 
 
+@dataclasses.dataclass(frozen=True)
+class Options:
+  """How `prepare` was asked to convert, as every converter reads it."""
+
+  columns: dict[str, str]
+  num_shards: int
+  split_fractions: tuple[float, ...]
+  seed: int
+  max_image_side: int
+  num_workers: int
+  split_by: str
+  modalities: str
+  tokenizer_sample: int
+
+  def require(self) -> tuple[str, ...]:
+    """The catalogue columns these options need beyond the usual ones."""
+    return ("group",) if self.split_by == "group" else ()
+
+
+def convert(catalogue: str, images: epath.Path, output_dir: epath.Path,
+            options: Options) -> "Conversion":
+  """The local converter: reads the catalogue in this process, checks the
+  images in `options.num_workers` processes, and writes every record,
+  shard offsets and report into `output_dir` (all but dataset.json and the
+  tokenizer, which `prepare` writes from the returned Conversion)."""
+  rows = catalogue_lib.read_catalogue(catalogue, options.columns,
+                                      require=options.require(),
+                                      modalities=options.modalities)
+  # Reading the first row checks the catalogue's columns before any output exists.
+  rows = itertools.chain(list(itertools.islice(rows, 1)), rows)
+  open_output(output_dir)
+  results = _with_images(rows, images, options.max_image_side, options.num_workers,
+                         options.modalities)
+  return _write_records(results, output_dir, options.num_shards,
+                        options.split_fractions, options.seed, options.split_by,
+                        tokenizer_lib.TitleSample(options.tokenizer_sample, options.seed))
+
+
+def open_output(output_dir: epath.Path) -> None:
+  """Creates the output folder, or withdraws the dataset.json of an earlier
+  conversion there: until this one writes its own, training refuses the
+  folder rather than read records of two conversions."""
+  output_dir.mkdir(parents=True, exist_ok=True)
+  (output_dir / DATASET_INFO_FILE).unlink(missing_ok=True)
+
+
+Converter = Callable[[str, epath.Path, epath.Path, Options], "Conversion"]
+
+
 @dataclasses.dataclass
-class _Conversion:
+class Conversion:
   """What writing the records found, for dataset.json and the tokenizer."""
 
   splits: dict[str, dict]
@@ -278,10 +328,11 @@ def _write_records(
     seed: int,
     split_by: str = "product",
     titles: tokenizer_lib.TitleSample | None = None,
-) -> _Conversion:
+) -> Conversion:
   writers = {split: _SplitWriter(output_dir, split, num_shards) for split in SPLITS}
   categories: dict[str, int] = {}
-  titles = titles or tokenizer_lib.TitleSample(seed=seed)
+  if titles is None:  # (an empty sample is falsy: it has a length)
+    titles = tokenizer_lib.TitleSample(seed=seed)
   skipped, without_image = (_Report(output_dir / REPORT_FILES[name])
                             for name in ("skipped", "without_image"))
   kinds = dict.fromkeys(LISTING_KINDS, 0)
@@ -294,32 +345,24 @@ def _write_records(
                 sum(kinds.values()), skipped.count,
                 row_count / (time.monotonic() - started))
     if reason:
-      item_id = catalogue_lib.printable_item_id(listing.item_id)
-      skipped.add({"row": listing.row, "item_id": item_id, "reason": reason})
+      skipped.add(report_entry(listing, reason))
       continue
     category_id = -1
     if listing.category:
       category_id = categories.setdefault(listing.category, len(categories))
-    # A listing without a product id is a product of its own.
-    product_key = (f"product:{listing.product_id}" if listing.product_id
-                   else f"item:{listing.item_id}")
-    if split_by == "group" and listing.group:
-      product_key = f"group:{listing.group}"
-    kind = _kind(listing, jpeg)
+    kind = listing_kind(listing, jpeg)
     kinds[kind] += 1
     if image_reason:
-      without_image.add({"row": listing.row,
-                         "item_id": catalogue_lib.printable_item_id(listing.item_id),
-                         "reason": image_reason},
+      without_image.add(report_entry(listing, image_reason),
                         listed=image_reason != NO_IMAGE_NAMED)
-    writers[split_of_product(product_key, seed, split_fractions)].write(
+    writers[split_of_product(product_key(listing, split_by), seed, split_fractions)].write(
         listing, jpeg, category_id, kind)
     if kind != "image_only":
       titles.add(listing.row, listing.item_id, listing.title)
     num_reencoded += reencoded
   for writer in (*writers.values(), skipped, without_image):
     writer.close()
-  return _Conversion(
+  return Conversion(
       splits={split: writer.summary() for split, writer in writers.items()},
       categories=list(categories),
       titles=titles,
@@ -334,7 +377,7 @@ def _write_records(
   )
 
 
-def _kind(listing: catalogue_lib.Listing, jpeg: bytes | None) -> str:
+def listing_kind(listing: catalogue_lib.Listing, jpeg: bytes | None) -> str:
   if not jpeg:
     return "title_only"
   return "title_and_image" if listing.title.strip() else "image_only"
@@ -342,7 +385,7 @@ def _kind(listing: catalogue_lib.Listing, jpeg: bytes | None) -> str:
 
 # TFRecord framing around each record's data: its length (8 bytes) and that
 # length's CRC (4) before, the data's CRC (4) after.
-_RECORD_HEADER_BYTES, _RECORD_FOOTER_BYTES = 12, 4
+RECORD_HEADER_BYTES, RECORD_FOOTER_BYTES = 12, 4
 
 
 def offsets_file_name(shard_file: str) -> str:
@@ -369,11 +412,11 @@ class _SplitWriter:
   def write(self, listing: catalogue_lib.Listing, jpeg: bytes | None,
             category_id: int, kind: str = "title_and_image"):
     shard = self.count % len(self._writers)
-    record = _make_example(listing, jpeg, category_id, self.count)
+    record = make_example(listing, jpeg, category_id, self.count)
     self._writers[shard].write(record)
-    self._offsets[shard].extend((self._ends[shard] + _RECORD_HEADER_BYTES,
+    self._offsets[shard].extend((self._ends[shard] + RECORD_HEADER_BYTES,
                                  len(record)))
-    self._ends[shard] += _RECORD_HEADER_BYTES + len(record) + _RECORD_FOOTER_BYTES
+    self._ends[shard] += RECORD_HEADER_BYTES + len(record) + RECORD_FOOTER_BYTES
     self.shard_counts[shard] += 1
     self.count += 1
     self.kinds[kind] += 1
@@ -395,7 +438,7 @@ class _SplitWriter:
     }
 
 
-def _make_example(
+def make_example(
     listing: catalogue_lib.Listing, jpeg: bytes | None, category_id: int, index: int
 ) -> bytes:
   def bytes_feature(value: bytes) -> tf.train.Feature:
@@ -416,7 +459,10 @@ def _make_example(
       "has_title": int_feature(int(has_title)),
       "has_image": int_feature(int(bool(jpeg))),
   }
-  return tf.train.Example(features=tf.train.Features(feature=features)).SerializeToString()
+  # deterministic: map entries in key order, so the same listing gives the
+  # same bytes in every process (the features map is a hash map otherwise).
+  return tf.train.Example(features=tf.train.Features(feature=features)).SerializeToString(
+      deterministic=True)
 
 
 def _with_images(
@@ -444,10 +490,7 @@ def _with_images(
     pending = collections.deque()
     rows = iter(rows)
     for chunk in iter(lambda: list(itertools.islice(rows, _ROWS_PER_TASK)), []):
-      paths = [
-          str(image_dir / listing.image) if reason is None and listing.image.strip() else None
-          for listing, reason in chunk
-      ]
+      paths = [image_path(image_dir, listing, reason) for listing, reason in chunk]
       pending.append((chunk, paths, submit(encode, paths)))
       if len(pending) >= _TASKS_IN_FLIGHT_PER_WORKER * max(1, num_workers):
         yield from _merge(*pending.popleft(), modalities)
@@ -457,17 +500,50 @@ def _with_images(
 
 def _merge(chunk, paths, future, modalities: str = "both"):
   for (listing, reason), path, result in zip(chunk, paths, future.result()):
-    jpeg, image_reason, reencoded = result
-    if reason is None and path is None:  # The row names no image at all.
-      image_reason = images_lib.MISSING_IMAGE if modalities == "both" else NO_IMAGE_NAMED
-    if modalities == "both" or reason:
-      yield listing, reason or image_reason, jpeg, reencoded, None
-    elif not listing.title.strip():
-      # An image-only listing needs its image.
-      yield (listing, _neither(image_reason) if image_reason else None, jpeg,
-             reencoded, None)
-    else:
-      yield listing, None, jpeg, reencoded, image_reason
+    yield (listing, *row_outcome(listing, reason, path, result, modalities))
+
+
+def image_path(image_dir: epath.Path, listing: catalogue_lib.Listing,
+               reason: str | None) -> str | None:
+  """The file to read for a row: None for a row already skipped or one that
+  names no image."""
+  if reason is None and listing.image.strip():
+    return str(image_dir / listing.image)
+  return None
+
+
+def row_outcome(listing: catalogue_lib.Listing, reason: str | None, path: str | None,
+                image: tuple[bytes | None, str | None, bool], modalities: str = "both"
+                ) -> tuple[str | None, bytes | None, bool, str | None]:
+  """One row's fate from its text check (`reason`), the image file it names
+  (`image_path`) and what reading it gave (`images.read_and_encode`):
+  `(reason, jpeg, reencoded, image_reason)`. `reason` skips the row;
+  `image_reason` says why a kept listing (modalities "any") has no image."""
+  jpeg, image_reason, reencoded = image
+  if reason is None and path is None:  # The row names no image at all.
+    image_reason = images_lib.MISSING_IMAGE if modalities == "both" else NO_IMAGE_NAMED
+  if modalities == "both" or reason:
+    return reason or image_reason, jpeg, reencoded, None
+  if not listing.title.strip():
+    # An image-only listing needs its image.
+    return _neither(image_reason) if image_reason else None, jpeg, reencoded, None
+  return None, jpeg, reencoded, image_reason
+
+
+def product_key(listing: catalogue_lib.Listing, split_by: str = "product") -> str:
+  """What decides a listing's split: its group (`split_by="group"`), else its
+  product; a listing without a product id is a product of its own."""
+  if split_by == "group" and listing.group:
+    return f"group:{listing.group}"
+  return (f"product:{listing.product_id}" if listing.product_id
+          else f"item:{listing.item_id}")
+
+
+def report_entry(listing: catalogue_lib.Listing, reason: str) -> dict:
+  """A row of the skipped or without-image report."""
+  return {"row": listing.row,
+          "item_id": catalogue_lib.printable_item_id(listing.item_id),
+          "reason": reason}
 
 
 def _neither(image_reason: str) -> str:

@@ -56,7 +56,9 @@ class TitleSample:
 
   def add(self, row: int, item_id: str, title: str) -> None:
     self.seen += 1
-    entry = (-self.key(item_id), row, title)
+    self._push((-self.key(item_id), row, title))
+
+  def _push(self, entry: tuple[int, int, str]) -> None:
     if len(self._heap) < self.capacity:
       heapq.heappush(self._heap, entry)
     elif entry > self._heap[0]:
@@ -65,6 +67,19 @@ class TitleSample:
   def titles(self) -> list[str]:
     """The sampled titles, in catalogue-row order."""
     return [title for _, _, title in sorted(self._heap, key=lambda e: e[1])]
+
+  def entries(self) -> list[tuple[int, int, str]]:
+    """`(key, row, title)` of the sampled titles in row order: what `merge`
+    takes from a sample of another part of the catalogue."""
+    return [(-negative, row, title)
+            for negative, row, title in sorted(self._heap, key=lambda e: e[1])]
+
+  def merge(self, entries: Iterable[tuple[int, int, str]], seen: int) -> None:
+    """Adds another part's sample (`entries()`) and its count of titles
+    seen: the result is the sample of both parts, in any order of parts."""
+    self.seen += seen
+    for key, row, title in entries:
+      self._push((-key, row, title))
 
   def __len__(self) -> int:
     return len(self._heap)

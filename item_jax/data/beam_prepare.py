@@ -1,0 +1,419 @@
+"""`prepare` on Apache Beam: the same dataset as the local converter, from
+many workers (`item-jax prepare ... --runner NAME --beam-options k=v,...`).
+
+The catalogue is cut into blocks of consecutive rows (`catalogue.blocks`, one
+pass over the file that keeps one entry a block); every other step runs per
+block on the workers, calling the per-row functions the local converter
+calls (`catalogue.read_catalogue`'s checks, `images.read_and_encode`,
+`prepare.row_outcome`, `split_of_product`, `make_example`). Two pipelines:
+
+1. Duplicates: every row that claims an item id gives (id, row); a group by
+   id names the rows after the first (the first row wins, as locally).
+   Then each block is converted: its rows checked, its images read and
+   re-encoded, each kept listing's split and kind decided; the block's
+   listings go to a scratch file, its reports' rows to report pieces, and
+   its counts, categories (in order of first row) and title sample to a
+   small summary.
+2. Between the two, this process reads the block summaries in catalogue
+   order: where each block's listings start in each split (the record
+   `index`, so the shard), the category ids, the tokenizer's title sample.
+   Then each block writes its records into per-shard pieces, and each shard
+   joins its pieces in block order into the shard file and its offsets.
+
+Only block summaries and (item id, row) pairs pass through the runner's
+shuffles; records and photos go through files under `_beam/` in the output
+folder (shared storage, e.g. gs://, on a cluster). The output does not depend
+on the number of workers or the order they finish in. dataset.json is written
+by `prepare` after both pipelines: an interrupted run leaves none.
+"""
+
+import collections
+from collections.abc import Iterator
+import dataclasses
+import json
+import logging
+
+from etils import epath
+import numpy as np
+import tensorflow as tf
+
+from item_jax.data import catalogue as catalogue_lib
+from item_jax.data import images as images_lib
+from item_jax.data import prepare as prepare_lib
+from item_jax.data import tokenizer as tokenizer_lib
+from item_jax.errors import UserError
+
+# Rows per block: the unit of work. Big enough that per-element overheads
+# vanish, small enough that one block's photos fit a worker's memory.
+RECORDS_PER_BLOCK = 2000
+SCRATCH = "_beam"
+# Runners that run here without fetching anything: Beam's DirectRunner would
+# first try to download its Prism binary, so it means the FnApiRunner too.
+LOCAL_RUNNERS = ("FnApiRunner", "DirectRunner")
+
+_log = logging.getLogger(__name__)
+
+# How a kept listing waits in a block's scratch file between the pipelines.
+_SCRATCH_FEATURES = {
+    "row": tf.io.FixedLenFeature([], tf.int64),
+    "item_id": tf.io.FixedLenFeature([], tf.string),
+    "title": tf.io.FixedLenFeature([], tf.string),
+    "image": tf.io.FixedLenFeature([], tf.string),
+    "product_id": tf.io.FixedLenFeature([], tf.string),
+    "category": tf.io.FixedLenFeature([], tf.string),
+    "group": tf.io.FixedLenFeature([], tf.string),
+    "jpeg": tf.io.FixedLenFeature([], tf.string),
+    "split": tf.io.FixedLenFeature([], tf.string),
+}
+
+
+def parse_beam_options(text: str | None) -> dict[str, str]:
+  """`direct_num_workers=2,direct_running_mode=multi_processing` → a dict."""
+  options = {}
+  for entry in filter(None, (part.strip() for part in (text or "").split(","))):
+    key, separator, value = (side.strip() for side in entry.partition("="))
+    if not separator or not key:
+      raise UserError(f"--beam-options entry {entry!r} is not of the form key=value")
+    options[key] = value
+  return options
+
+
+def converter(runner: str, beam_options: dict[str, str] | None = None,
+              records_per_block: int = RECORDS_PER_BLOCK) -> prepare_lib.Converter:
+  """A `prepare` converter that runs on Beam's `runner` (a runner name, e.g.
+  DataflowRunner, FlinkRunner, SparkRunner; "FnApiRunner" or "DirectRunner"
+  run here) with `beam_options` (Beam's pipeline options, without dashes)."""
+  try:
+    import apache_beam  # noqa: F401
+  except ImportError:
+    raise UserError("--runner needs Apache Beam: pip install 'item-jax[beam]'") from None
+  if records_per_block < 1:
+    raise UserError(f"records_per_block must be at least 1, got {records_per_block}")
+  beam_options = dict(beam_options or {})
+  _pipeline_options(runner, beam_options)  # bad options fail before any work
+
+  def convert(catalogue: str, images: epath.Path, output_dir: epath.Path,
+              options: prepare_lib.Options) -> prepare_lib.Conversion:
+    return _convert(catalogue, images, output_dir, options, runner, beam_options,
+                    records_per_block)
+  return convert
+
+
+def _pipeline_options(runner: str, beam_options: dict[str, str]):
+  from apache_beam.options.pipeline_options import PipelineOptions
+  flags = [f"--{key}={value}" for key, value in beam_options.items()]
+  if runner not in LOCAL_RUNNERS:
+    flags.append(f"--runner={runner}")
+  options = PipelineOptions(flags)
+  unknown = [flag for flag in flags
+             if flag.split("=")[0].lstrip("-") not in options.get_all_options()]
+  if unknown:
+    raise UserError(f"unknown Beam pipeline options: {unknown}")
+  return options
+
+
+def _run(runner: str, beam_options: dict[str, str], build) -> None:
+  import apache_beam as beam
+  options = _pipeline_options(runner, beam_options)
+  if runner in LOCAL_RUNNERS:
+    from apache_beam.runners.portability.fn_api_runner import FnApiRunner
+    pipeline = beam.Pipeline(runner=FnApiRunner(), options=options)
+  else:
+    pipeline = beam.Pipeline(options=options)
+  build(pipeline)
+  pipeline.run().wait_until_finish()
+
+
+def _convert(catalogue: str, images: epath.Path, output_dir: epath.Path,
+             options: prepare_lib.Options, runner: str, beam_options: dict[str, str],
+             records_per_block: int) -> prepare_lib.Conversion:
+  import apache_beam as beam
+  # The one pass over the file; it checks the columns before any output exists.
+  blocks = catalogue_lib.blocks(catalogue, records_per_block, options.columns,
+                                options.require(), options.modalities)
+  _log.info("prepare (beam, %s): %d blocks of up to %d rows", runner, len(blocks),
+            records_per_block)
+  prepare_lib.open_output(output_dir)
+  scratch = output_dir / SCRATCH
+  if scratch.exists():
+    scratch.rmtree()  # what an interrupted run left
+  scratch.mkdir()
+  job = _Job(catalogue, str(images), str(scratch), options)
+
+  def first(pipeline):
+    spread = pipeline | "blocks" >> beam.Create(blocks) | "spread" >> beam.Reshuffle()
+    duplicates = (spread
+                  | "claims" >> beam.FlatMap(job.claims)
+                  | "by id" >> beam.GroupByKey()
+                  | "later rows" >> beam.FlatMap(lambda claim: sorted(claim[1])[1:]))
+    _ = spread | "convert" >> beam.Map(
+        job.convert_block, duplicates=beam.pvalue.AsList(duplicates))
+  _run(runner, beam_options, first)
+
+  summaries = [json.loads((scratch / _summary_name(block.index)).read_text())
+               for block in blocks]
+  layout = _layout(summaries, options.num_shards)
+
+  def second(pipeline):
+    _ = (pipeline
+         | "blocks" >> beam.Create([block.index for block in blocks])
+         | "spread" >> beam.Reshuffle()
+         | "pieces" >> beam.FlatMap(job.write_pieces, layout=layout)
+         | "by shard" >> beam.GroupByKey()
+         | "join" >> beam.Map(job.join_shard, output_dir=str(output_dir)))
+  if blocks:
+    _run(runner, beam_options, second)
+
+  conversion = _conversion(summaries, layout, scratch, output_dir, options)
+  scratch.rmtree()
+  return conversion
+
+
+def _summary_name(block: int) -> str:
+  return f"summaries/{block:08d}.json"
+
+
+def _report_piece(name: str, block: int) -> str:
+  return f"reports/{name}/{block:08d}.jsonl"
+
+
+@dataclasses.dataclass(frozen=True)
+class _Job:
+  """What every worker needs to know; its methods are the pipelines' steps."""
+
+  catalogue: str
+  images: str
+  scratch: str
+  options: prepare_lib.Options
+
+  def _rows(self, block: catalogue_lib.Block, duplicate_rows=frozenset()):
+    return catalogue_lib.read_catalogue(
+        self.catalogue, self.options.columns, require=self.options.require(),
+        modalities=self.options.modalities, block=block,
+        duplicate_rows=duplicate_rows)
+
+  def claims(self, block: catalogue_lib.Block) -> Iterator[tuple[str, int]]:
+    for listing, _ in self._rows(block):
+      if catalogue_lib.claims_item_id(listing):
+        yield listing.item_id, listing.row
+
+  def convert_block(self, block: catalogue_lib.Block, duplicates: list[int]) -> None:
+    options, scratch = self.options, epath.Path(self.scratch)
+    duplicate_rows = frozenset(duplicates)
+    titles = tokenizer_lib.TitleSample(options.tokenizer_sample, options.seed)
+    kept = {split: 0 for split in prepare_lib.SPLITS}
+    kinds = {split: dict.fromkeys(prepare_lib.LISTING_KINDS, 0)
+             for split in prepare_lib.SPLITS}
+    skipped_reasons, images_dropped = collections.Counter(), collections.Counter()
+    listed = {"skipped": 0, "without_image": 0}
+    categories, num_reencoded = {}, 0
+    reports = {name: [] for name in prepare_lib.REPORT_FILES}
+    path = scratch / f"blocks/{block.index:08d}.tfrecord"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tf.io.TFRecordWriter(str(path)) as writer:
+      for listing, reason in self._rows(block, duplicate_rows):
+        image_path = prepare_lib.image_path(epath.Path(self.images), listing, reason)
+        image = images_lib.read_and_encode(image_path, options.max_image_side)
+        reason, jpeg, reencoded, image_reason = prepare_lib.row_outcome(
+            listing, reason, image_path, image, options.modalities)
+        if reason:
+          skipped_reasons[reason] += 1
+          listed["skipped"] += 1
+          reports["skipped"].append(prepare_lib.report_entry(listing, reason))
+          continue
+        if listing.category:
+          categories.setdefault(listing.category, listing.row)
+        kind = prepare_lib.listing_kind(listing, jpeg)
+        split = prepare_lib.split_of_product(
+            prepare_lib.product_key(listing, options.split_by), options.seed,
+            options.split_fractions)
+        kept[split] += 1
+        kinds[split][kind] += 1
+        if image_reason:
+          images_dropped[image_reason] += 1
+          if image_reason != prepare_lib.NO_IMAGE_NAMED:
+            listed["without_image"] += 1
+            reports["without_image"].append(
+                prepare_lib.report_entry(listing, image_reason))
+        if kind != "image_only":
+          titles.add(listing.row, listing.item_id, listing.title)
+        num_reencoded += reencoded
+        writer.write(_scratch_record(listing, jpeg, split))
+    for name, entries in reports.items():
+      piece = scratch / _report_piece(name, block.index)
+      piece.parent.mkdir(parents=True, exist_ok=True)
+      piece.write_text("".join(json.dumps(entry, ensure_ascii=False) + "\n"
+                               for entry in entries))
+    summary = {
+        "kept": kept, "kinds": kinds, "skipped_reasons": skipped_reasons,
+        "images_dropped": images_dropped, "listed": listed,
+        "categories": list(categories), "num_reencoded": num_reencoded,
+        "titles_seen": titles.seen,
+        # This block's part of the tokenizer's sample: [key, row, title].
+        "titles": titles.entries(),
+    }
+    target = scratch / _summary_name(block.index)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(json.dumps(summary, ensure_ascii=False))
+
+  def write_pieces(self, block: int, layout: dict
+                   ) -> Iterator[tuple[tuple[str, int], tuple[int, str, int]]]:
+    """Block `block`'s records, numbered and dealt to their shards as in
+    the local converter, into one piece per shard they reach."""
+    scratch, num_shards = epath.Path(self.scratch), self.options.num_shards
+    next_index = {split: layout["starts"][split][block] for split in prepare_lib.SPLITS}
+    writers = {}
+    category_ids = layout["category_ids"]
+    path = scratch / f"blocks/{block:08d}.tfrecord"
+    for serialized in tf.data.TFRecordDataset(str(path)).as_numpy_iterator():
+      listing, jpeg, split = _parse_scratch_record(serialized)
+      index = next_index[split]
+      next_index[split] += 1
+      shard = index % num_shards
+      if (split, shard) not in writers:
+        piece = scratch / f"pieces/{split}-{shard:05d}/{block:08d}.tfrecord"
+        piece.parent.mkdir(parents=True, exist_ok=True)
+        writers[split, shard] = _Piece(piece)
+      writers[split, shard].write(prepare_lib.make_example(
+          listing, jpeg, category_ids.get(listing.category, -1), index))
+    for (split, shard), piece in writers.items():
+      piece.close()
+      yield (split, shard), (block, piece.path, piece.size)
+
+  def join_shard(self, shard_pieces: tuple, output_dir: str) -> None:
+    """A shard file from its pieces in block order, with its offsets."""
+    (split, shard), pieces = shard_pieces
+    name = prepare_lib.shard_file_name(split, shard, self.options.num_shards)
+    output = epath.Path(output_dir)
+    offsets, position = [], 0
+    with (output / name).open("wb") as target:
+      for _, path, size in sorted(pieces):
+        target.write(epath.Path(path).read_bytes())
+        with epath.Path(path + ".offsets.npy").open("rb") as file:
+          piece_offsets = np.load(file)
+        piece_offsets[:, 0] += position
+        offsets.append(piece_offsets)
+        position += size
+    with (output / prepare_lib.offsets_file_name(name)).open("wb") as file:
+      np.save(file, np.concatenate(offsets).astype(np.int64))
+
+
+class _Piece:
+  """One shard's records from one block, with their offsets in the piece."""
+
+  def __init__(self, path: epath.Path):
+    self.path = str(path)
+    self._writer = tf.io.TFRecordWriter(self.path)
+    self._offsets, self.size = [], 0
+
+  def write(self, record: bytes) -> None:
+    self._writer.write(record)
+    self._offsets.append((self.size + prepare_lib.RECORD_HEADER_BYTES, len(record)))
+    self.size += prepare_lib.RECORD_HEADER_BYTES + len(record) + prepare_lib.RECORD_FOOTER_BYTES
+
+  def close(self) -> None:
+    self._writer.close()
+    with epath.Path(self.path + ".offsets.npy").open("wb") as file:
+      np.save(file, np.array(self._offsets, np.int64).reshape(-1, 2))
+
+
+def _scratch_record(listing: catalogue_lib.Listing, jpeg: bytes | None, split: str) -> bytes:
+  def text(value: str) -> tf.train.Feature:
+    return tf.train.Feature(bytes_list=tf.train.BytesList(value=[value.encode("utf-8")]))
+  features = {name: text(getattr(listing, name)) for name in
+              ("item_id", "title", "image", "product_id", "category", "group")}
+  features["row"] = tf.train.Feature(int64_list=tf.train.Int64List(value=[listing.row]))
+  features["jpeg"] = tf.train.Feature(bytes_list=tf.train.BytesList(value=[jpeg or b""]))
+  features["split"] = text(split)
+  return tf.train.Example(features=tf.train.Features(feature=features)).SerializeToString()
+
+
+def _parse_scratch_record(serialized: bytes):
+  example = tf.train.Example.FromString(serialized)
+  feature = example.features.feature
+  def text(name):
+    return feature[name].bytes_list.value[0].decode("utf-8")
+  listing = catalogue_lib.Listing(
+      row=feature["row"].int64_list.value[0],
+      **{name: text(name) for name in
+         ("item_id", "title", "image", "product_id", "category", "group")})
+  return listing, feature["jpeg"].bytes_list.value[0] or None, text("split")
+
+
+def _layout(summaries: list[dict], num_shards: int) -> dict:
+  """Where each block's listings start in each split, and the category ids
+  (in order of first kept row), from the block summaries in catalogue order."""
+  starts = {split: [] for split in prepare_lib.SPLITS}
+  totals = dict.fromkeys(prepare_lib.SPLITS, 0)
+  category_ids = {}
+  for summary in summaries:
+    for split in prepare_lib.SPLITS:
+      starts[split].append(totals[split])
+      totals[split] += summary["kept"][split]
+    for category in summary["categories"]:
+      category_ids.setdefault(category, len(category_ids))
+  return {"starts": starts, "totals": totals, "category_ids": category_ids,
+          "num_shards": num_shards}
+
+
+def _conversion(summaries: list[dict], layout: dict, scratch: epath.Path,
+                output_dir: epath.Path, options: prepare_lib.Options
+                ) -> prepare_lib.Conversion:
+  """The Conversion `prepare` writes dataset.json from, as the local
+  converter returns it; joins the report pieces and writes empty shards."""
+  num_shards = options.num_shards
+  splits = {}
+  for split in prepare_lib.SPLITS:
+    count = layout["totals"][split]
+    files = [prepare_lib.shard_file_name(split, shard, num_shards)
+             for shard in range(num_shards)]
+    for name in files:
+      if not (output_dir / name).exists():  # a shard no record reached
+        (output_dir / name).write_bytes(b"")
+        with (output_dir / prepare_lib.offsets_file_name(name)).open("wb") as file:
+          np.save(file, np.zeros((0, 2), np.int64))
+    kinds = dict.fromkeys(prepare_lib.LISTING_KINDS, 0)
+    for summary in summaries:
+      for kind, value in summary["kinds"][split].items():
+        kinds[kind] += value
+    splits[split] = {
+        "count": count, "num_shards": num_shards, "files": files,
+        "offsets_files": [prepare_lib.offsets_file_name(name) for name in files],
+        "shard_counts": [(count - shard + num_shards - 1) // num_shards
+                         for shard in range(num_shards)],
+        "listings": kinds,
+    }
+  first = {}
+  for name, file_name in prepare_lib.REPORT_FILES.items():
+    first[name] = []
+    with (output_dir / file_name).open("w") as target:
+      for index in range(len(summaries)):
+        text = (scratch / _report_piece(name, index)).read_text()
+        target.write(text)
+        for line in text.splitlines():
+          if len(first[name]) == prepare_lib.REPORTED_ROWS:
+            break
+          first[name].append(json.loads(line))
+  titles = tokenizer_lib.TitleSample(options.tokenizer_sample, options.seed)
+  skipped_reasons, images_dropped = collections.Counter(), collections.Counter()
+  for summary in summaries:
+    titles.merge(summary["titles"], summary["titles_seen"])
+    skipped_reasons.update(summary["skipped_reasons"])
+    images_dropped.update(summary["images_dropped"])
+  kinds = dict.fromkeys(prepare_lib.LISTING_KINDS, 0)
+  for split in splits.values():
+    for kind, value in split["listings"].items():
+      kinds[kind] += value
+  return prepare_lib.Conversion(
+      splits=splits,
+      categories=list(layout["category_ids"]),
+      titles=titles,
+      skipped=first["skipped"],
+      skipped_reasons=dict(skipped_reasons),
+      num_skipped=sum(summary["listed"]["skipped"] for summary in summaries),
+      num_reencoded=sum(summary["num_reencoded"] for summary in summaries),
+      kinds=kinds,
+      without_image=first["without_image"],
+      num_without_image=sum(summary["listed"]["without_image"] for summary in summaries),
+      images_dropped=dict(images_dropped),
+  )
