@@ -10,7 +10,7 @@ import pytest
 from train_helpers import tensorboard_scalars, tiny_settings
 from item_jax.cli import main
 from item_jax.eval import evaluate as evaluate_lib
-from item_jax.eval.evaluate import FUSED, SCORED, PeriodicRetrieval
+from item_jax.eval.evaluate import FUSED, RRF_METRICS, SCORED, PeriodicRetrieval
 from item_jax.eval.fusion import FUSION_WEIGHTS
 from item_jax.eval.report import eval_command
 from item_jax.train.loop import train
@@ -63,6 +63,8 @@ def test_eval_writes_the_report(run, capsys):
     assert [float(w) for w in tried] == list(FUSION_WEIGHTS)
     assert tried[str(report[entry]["fusion_weight"])] == max(tried.values())
     assert "knn_accuracy" not in report[entry]
+    # Reciprocal rank fusion's scores of the same test search (no weight).
+    assert all(0.0 <= report[entry][f"rrf_{name}"] <= 1.0 for name in RRF_METRICS)
   for entry in ("both", "random_init"):
     assert 0.0 < report[entry]["image_attention_share"] < 1.0
     assert 0.0 < report[entry]["image_token_share"] < 1.0

@@ -8,8 +8,8 @@ import pytest
 
 from item_jax.cli import main
 from item_jax.errors import UserError
-from item_jax.eval.fusion import (HybridIndex, hybrid_blocks, tfidf_features,
-                                  tfidf_vectorizer)
+from item_jax.eval.fusion import (HybridIndex, hybrid_blocks, reciprocal_rank_fusion,
+                                  rrf_blocks, tfidf_features, tfidf_vectorizer)
 from item_jax.eval.neighbours import neighbours_command
 
 WORDS = "red blue black steel cotton lamp mug shirt kettle cable".split()
@@ -162,3 +162,74 @@ def test_the_python_index_ranks_new_listings_by_the_fused_score():
     np.testing.assert_allclose(reference[row, rows[row]], scores[row], atol=1e-5)
   with pytest.raises(ValueError, match="7 embeddings but 6 titles"):
     index.search(queries, query_titles[:6], k=4)
+
+
+def _reference_rrf(dense: np.ndarray, words: np.ndarray, k: int, depth: int,
+                   constant: int = 60):
+  """Reciprocal rank fusion by brute force: each side's full ranking (score
+  descending, ties to the lower row) cut at `depth`, zero scores unranked."""
+  fused = {}
+  for side in (dense, words):
+    order = sorted(range(len(side)), key=lambda row: (-side[row], row))
+    for rank, row in enumerate(order[:depth], start=1):
+      if side[row] != 0 and np.isfinite(side[row]):
+        fused[row] = fused.get(row, 0.0) + 1.0 / (constant + rank)
+  best = sorted(fused, key=lambda row: (-fused[row], row))[:k]
+  return [fused[row] for row in best], best
+
+
+def test_reciprocal_rank_fusion_against_brute_force():
+  queries, query_titles = _listings(23, 6)
+  index, index_titles = _listings(31, 7)
+  tfidf = tfidf_features({"queries": query_titles, "index": index_titles})
+  dense = queries.astype(np.float64) @ index.T.astype(np.float64)
+  words = (tfidf["queries"] @ tfidf["index"].T).toarray()
+  k, depth = 5, 8
+  for first, scores, indices in rrf_blocks(queries, query_titles, index, index_titles,
+                                           k, block_rows=6, depth=depth):
+    for row in range(scores.shape[0]):
+      expected_scores, expected_rows = _reference_rrf(
+          dense[first + row], words[first + row], k, depth)
+      assert list(indices[row][:len(expected_rows)]) == expected_rows
+      np.testing.assert_allclose(scores[row][:len(expected_rows)], expected_scores,
+                                 rtol=1e-6)
+      assert np.all(indices[row][len(expected_rows):] == -1)
+  # A listing both sides rank first beats one that only one side ranks first.
+  rankings = [(np.array([[0.9, 0.5]]), np.array([[4, 2]])),
+              (np.array([[0.8, 0.0]]), np.array([[2, 7]]))]
+  scores, indices = reciprocal_rank_fusion(rankings, 3)
+  assert list(indices[0]) == [2, 4, -1]   # row 7's zero score counts for nothing
+  np.testing.assert_allclose(scores[0][:2], [1 / 62 + 1 / 61, 1 / 61])
+
+
+def test_an_rrf_run_resumes_to_the_same_bytes(files, capsys):
+  tmp = files["tmp"]
+  whole = neighbours_command(files["path"], str(tmp / "whole.csv"), k=4,
+                             block_rows=9, rank_by="rrf")
+  assert whole["complete"] and whole["fusion_weight"] is None
+  neighbours_command(files["path"], str(tmp / "resumed.csv"), k=4, block_rows=9,
+                     rank_by="rrf", max_blocks=2)
+  last = neighbours_command(files["path"], str(tmp / "resumed.csv"), k=4,
+                            block_rows=9, rank_by="rrf")
+  assert last["resumed_at"] == 18
+  assert (tmp / "resumed.csv").read_bytes() == (tmp / "whole.csv").read_bytes()
+  neighbours_command(files["path"], str(tmp / "hybrid.csv"), k=4,
+                     rank_by="hybrid", fusion_weight=0.5)
+  assert (tmp / "hybrid.csv").read_bytes() != (tmp / "whole.csv").read_bytes()
+  main(["neighbours", "--embeddings", files["path"], "--k", "3", "--rank-by", "rrf",
+        "--output", str(tmp / "cli.csv")])
+  assert "ranked by rrf" in capsys.readouterr().out
+
+
+def test_the_python_index_ranks_by_rrf_without_a_weight():
+  index_vectors, index_titles = _listings(40, 8)
+  queries, query_titles = _listings(6, 9)
+  index = HybridIndex(index_vectors, index_titles, weight=None, depth=12)
+  scores, rows = index.search(queries, query_titles, k=5)
+  vectorizer = tfidf_vectorizer().fit(index_titles)
+  words = (vectorizer.transform(query_titles) @ vectorizer.transform(index_titles).T).toarray()
+  dense = queries.astype(np.float64) @ index_vectors.T.astype(np.float64)
+  for row in range(6):
+    expected_scores, expected_rows = _reference_rrf(dense[row], words[row], 5, 12)
+    assert list(rows[row]) == expected_rows
+    np.testing.assert_allclose(scores[row], expected_scores, rtol=1e-6)

@@ -60,10 +60,13 @@ def register(commands):
                           help="index rows on the devices at a time (default 131072)")
   neighbours.add_argument("--max-blocks", type=int, default=None,
                           help="stop after this many query blocks (rerun to resume)")
-  neighbours.add_argument("--rank-by", choices=["embedding", "lexical", "hybrid"],
+  neighbours.add_argument("--rank-by", choices=["embedding", "lexical", "hybrid", "rrf"],
                           default="embedding",
                           help="the embedding's cosine (default), TF-IDF over "
-                          "the titles' character n-grams, or both fused")
+                          "the titles' character n-grams, both fused with a "
+                          "weight (hybrid), or both by reciprocal rank fusion "
+                          "(rrf: no weight, for catalogues without "
+                          "same-product labels)")
   neighbours.add_argument("--fusion-weight", type=float, default=None,
                           help="with --rank-by hybrid: W x cosine + (1 - W) x "
                           "TF-IDF (default: the weight `item-jax eval` fitted "

@@ -27,7 +27,7 @@ from item_jax.errors import MissingInputError, UserError
 from item_jax.eval.embed import (ATTENTION_OUTPUTS, VIEWS, Embedder, embed_split,
                                  eval_batch_size, load_model, own_products,
                                  read_split, split_count)
-from item_jax.eval.fusion import fit_weight, fuse, tfidf_features
+from item_jax.eval.fusion import fit_weight, fuse, rrf_retrieval, tfidf_features
 from item_jax.eval.metrics import (classification_metrics, knn_predict,
                                    linear_probe, retrieval_queries,
                                    same_product_retrieval)
@@ -37,6 +37,9 @@ BASELINES = ("tfidf", "minilm", "image_baseline", "mobilenet", "random_init")
 # fitted on the validation split's same-product retrieval, scored on test.
 FUSED = {f"{entry}+tfidf": entry for entry in ("both", "title", "image",
                                                  "minilm", "mobilenet")}
+# Each fused entry also holds these metrics of reciprocal rank fusion (no
+# weight, so no labels needed) as "rrf_<name>".
+RRF_METRICS = ("macro_recall@10", "macro_map@10", "recall@1")
 SCORED = VIEWS + BASELINES
 ENTRIES = SCORED + tuple(FUSED)
 # The input each entry reads; it scores the listings that have it (None:
@@ -92,7 +95,8 @@ def evaluate(workdir: str, data_dir: str, options: EvalOptions = EvalOptions()
   The fused entries (FUSED; with `options.fusion` and the TF-IDF baseline)
   hold same-product retrieval only and "fusion_weight", fitted on the
   validation split (meta's "fusion_validation_macro_recall@10" has each
-  weight tried).
+  weight tried), and "rrf_<metric>" (RRF_METRICS): the same search ranked
+  by reciprocal rank fusion, which needs no weight.
 
   Each entry is scored on the listings that have its input (ENTRY_INPUTS),
   both in the test split and in the training split (the k-NN index and the
@@ -284,10 +288,14 @@ def _fused_entries(splits: dict, test_tfidf, report: dict, mesh) -> tuple:
     weight, tried = fit_weight(rows["validation"], validation_tfidf,
                                labelled["validation"], validation.category_ids,
                                mesh=mesh)
+    # What a catalogue without labels would get: reciprocal rank fusion.
+    rrf = rrf_retrieval(rows["test"], test_tfidf, labelled["test"],
+                        test.category_ids, mesh=mesh)
     fused[entry] = {
         **same_product_retrieval(fuse(rows["test"], test_tfidf, weight),
                                  labelled["test"], test.category_ids, mesh=mesh),
         "fusion_weight": weight,
+        **{f"rrf_{name}": rrf[name] for name in RRF_METRICS},
         "num_test_listings": len(test.item_ids)}
     fitted[entry] = {str(w): recall for w, recall in tried.items()}
   return fused, fitted

@@ -10,20 +10,32 @@ fused score. `fit_weight` picks w on a labelled split (same-product ids) by
 its macro Recall@10 (macro MAP@10 breaks ties, then the smaller weight:
 the words, which need no model, win a draw); the weight is then applied, as
 it is, to another split.
+
+Without labels to fit w on, reciprocal rank fusion (Cormack, Clarke and
+Buettcher, 2009) joins the two rankings instead: score = sum over the two
+of 1 / (RRF_CONSTANT + rank), each ranking read to RRF_DEPTH listings (or
+k, if deeper), a listing that shares nothing with the query on one side
+(score exactly 0) unranked there. It needs no weight, and it ignores how
+far apart the scores are, which is what a fitted w uses.
 """
 
 import numpy as np
 import scipy.sparse
 from sklearn.feature_extraction.text import TfidfVectorizer
 
-from item_jax.eval.metrics import (SparseCandidates, retrieval_queries,
-                                   same_product_retrieval)
+from item_jax.eval.metrics import (NO_NEIGHBOUR, SparseCandidates,
+                                   retrieval_metrics, retrieval_queries,
+                                   same_product_retrieval, top_k_neighbours)
 
 NGRAM_RANGE = (2, 4)   # character n-grams of 2, 3 and 4
 
 # w = 0 is TF-IDF alone, w = 1 the embedding alone.
 FUSION_WEIGHTS = tuple(round(0.1 * i, 1) for i in range(11))
 FIT_METRICS = ("macro_recall@10", "macro_map@10")
+# Reciprocal rank fusion: the constant is the paper's (and Elasticsearch's,
+# OpenSearch's default); each ranking is read this deep.
+RRF_CONSTANT = 60
+RRF_DEPTH = 100
 
 
 def tfidf_vectorizer(ngram_range=NGRAM_RANGE) -> TfidfVectorizer:
@@ -116,13 +128,7 @@ def hybrid_blocks(query_vectors: np.ndarray, query_titles: list[str],
   n-grams sparse), the candidates prepared once for every block
   (`SparseCandidates`).
   """
-  if len(query_titles) != len(query_vectors) or (
-      index_vectors is not None and len(index_titles) != len(index_vectors)):
-    raise ValueError("one title per embedding row is needed on each side")
-  titles = {"queries": query_titles}
-  if index_vectors is not None:
-    titles["index"] = index_titles
-  tfidf = tfidf_features(titles)
+  tfidf = _paired_tfidf(query_vectors, query_titles, index_vectors, index_titles)
   queries = fuse(np.asarray(query_vectors, np.float32), tfidf["queries"], weight)
   candidates = queries if index_vectors is None else fuse(
       np.asarray(index_vectors, np.float32), tfidf["index"], weight)
@@ -155,8 +161,8 @@ def fit_weight(dense: np.ndarray, sparse, product_ids: np.ndarray,
 
 class HybridIndex:
   """Listings held in memory for hybrid search from Python (the job's
-  `neighbours --rank-by hybrid` on files): each row its embedding and its
-  title, TF-IDF fitted on the index's titles.
+  `neighbours --rank-by hybrid` or `rrf` on files): each row its embedding
+  and its title, TF-IDF fitted on the index's titles.
 
     index = HybridIndex(embeddings, titles, weight=0.3)
     scores, rows = index.search(query_embeddings, query_titles, k=10)
@@ -164,24 +170,120 @@ class HybridIndex:
   `search` gives (scores, index rows) as `top_k_search` does (best first,
   ties to the lower row, -1 past the candidates), every candidate scored by
   `weight` x the embeddings' cosine + (1 - weight) x the titles' TF-IDF
-  cosine; `exclude` (one index row per query, or -1) leaves a row out, e.g.
-  each listing itself when the queries are the index.
+  cosine; `weight=None` ranks by reciprocal rank fusion of the two
+  (`reciprocal_rank_fusion`, each side exact to `depth` rows) for a
+  catalogue without labels to fit a weight on. `exclude` (one index row per
+  query, or -1) leaves a row out, e.g. each listing itself when the queries
+  are the index.
   """
 
-  def __init__(self, embeddings: np.ndarray, titles, weight: float):
-    self.weight = float(weight)
+  def __init__(self, embeddings: np.ndarray, titles, weight: float | None,
+               depth: int = RRF_DEPTH):
+    self.weight = None if weight is None else float(weight)
+    self.depth = depth
     self.vectorizer = tfidf_vectorizer()
-    self.candidates = SparseCandidates(self._rows(embeddings, titles, fit=True))
+    if self.weight is None:
+      dense, words = self._sides(embeddings, titles, fit=True)
+      self.sides = [SparseCandidates(scipy.sparse.csr_matrix(dense)),
+                    SparseCandidates(words)]
+    else:
+      self.candidates = SparseCandidates(self._rows(embeddings, titles, fit=True))
 
   def search(self, embeddings: np.ndarray, titles, k: int, exclude=None):
-    return self.candidates.search(self._rows(embeddings, titles), k,
-                                  exclude=exclude)
+    if self.weight is not None:
+      return self.candidates.search(self._rows(embeddings, titles), k,
+                                    exclude=exclude)
+    depth = min(max(self.depth, k), self.sides[0].num_candidates)
+    rankings = [side.search(scipy.sparse.csr_matrix(rows), depth, exclude=exclude)
+                for side, rows in zip(self.sides, self._sides(embeddings, titles))]
+    return reciprocal_rank_fusion(rankings, k)
 
-  def _rows(self, embeddings: np.ndarray, titles, fit: bool = False):
-    """Fused rows of listings (a None title is an empty one)."""
+  def _sides(self, embeddings: np.ndarray, titles, fit: bool = False):
+    """(unit embeddings, TF-IDF rows) of listings (a None title is an empty one)."""
     titles = ["" if title is None else str(title) for title in titles]
     if len(titles) != len(embeddings):
       raise ValueError(f"{len(embeddings)} embeddings but {len(titles)} titles")
     words = (self.vectorizer.fit_transform(titles) if fit
              else self.vectorizer.transform(titles))
-    return fuse(np.asarray(embeddings, np.float32), words, self.weight)
+    return unit_rows(np.asarray(embeddings, np.float32)), words
+
+  def _rows(self, embeddings: np.ndarray, titles, fit: bool = False):
+    """Fused rows of listings."""
+    dense, words = self._sides(embeddings, titles, fit)
+    return fuse(dense, words, self.weight)
+
+
+def reciprocal_rank_fusion(rankings, k: int, constant: int = RRF_CONSTANT):
+  """(scores, indices) of the best k of each query by reciprocal rank fusion.
+
+  `rankings`: (scores, indices) pairs, one per ranking, each (num_queries,
+  depth) best first as `top_k_search` gives them. An entry with score 0 (the
+  query and the listing share nothing on that side) or past the candidates
+  counts for nothing. Results as `top_k_search`'s: best first, ties to the
+  lower index, NO_NEIGHBOUR and -inf past the fused candidates.
+  """
+  num_queries = rankings[0][1].shape[0]
+  scores = np.full((num_queries, k), -np.inf, np.float32)
+  indices = np.full((num_queries, k), NO_NEIGHBOUR, np.int32)
+  rows = np.concatenate([ranked for _, ranked in rankings], axis=1)
+  ranks = np.concatenate([np.broadcast_to(np.arange(1, ranked.shape[1] + 1), ranked.shape)
+                          for _, ranked in rankings], axis=1)
+  counted = np.concatenate([(ranked != NO_NEIGHBOUR) & (score != 0)
+                            for score, ranked in rankings], axis=1)
+  contributions = 1.0 / (constant + ranks)
+  for query in range(num_queries):
+    keep = counted[query]
+    candidates, inverse = np.unique(rows[query, keep], return_inverse=True)
+    fused = np.bincount(inverse, weights=contributions[query, keep],
+                        minlength=len(candidates))
+    order = np.lexsort((candidates, -fused))[:k]
+    scores[query, :len(order)] = fused[order]
+    indices[query, :len(order)] = candidates[order]
+  return scores, indices
+
+
+def _paired_tfidf(query_vectors, query_titles, index_vectors, index_titles) -> dict:
+  """TF-IDF rows of the queries' titles and the index's, fitted on both."""
+  if len(query_titles) != len(query_vectors) or (
+      index_vectors is not None and len(index_titles) != len(index_vectors)):
+    raise ValueError("one title per embedding row is needed on each side")
+  titles = {"queries": query_titles}
+  if index_vectors is not None:
+    titles["index"] = index_titles
+  return tfidf_features(titles)
+
+
+def rrf_blocks(query_vectors: np.ndarray, query_titles: list[str],
+               index_vectors: np.ndarray | None, index_titles: list[str] | None,
+               k: int, *, block_rows: int, start_row: int = 0,
+               depth: int = RRF_DEPTH):
+  """`hybrid_blocks` ranked by reciprocal rank fusion of the embedding's
+  cosine ranking and TF-IDF's, each exact to max(depth, k) listings."""
+  tfidf = _paired_tfidf(query_vectors, query_titles, index_vectors, index_titles)
+  queries = (unit_rows(np.asarray(query_vectors, np.float32)), tfidf["queries"])
+  candidates = queries if index_vectors is None else (
+      unit_rows(np.asarray(index_vectors, np.float32)), tfidf["index"])
+  sides = [SparseCandidates(scipy.sparse.csr_matrix(candidates[0])),
+           SparseCandidates(candidates[1])]
+  depth = min(max(depth, k), sides[0].num_candidates)
+  for first in range(start_row, queries[0].shape[0], block_rows):
+    stop = min(first + block_rows, queries[0].shape[0])
+    exclude = np.arange(first, stop) if index_vectors is None else None
+    rankings = [side.search(scipy.sparse.csr_matrix(rows[first:stop]), depth,
+                            exclude=exclude)
+                for side, rows in zip(sides, queries)]
+    scores, indices = reciprocal_rank_fusion(rankings, k)
+    yield first, scores, indices
+
+
+def rrf_retrieval(dense: np.ndarray, sparse, product_ids, category_ids,
+                  depth: int = RRF_DEPTH, mesh=None) -> dict:
+  """`same_product_retrieval` ranked by reciprocal rank fusion of the
+  embedding's cosine and TF-IDF's: what fusion gives without labels."""
+  queries = retrieval_queries(product_ids)
+  depth = min(max(depth, 10), dense.shape[0])
+  rankings = [top_k_neighbours(rows[queries], rows, depth, exclude=queries, mesh=mesh)
+              for rows in (unit_rows(np.asarray(dense, np.float32)),
+                           scipy.sparse.csr_matrix(sparse, dtype=np.float32))]
+  _, neighbours = reciprocal_rank_fusion(rankings, 10)
+  return retrieval_metrics(neighbours, queries, product_ids, category_ids)

@@ -66,7 +66,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from item_jax.errors import MissingDependencyError, MissingInputError, UserError
 from item_jax.eval import search as search_lib
-from item_jax.eval.fusion import hybrid_blocks
+from item_jax.eval.fusion import hybrid_blocks, rrf_blocks
 from item_jax.eval.search import NO_NEIGHBOUR
 
 CSV_HEADER = "query_item_id,rank,item_id,score\n"
@@ -363,8 +363,11 @@ def neighbours_command(queries: str, output: str, index: str | None = None,
     rank_by: "embedding" (the cosine of the rows), "lexical" (TF-IDF over
       the titles' character n-grams, as `item-jax eval`'s baseline) or
       "hybrid" (`fusion_weight` x the cosine + (1 - fusion_weight) x
-      TF-IDF's); the last two need the files' titles (`item-jax embed`
-      writes them) and search on the host (`item_jax.eval.fusion.hybrid_blocks`).
+      TF-IDF's) or "rrf" (reciprocal rank fusion of the two rankings, no
+      weight: for catalogues without same-product labels to fit one on);
+      the last three need the files' titles (`item-jax embed` writes them)
+      and search on the host (`item_jax.eval.fusion.hybrid_blocks`,
+      `rrf_blocks`).
     fusion_weight: the hybrid's weight in [0, 1] (see `fitted_fusion_weight`).
 
   Returns:
@@ -454,7 +457,13 @@ def neighbours_command(queries: str, output: str, index: str | None = None,
   executor = ThreadPoolExecutor(1) if writer else None
   writing = None
   began, blocks, done = time.perf_counter(), 0, start
-  if rank_by == "embedding":
+  if rank_by == "rrf":
+    searched = rrf_blocks(
+        query_file.vectors, query_file.titles,
+        None if index_file is None else index_file.vectors,
+        None if index_file is None else index_file.titles, search_k,
+        block_rows=block_rows, start_row=start)
+  elif rank_by == "embedding":
     searched = neighbour_blocks(
         query_file.vectors, None if index_file is None else index_file.vectors,
         search_k, block_rows=block_rows, index_block_rows=index_block_rows,
@@ -503,7 +512,7 @@ def neighbours_command(queries: str, output: str, index: str | None = None,
           "seconds": time.perf_counter() - began}
 
 
-RANK_BY = ("embedding", "lexical", "hybrid")
+RANK_BY = ("embedding", "lexical", "hybrid", "rrf")
 
 
 def _check_ranking(rank_by: str, fusion_weight: float | None,
@@ -524,10 +533,13 @@ def _check_ranking(rank_by: str, fusion_weight: float | None,
                       "`item-jax embed` writes them)")
   if rank_by == "lexical":
     return 0.0
+  if rank_by == "rrf":
+    return None
   if fusion_weight is None:
     raise UserError("--rank-by hybrid needs a fusion weight: --fusion-weight W, "
                     "or `item-jax eval` of the run (it fits one on the "
-                    "validation split) before")
+                    "validation split) before; without same-product labels "
+                    "to fit one, --rank-by rrf fuses the two rankings instead")
   if not 0.0 <= fusion_weight <= 1.0:
     raise UserError(f"--fusion-weight {fusion_weight}: must be in [0, 1]")
   return float(fusion_weight)
