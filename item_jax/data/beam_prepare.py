@@ -5,26 +5,28 @@ The catalogue is cut into blocks of consecutive rows (`catalogue.blocks`, one
 pass over the file that keeps one entry a block); every other step runs per
 block on the workers, calling the per-row functions the local converter
 calls (`catalogue.read_catalogue`'s checks, `images.read_and_encode`,
-`prepare.row_outcome`, `split_of_product`, `make_example`). Two pipelines:
+`prepare.row_outcome`, `split_of_product`, `make_example`). One pipeline:
 
 1. Duplicates: every row that claims an item id gives (id, row); a group by
    id names the rows after the first (the first row wins, as locally).
-   Then each block is converted: its rows checked, its images read and
+2. Each block is converted: its rows checked, its photos read and
    re-encoded, each kept listing's split and kind decided; the block's
    listings go to a scratch file, its reports' rows to report pieces, and
    its counts, categories (in order of first row) and title sample to a
    small summary.
-2. Between the two, this process reads the block summaries in catalogue
-   order: where each block's listings start in each split (the record
-   `index`, so the shard), the category ids, the tokenizer's title sample.
-   Then each block writes its records into per-shard pieces, and each shard
-   joins its pieces in block order into the shard file and its offsets.
+3. Every block's counts, in catalogue order, give where each block's
+   listings start in each split (the record `index`, so the shard) and the
+   category ids (a side input, so it waits for every block).
+4. Each block writes its records into per-shard pieces; each shard joins
+   its pieces in block order into the shard file and its offsets.
 
-Only block summaries and (item id, row) pairs pass through the runner's
-shuffles; records and photos go through files under `_beam/` in the output
-folder (shared storage, e.g. gs://, on a cluster). The output does not depend
-on the number of workers or the order they finish in. dataset.json is written
-by `prepare` after both pipelines: an interrupted run leaves none.
+Then this process joins the reports, merges the title samples for the
+tokenizer and hands `prepare` the Conversion it writes dataset.json from.
+Only (item id, row) pairs and block counts pass through the runner;
+records and photos go through files under `_beam/` in the output folder
+(shared storage, e.g. gs://, on a cluster). The output does not depend on
+the number of workers or the order they finish in. dataset.json is written
+by `prepare` after the pipeline: an interrupted run leaves none.
 """
 
 import collections
@@ -52,20 +54,6 @@ SCRATCH = "_beam"
 LOCAL_RUNNERS = ("FnApiRunner", "DirectRunner")
 
 _log = logging.getLogger(__name__)
-
-# How a kept listing waits in a block's scratch file between the pipelines.
-_SCRATCH_FEATURES = {
-    "row": tf.io.FixedLenFeature([], tf.int64),
-    "item_id": tf.io.FixedLenFeature([], tf.string),
-    "title": tf.io.FixedLenFeature([], tf.string),
-    "image": tf.io.FixedLenFeature([], tf.string),
-    "product_id": tf.io.FixedLenFeature([], tf.string),
-    "category": tf.io.FixedLenFeature([], tf.string),
-    "group": tf.io.FixedLenFeature([], tf.string),
-    "jpeg": tf.io.FixedLenFeature([], tf.string),
-    "split": tf.io.FixedLenFeature([], tf.string),
-}
-
 
 def parse_beam_options(text: str | None) -> dict[str, str]:
   """`direct_num_workers=2,direct_running_mode=multi_processing` → a dict."""
@@ -140,33 +128,52 @@ def _convert(catalogue: str, images: epath.Path, output_dir: epath.Path,
   scratch.mkdir()
   job = _Job(catalogue, str(images), str(scratch), options)
 
-  def first(pipeline):
+  def build(pipeline):
     spread = pipeline | "blocks" >> beam.Create(blocks) | "spread" >> beam.Reshuffle()
     duplicates = (spread
                   | "claims" >> beam.FlatMap(job.claims)
                   | "by id" >> beam.GroupByKey()
                   | "later rows" >> beam.FlatMap(lambda claim: sorted(claim[1])[1:]))
-    _ = spread | "convert" >> beam.Map(
+    counts = spread | "convert" >> beam.Map(
         job.convert_block, duplicates=beam.pvalue.AsList(duplicates))
-  _run(runner, beam_options, first)
+    # The side input waits for every block's conversion before any piece.
+    layout = (counts
+              | "all counts" >> beam.combiners.ToList()
+              | "layout" >> beam.Map(_layout, options.num_shards))
+    _ = (spread
+         | "pieces" >> beam.FlatMap(job.write_pieces,
+                                    layout=beam.pvalue.AsSingleton(layout))
+         | "by shard" >> beam.GroupByKey()
+         | "join" >> beam.Map(job.join_shard, output_dir=str(output_dir)))
+  _run(runner, beam_options, build)
 
   summaries = [json.loads((scratch / _summary_name(block.index)).read_text())
                for block in blocks]
-  layout = _layout(summaries, options.num_shards)
-
-  def second(pipeline):
-    _ = (pipeline
-         | "blocks" >> beam.Create([block.index for block in blocks])
-         | "spread" >> beam.Reshuffle()
-         | "pieces" >> beam.FlatMap(job.write_pieces, layout=layout)
-         | "by shard" >> beam.GroupByKey()
-         | "join" >> beam.Map(job.join_shard, output_dir=str(output_dir)))
-  if blocks:
-    _run(runner, beam_options, second)
-
+  layout = _layout([_counts(block.index, summary)
+                    for block, summary in zip(blocks, summaries)], options.num_shards)
   conversion = _conversion(summaries, layout, scratch, output_dir, options)
   scratch.rmtree()
   return conversion
+
+
+def _scratch_name(block: int) -> str:
+  """A block's kept listings between conversion and pieces: each a length
+  (8 bytes, little-endian) and the listing (`_scratch_record`)."""
+  return f"blocks/{block:08d}.records"
+
+
+def _read_scratch(path: epath.Path) -> Iterator[bytes]:
+  data = path.read_bytes()
+  position = 0
+  while position < len(data):
+    length = int.from_bytes(data[position:position + 8], "little")
+    yield data[position + 8:position + 8 + length]
+    position += 8 + length
+
+
+def _counts(block: int, summary: dict) -> dict:
+  """What numbering the records needs of a block's summary."""
+  return {"block": block, "kept": summary["kept"], "categories": summary["categories"]}
 
 
 def _summary_name(block: int) -> str:
@@ -197,7 +204,8 @@ class _Job:
       if catalogue_lib.claims_item_id(listing):
         yield listing.item_id, listing.row
 
-  def convert_block(self, block: catalogue_lib.Block, duplicates: list[int]) -> None:
+  def convert_block(self, block: catalogue_lib.Block, duplicates: list[int]) -> dict:
+    """Converts one block (see the module docstring); returns its counts."""
     options, scratch = self.options, epath.Path(self.scratch)
     duplicate_rows = frozenset(duplicates)
     titles = tokenizer_lib.TitleSample(options.tokenizer_sample, options.seed)
@@ -208,9 +216,9 @@ class _Job:
     listed = {"skipped": 0, "without_image": 0}
     categories, num_reencoded = {}, 0
     reports = {name: [] for name in prepare_lib.REPORT_FILES}
-    path = scratch / f"blocks/{block.index:08d}.tfrecord"
+    path = scratch / _scratch_name(block.index)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with tf.io.TFRecordWriter(str(path)) as writer:
+    with path.open("wb") as writer:
       for listing, reason in self._rows(block, duplicate_rows):
         image_path = prepare_lib.image_path(epath.Path(self.images), listing, reason)
         image = images_lib.read_and_encode(image_path, options.max_image_side)
@@ -238,7 +246,8 @@ class _Job:
         if kind != "image_only":
           titles.add(listing.row, listing.item_id, listing.title)
         num_reencoded += reencoded
-        writer.write(_scratch_record(listing, jpeg, split))
+        record = _scratch_record(listing, jpeg, split)
+        writer.write(len(record).to_bytes(8, "little") + record)
     for name, entries in reports.items():
       piece = scratch / _report_piece(name, block.index)
       piece.parent.mkdir(parents=True, exist_ok=True)
@@ -255,17 +264,18 @@ class _Job:
     target = scratch / _summary_name(block.index)
     target.parent.mkdir(parents=True, exist_ok=True)
     target.write_text(json.dumps(summary, ensure_ascii=False))
+    return _counts(block.index, summary)
 
-  def write_pieces(self, block: int, layout: dict
+  def write_pieces(self, block: catalogue_lib.Block, layout: dict
                    ) -> Iterator[tuple[tuple[str, int], tuple[int, str, int]]]:
     """Block `block`'s records, numbered and dealt to their shards as in
     the local converter, into one piece per shard they reach."""
     scratch, num_shards = epath.Path(self.scratch), self.options.num_shards
+    block = block.index
     next_index = {split: layout["starts"][split][block] for split in prepare_lib.SPLITS}
     writers = {}
     category_ids = layout["category_ids"]
-    path = scratch / f"blocks/{block:08d}.tfrecord"
-    for serialized in tf.data.TFRecordDataset(str(path)).as_numpy_iterator():
+    for serialized in _read_scratch(scratch / _scratch_name(block)):
       listing, jpeg, split = _parse_scratch_record(serialized)
       index = next_index[split]
       next_index[split] += 1
@@ -317,40 +327,39 @@ class _Piece:
       np.save(file, np.array(self._offsets, np.int64).reshape(-1, 2))
 
 
+_LISTING_FIELDS = ("row", "item_id", "title", "image", "product_id", "category", "group")
+
+
 def _scratch_record(listing: catalogue_lib.Listing, jpeg: bytes | None, split: str) -> bytes:
-  def text(value: str) -> tf.train.Feature:
-    return tf.train.Feature(bytes_list=tf.train.BytesList(value=[value.encode("utf-8")]))
-  features = {name: text(getattr(listing, name)) for name in
-              ("item_id", "title", "image", "product_id", "category", "group")}
-  features["row"] = tf.train.Feature(int64_list=tf.train.Int64List(value=[listing.row]))
-  features["jpeg"] = tf.train.Feature(bytes_list=tf.train.BytesList(value=[jpeg or b""]))
-  features["split"] = text(split)
-  return tf.train.Example(features=tf.train.Features(feature=features)).SerializeToString()
+  """A kept listing as it waits for its number: a JSON header (its fields
+  and split) and the photo's bytes, each after its 4-byte length."""
+  header = json.dumps([split, *(getattr(listing, name) for name in _LISTING_FIELDS)],
+                      ensure_ascii=False).encode("utf-8")
+  jpeg = jpeg or b""
+  return (len(header).to_bytes(4, "little") + header
+          + len(jpeg).to_bytes(4, "little") + jpeg)
 
 
-def _parse_scratch_record(serialized: bytes):
-  example = tf.train.Example.FromString(serialized)
-  feature = example.features.feature
-  def text(name):
-    return feature[name].bytes_list.value[0].decode("utf-8")
-  listing = catalogue_lib.Listing(
-      row=feature["row"].int64_list.value[0],
-      **{name: text(name) for name in
-         ("item_id", "title", "image", "product_id", "category", "group")})
-  return listing, feature["jpeg"].bytes_list.value[0] or None, text("split")
+def _parse_scratch_record(record: bytes):
+  length = int.from_bytes(record[:4], "little")
+  split, *fields = json.loads(record[4:4 + length])
+  jpeg = record[8 + length:]
+  return (catalogue_lib.Listing(**dict(zip(_LISTING_FIELDS, fields))),
+          jpeg or None, split)
 
 
-def _layout(summaries: list[dict], num_shards: int) -> dict:
+def _layout(counts: list[dict], num_shards: int) -> dict:
   """Where each block's listings start in each split, and the category ids
-  (in order of first kept row), from the block summaries in catalogue order."""
+  (in order of first kept row), from every block's counts (`_counts`)."""
+  counts = sorted(counts, key=lambda block: block["block"])
   starts = {split: [] for split in prepare_lib.SPLITS}
   totals = dict.fromkeys(prepare_lib.SPLITS, 0)
   category_ids = {}
-  for summary in summaries:
+  for block in counts:
     for split in prepare_lib.SPLITS:
       starts[split].append(totals[split])
-      totals[split] += summary["kept"][split]
-    for category in summary["categories"]:
+      totals[split] += block["kept"][split]
+    for category in block["categories"]:
       category_ids.setdefault(category, len(category_ids))
   return {"starts": starts, "totals": totals, "category_ids": category_ids,
           "num_shards": num_shards}
