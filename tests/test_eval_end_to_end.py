@@ -10,7 +10,9 @@ import pytest
 from train_helpers import tensorboard_scalars, tiny_settings
 from item_jax.cli import main
 from item_jax.eval import evaluate as evaluate_lib
-from item_jax.eval.evaluate import FUSED, RRF_METRICS, SCORED, PeriodicRetrieval
+from item_jax.eval.evaluate import (FUSED, RRF_METRICS, SCORED, PeriodicRetrieval,
+                                    colour_histograms)
+from item_jax.errors import UserError
 from item_jax.eval.fusion import FUSION_WEIGHTS
 from item_jax.eval.report import eval_command
 from item_jax.train.loop import train
@@ -133,7 +135,8 @@ def mixed_data(prepared_catalogue, tmp_path_factory):
   return str(root / "prepared")
 
 
-def test_eval_scores_each_entry_on_the_listings_that_have_its_input(run, mixed_data):
+def test_eval_scores_each_entry_on_the_listings_that_have_its_input(run, mixed_data,
+                                                                    monkeypatch):
   _, workdir = run
   report = evaluate_lib.evaluate(str(workdir), mixed_data, evaluate_lib.EvalOptions(
       probe_steps=20, baselines=("tfidf", "image_baseline", "random_init")))
@@ -151,6 +154,23 @@ def test_eval_scores_each_entry_on_the_listings_that_have_its_input(run, mixed_d
   assert 0.0 <= report["both"]["image_attention_share"] < 1.0
   for entry in expected:
     assert 0.0 <= report[entry]["probe_accuracy"] <= 1.0
+  # A baseline scored on retrieval only: the same retrieval, no k-NN or
+  # probe, and its features of the training split never computed.
+  histograms = []
+
+  def counted(images):
+    histograms.append(len(images))
+    return colour_histograms(images)
+  monkeypatch.setattr(evaluate_lib, "colour_histograms", counted)
+  only = evaluate_lib.evaluate(str(workdir), mixed_data, evaluate_lib.EvalOptions(
+      probe_steps=20, baselines=("tfidf", "image_baseline"), fusion=False,
+      retrieval_only=("image_baseline",)))
+  assert only["image_baseline"]["macro_recall@10"] == report["image_baseline"]["macro_recall@10"]
+  assert "probe_accuracy" not in only["image_baseline"] and "knn_accuracy" not in only["image_baseline"]
+  assert "probe_accuracy" in only["tfidf"]
+  assert sum(histograms) == with_image   # the test split's photos only
+  with pytest.raises(UserError, match="unknown baselines"):
+    evaluate_lib.EvalOptions(retrieval_only=("clip",))
 
 
 def test_embed_of_one_view_leaves_out_listings_without_its_input(run, mixed_data,

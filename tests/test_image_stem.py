@@ -265,3 +265,27 @@ def test_a_step_runs_the_stem_once_per_set_of_pixels(mim_weight, runs):
   step = jax.make_jaxpr(lambda batch: pretraining_loss(
       model, batch, keys, objectives, TOKENS)[0])(batch)
   assert stem > 10 and _convolutions(step.jaxpr) == runs * stem
+
+
+def test_evaluation_runs_the_stem_once_for_every_view_and_keeps_the_embeddings():
+  """`Embedder` (eval, embed) shares one run of the stem among the joint
+  view, the image view and the attention share, with the embeddings each
+  view gives on its own."""
+  from item_jax.eval.embed import Embedder
+  from item_jax.train.sharding import make_mesh, tree_shardings
+  model = tiny_model(**STEM)
+  batch = tiny_batch(batch=4)
+  has_title, has_image = jnp.ones(4, bool), jnp.arange(4) != 2
+  graphdef, params = nnx.split(model)
+  mesh = make_mesh({"data": 1, "fsdp": 1, "model": 1}, jax.devices()[:1])
+  embedder = Embedder(graphdef, tree_shardings(params, mesh), mesh,
+                      ("both", "title", "image"), attention=True)
+  arguments = (params, batch["title_ids"], batch["image"], has_title, has_image)
+  stem = _convolutions(jax.make_jaxpr(model.embeddings.image_stem)(
+      batch["image"]).jaxpr)
+  assert _convolutions(jax.make_jaxpr(embedder._forward)(*arguments).jaxpr) == stem
+  outputs = embedder._forward(*arguments)
+  np.testing.assert_allclose(outputs["both"], model.embed(
+      batch["title_ids"], batch["image"], image_mask=has_image), atol=1e-5)
+  np.testing.assert_allclose(outputs["image"], model.embed(image=batch["image"]),
+                             atol=1e-5)

@@ -28,6 +28,11 @@ def register(commands):
   evaluate.add_argument("--mobilenet-image-size", type=int, default=224,
                         help="the side MobileNetV2 sees each photo resized to "
                         "(ImageNet's 224; less costs less CPU)")
+  evaluate.add_argument("--retrieval-only", default="",
+                        help="comma-separated baselines scored on same-product "
+                        "retrieval only, without k-NN or probe (their features "
+                        "of the training split are not computed): e.g. "
+                        "mobilenet, as the demo does")
   evaluate.add_argument("--no-fusion", dest="fusion", action="store_false",
                         help="skip the entries fused with TF-IDF (they embed "
                         "the validation split to fit their weights)")
@@ -90,7 +95,10 @@ def _eval(args):
                         max_train_examples=args.max_train_examples,
                         baselines=baselines,
                         mobilenet_image_size=args.mobilenet_image_size,
-                        fusion=args.fusion)
+                        fusion=args.fusion,
+                        retrieval_only=tuple(name.strip() for name in
+                                             args.retrieval_only.split(",")
+                                             if name.strip()))
   initialize_distributed(args)
   report, paths, compared = eval_command(args.workdir, args.data, args.compare,
                                          options)

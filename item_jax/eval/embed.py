@@ -123,7 +123,8 @@ def _check_same_tokenizer(trained_on: str | None, data_dir: str):
 
 def last_layer_cls_attention(model: ItemModel, title_ids: jax.Array,
                              image: jax.Array, title_mask: jax.Array | None = None,
-                             image_mask: jax.Array | None = None) -> jax.Array:
+                             image_mask: jax.Array | None = None,
+                             image_tokens_input: jax.Array | None = None) -> jax.Array:
   """(batch, heads, 1 + title_len + num_patches) float32 attention
   probabilities of [CLS] in the last block, over [CLS], title tokens, patches."""
   if title_mask is None:
@@ -132,7 +133,8 @@ def last_layer_cls_attention(model: ItemModel, title_ids: jax.Array,
     image_mask = jnp.ones(title_ids.shape[0], bool)
   before_last = model.encode(title_ids, image, title_mask=title_mask,
                              image_mask=image_mask,
-                             num_layers=len(model.layers) - 1)
+                             num_layers=len(model.layers) - 1,
+                             image_tokens_input=image_tokens_input)
   inputs = jnp.concatenate([before_last.cls[:, None], before_last.title_states,
                             before_last.patch_states], axis=1)
   batch, length, _ = inputs.shape
@@ -152,7 +154,8 @@ def last_layer_cls_attention(model: ItemModel, title_ids: jax.Array,
 
 def image_attention_share(model: ItemModel, title_ids: jax.Array,
                           image: jax.Array, title_mask: jax.Array | None = None,
-                          image_mask: jax.Array | None = None
+                          image_mask: jax.Array | None = None,
+                          image_tokens_input: jax.Array | None = None
                           ) -> tuple[jax.Array, jax.Array]:
   """Per listing: (the share of [CLS]'s last-block attention, averaged over
   heads, that lands on image patches; the share image patches have among the
@@ -162,7 +165,7 @@ def image_attention_share(model: ItemModel, title_ids: jax.Array,
   if image_mask is None:
     image_mask = jnp.ones(title_ids.shape[0], bool)
   probabilities = last_layer_cls_attention(model, title_ids, image, title_mask,
-                                           image_mask)
+                                           image_mask, image_tokens_input)
   first_patch = 1 + title_ids.shape[1]
   share = probabilities[..., first_patch:].sum(axis=-1).mean(axis=-1)
   num_patches = (probabilities.shape[-1] - first_patch) * image_mask
@@ -193,14 +196,21 @@ class Embedder:
     def _forward(params, title_ids, image, has_title, has_image):
       model = nnx.merge(graphdef, params)
       title_mask = (title_ids != model.config.pad_token_id) & has_title[:, None]
+      # One run of the image stem for every pass over the photos: XLA does
+      # not share it across the stem's skip-without-photos conditional. (The
+      # image view of a batch without photos then sees zero tokens, not the
+      # stem's output of blank photos; no such listing is scored on it.)
+      tokens = None
+      if sum((*(view in views for view in ("both", "image")), attention)) > 1:
+        tokens = model.embeddings.image_tokens_input(image, None, has_image)
       inputs = {"both": dict(title_ids=title_ids, image=image, title_mask=title_mask,
-                             image_mask=has_image),
+                             image_mask=has_image, image_tokens_input=tokens),
                 "title": dict(title_ids=title_ids, title_mask=title_mask),
-                "image": dict(image=image)}
+                "image": dict(image=image, image_tokens_input=tokens)}
       outputs = {view: model.embed(**inputs[view]) for view in views}
       if attention:
         outputs.update(zip(ATTENTION_OUTPUTS, image_attention_share(
-            model, title_ids, image, title_mask, has_image)))
+            model, title_ids, image, title_mask, has_image, tokens)))
       return outputs
 
     self.batch_sharding = sharding.batch_sharding(mesh)

@@ -74,9 +74,13 @@ class EvalOptions:
   # The fused entries (FUSED), when the TF-IDF baseline is asked for: they
   # embed the validation split too, to fit each weight on.
   fusion: bool = True
+  # Baselines scored on same-product retrieval only: their features are not
+  # computed on the training split, so they have no k-NN or probe (the
+  # demo's MobileNetV2, to keep the demo's time).
+  retrieval_only: tuple[str, ...] = ()
 
   def __post_init__(self):
-    unknown = set(self.baselines) - set(BASELINES)
+    unknown = (set(self.baselines) | set(self.retrieval_only)) - set(BASELINES)
     if unknown:
       raise UserError(f"unknown baselines {sorted(unknown)}; known: "
                       f"{', '.join(BASELINES)}")
@@ -128,7 +132,9 @@ def evaluate(workdir: str, data_dir: str, options: EvalOptions = EvalOptions()
   fusion = (options.fusion and "tfidf" in options.baselines
             and split_count(data_dir, "validation") > 0)
   reads = [("test", None, runs, host_features),
-           ("train", options.max_train_examples, runs, host_features)]
+           ("train", options.max_train_examples, runs,
+            {key: value for key, value in host_features.items()
+             if key[0] not in options.retrieval_only})]
   if fusion:
     reads.append(("validation", None, {"item": runs["item"]},
                   {key: value for key, value in host_features.items()
@@ -145,7 +151,8 @@ def evaluate(workdir: str, data_dir: str, options: EvalOptions = EvalOptions()
                  sum(len(split.titles) for split in splits.values()))
     for split in splits.values():
       split.outputs[("minilm", "title")] = pretrained["minilm"].embed(split.titles)
-  features = _features_by_entry(train, test, [e for e in SCORED if e not in unavailable])
+  features = _features_by_entry(train, test, [e for e in SCORED if e not in unavailable],
+                                options.retrieval_only)
   num_classes = len(trained.settings.dataset["categories"])
   report = {}
   for entry in SCORED:
@@ -166,6 +173,9 @@ def evaluate(workdir: str, data_dir: str, options: EvalOptions = EvalOptions()
     if len(retrieval_queries(products)):
       retrieval = same_product_retrieval(test_features, products,
                                          test.category_ids[in_test], mesh=trained.mesh)
+    if entry in options.retrieval_only:
+      report[entry] = {**retrieval, "num_test_listings": int(in_test.sum())}
+      continue
     report[entry] = {
         **retrieval,
         **_category_metrics(train_features, train.category_ids[in_train],
@@ -238,12 +248,14 @@ def _on_images(features):
 
 
 def _rows(rows, mask: np.ndarray):
-  return rows if mask.all() else rows[mask]
+  return rows if rows is None or mask.all() else rows[mask]
 
 
-def _features_by_entry(train, test, entries) -> dict:
-  """{entry: (train rows, test rows)} of `entries`."""
-  features = {entry: (train.outputs[SOURCES[entry]], test.outputs[SOURCES[entry]])
+def _features_by_entry(train, test, entries, retrieval_only=()) -> dict:
+  """{entry: (train rows, test rows)} of `entries` (train rows None for
+  those scored on retrieval only)."""
+  features = {entry: (None if entry in retrieval_only else train.outputs[SOURCES[entry]],
+                      test.outputs[SOURCES[entry]])
               for entry in entries if entry in SOURCES}
   if "tfidf" in entries:
     features["tfidf"] = _tfidf_pair(train, test)

@@ -254,10 +254,14 @@ class ItemModel(nnx.Module):
   def embed(self, title_ids: jax.Array | None = None,
             image: jax.Array | None = None, *,
             title_mask: jax.Array | None = None,
-            image_mask: jax.Array | None = None) -> jax.Array:
-    """The listing embedding: the L2-normalised [CLS] output, float32."""
+            image_mask: jax.Array | None = None,
+            image_tokens_input: jax.Array | None = None) -> jax.Array:
+    """The listing embedding: the L2-normalised [CLS] output, float32.
+    `image_tokens_input` as `encode` takes it (several views of one batch
+    sharing one run of a convolutional stem)."""
     cls = self.encode(title_ids, image, title_mask=title_mask,
-                      image_mask=image_mask).cls
+                      image_mask=image_mask,
+                      image_tokens_input=image_tokens_input).cls
     cls = cls.astype(jnp.float32)
     return cls / jnp.maximum(jnp.linalg.norm(cls, axis=-1, keepdims=True), 1e-12)
 
