@@ -1,9 +1,12 @@
-"""The recommended recipe on the tiny model: ITC with the joint view, plus the
-paper's masked-word tasks (MLM, GMLM); the tiny model and schedule of
-`configs/item_tiny.py` (the paper's five tasks), more steps.
+"""The recommended tasks on the tiny model, with the paper's patch embedding:
+ITC with the joint view, plus the paper's masked-word tasks (MLM, GMLM); the
+tiny model and schedule of `configs/item_tiny.py` (the paper's five tasks),
+more steps. `configs/item_hybrid.py` is this recipe with ImageNet
+MobileNetV2 as the image stem: the demo's recommended recipe; this one
+serves where the stem's weights are not installed.
 
 What it is for: embeddings that beat the untrained model and the colour
-histogram within minutes of a CPU (the demo: title + image macro R@10 0.544
+histogram within minutes of a CPU (3,000 steps: title + image macro R@10 0.544
 against 0.049 untrained on the hard split; the joint view is level with the
 title-only view across seeds), and keep improving with steps (0.698 at
 8,000). The paper's recipe alone first makes

@@ -147,18 +147,15 @@ def _convert(catalogue: str, images: epath.Path, output_dir: epath.Path,
          | "join" >> beam.Map(job.join_shard, output_dir=str(output_dir)))
   _run(runner, beam_options, build)
 
-  summaries = [json.loads((scratch / _summary_name(block.index)).read_text())
-               for block in blocks]
-  layout = _layout([_counts(block.index, summary)
-                    for block, summary in zip(blocks, summaries)], options.num_shards)
-  conversion = _conversion(summaries, layout, scratch, output_dir, options)
+  conversion = _conversion(len(blocks), scratch, output_dir, options)
   scratch.rmtree()
   return conversion
 
 
 def _scratch_name(block: int) -> str:
   """A block's kept listings between conversion and pieces: each a length
-  (8 bytes, little-endian) and the listing (`_scratch_record`)."""
+  (8 bytes, little-endian), its split (1 byte: its place in SPLITS) and its
+  record with number 0 and category id -1 (`make_example`)."""
   return f"blocks/{block:08d}.records"
 
 
@@ -246,7 +243,9 @@ class _Job:
         if kind != "image_only":
           titles.add(listing.row, listing.item_id, listing.title)
         num_reencoded += reencoded
-        record = _scratch_record(listing, jpeg, split)
+        # The record as written, but for its number and category id.
+        record = bytes([prepare_lib.SPLITS.index(split)]) + prepare_lib.make_example(
+            listing, jpeg, -1, 0)
         writer.write(len(record).to_bytes(8, "little") + record)
     for name, entries in reports.items():
       piece = scratch / _report_piece(name, block.index)
@@ -275,8 +274,8 @@ class _Job:
     next_index = {split: layout["starts"][split][block] for split in prepare_lib.SPLITS}
     writers = {}
     category_ids = layout["category_ids"]
-    for serialized in _read_scratch(scratch / _scratch_name(block)):
-      listing, jpeg, split = _parse_scratch_record(serialized)
+    for entry in _read_scratch(scratch / _scratch_name(block)):
+      split = prepare_lib.SPLITS[entry[0]]
       index = next_index[split]
       next_index[split] += 1
       shard = index % num_shards
@@ -284,8 +283,13 @@ class _Job:
         piece = scratch / f"pieces/{split}-{shard:05d}/{block:08d}.tfrecord"
         piece.parent.mkdir(parents=True, exist_ok=True)
         writers[split, shard] = _Piece(piece)
-      writers[split, shard].write(prepare_lib.make_example(
-          listing, jpeg, category_ids.get(listing.category, -1), index))
+      # Parsed, numbered, serialised as `make_example` does: the same bytes.
+      example = tf.train.Example.FromString(entry[1:])
+      feature = example.features.feature
+      category = feature["category"].bytes_list.value[0].decode("utf-8")
+      feature["category_id"].int64_list.value[0] = category_ids.get(category, -1)
+      feature["index"].int64_list.value[0] = index
+      writers[split, shard].write(example.SerializeToString(deterministic=True))
     for (split, shard), piece in writers.items():
       piece.close()
       yield (split, shard), (block, piece.path, piece.size)
@@ -327,27 +331,6 @@ class _Piece:
       np.save(file, np.array(self._offsets, np.int64).reshape(-1, 2))
 
 
-_LISTING_FIELDS = ("row", "item_id", "title", "image", "product_id", "category", "group")
-
-
-def _scratch_record(listing: catalogue_lib.Listing, jpeg: bytes | None, split: str) -> bytes:
-  """A kept listing as it waits for its number: a JSON header (its fields
-  and split) and the photo's bytes, each after its 4-byte length."""
-  header = json.dumps([split, *(getattr(listing, name) for name in _LISTING_FIELDS)],
-                      ensure_ascii=False).encode("utf-8")
-  jpeg = jpeg or b""
-  return (len(header).to_bytes(4, "little") + header
-          + len(jpeg).to_bytes(4, "little") + jpeg)
-
-
-def _parse_scratch_record(record: bytes):
-  length = int.from_bytes(record[:4], "little")
-  split, *fields = json.loads(record[4:4 + length])
-  jpeg = record[8 + length:]
-  return (catalogue_lib.Listing(**dict(zip(_LISTING_FIELDS, fields))),
-          jpeg or None, split)
-
-
 def _layout(counts: list[dict], num_shards: int) -> dict:
   """Where each block's listings start in each split, and the category ids
   (in order of first kept row), from every block's counts (`_counts`)."""
@@ -365,11 +348,26 @@ def _layout(counts: list[dict], num_shards: int) -> dict:
           "num_shards": num_shards}
 
 
-def _conversion(summaries: list[dict], layout: dict, scratch: epath.Path,
-                output_dir: epath.Path, options: prepare_lib.Options
-                ) -> prepare_lib.Conversion:
+def _conversion(num_blocks: int, scratch: epath.Path, output_dir: epath.Path,
+                options: prepare_lib.Options) -> prepare_lib.Conversion:
   """The Conversion `prepare` writes dataset.json from, as the local
-  converter returns it; joins the report pieces and writes empty shards."""
+  converter returns it, from the block summaries read one at a time in
+  catalogue order; joins the report pieces and writes empty shards."""
+  counts, titles = [], tokenizer_lib.TitleSample(options.tokenizer_sample, options.seed)
+  kinds = {split: dict.fromkeys(prepare_lib.LISTING_KINDS, 0) for split in prepare_lib.SPLITS}
+  skipped_reasons, images_dropped = collections.Counter(), collections.Counter()
+  totals = collections.Counter()
+  for index in range(num_blocks):
+    summary = json.loads((scratch / _summary_name(index)).read_text())
+    counts.append(_counts(index, summary))
+    titles.merge(summary["titles"], summary["titles_seen"])
+    for split in prepare_lib.SPLITS:
+      for kind, value in summary["kinds"][split].items():
+        kinds[split][kind] += value
+    skipped_reasons.update(summary["skipped_reasons"])
+    images_dropped.update(summary["images_dropped"])
+    totals.update({"num_reencoded": summary["num_reencoded"], **summary["listed"]})
+  layout = _layout(counts, options.num_shards)
   num_shards = options.num_shards
   splits = {}
   for split in prepare_lib.SPLITS:
@@ -381,48 +379,35 @@ def _conversion(summaries: list[dict], layout: dict, scratch: epath.Path,
         (output_dir / name).write_bytes(b"")
         with (output_dir / prepare_lib.offsets_file_name(name)).open("wb") as file:
           np.save(file, np.zeros((0, 2), np.int64))
-    kinds = dict.fromkeys(prepare_lib.LISTING_KINDS, 0)
-    for summary in summaries:
-      for kind, value in summary["kinds"][split].items():
-        kinds[kind] += value
     splits[split] = {
         "count": count, "num_shards": num_shards, "files": files,
         "offsets_files": [prepare_lib.offsets_file_name(name) for name in files],
         "shard_counts": [(count - shard + num_shards - 1) // num_shards
                          for shard in range(num_shards)],
-        "listings": kinds,
+        "listings": kinds[split],
     }
   first = {}
   for name, file_name in prepare_lib.REPORT_FILES.items():
     first[name] = []
     with (output_dir / file_name).open("w") as target:
-      for index in range(len(summaries)):
+      for index in range(num_blocks):
         text = (scratch / _report_piece(name, index)).read_text()
         target.write(text)
         for line in text.splitlines():
           if len(first[name]) == prepare_lib.REPORTED_ROWS:
             break
           first[name].append(json.loads(line))
-  titles = tokenizer_lib.TitleSample(options.tokenizer_sample, options.seed)
-  skipped_reasons, images_dropped = collections.Counter(), collections.Counter()
-  for summary in summaries:
-    titles.merge(summary["titles"], summary["titles_seen"])
-    skipped_reasons.update(summary["skipped_reasons"])
-    images_dropped.update(summary["images_dropped"])
-  kinds = dict.fromkeys(prepare_lib.LISTING_KINDS, 0)
-  for split in splits.values():
-    for kind, value in split["listings"].items():
-      kinds[kind] += value
   return prepare_lib.Conversion(
       splits=splits,
       categories=list(layout["category_ids"]),
       titles=titles,
       skipped=first["skipped"],
       skipped_reasons=dict(skipped_reasons),
-      num_skipped=sum(summary["listed"]["skipped"] for summary in summaries),
-      num_reencoded=sum(summary["num_reencoded"] for summary in summaries),
-      kinds=kinds,
+      num_skipped=totals["skipped"],
+      num_reencoded=totals["num_reencoded"],
+      kinds={kind: sum(kinds[split][kind] for split in prepare_lib.SPLITS)
+             for kind in prepare_lib.LISTING_KINDS},
       without_image=first["without_image"],
-      num_without_image=sum(summary["listed"]["without_image"] for summary in summaries),
+      num_without_image=totals["without_image"],
       images_dropped=dict(images_dropped),
   )
