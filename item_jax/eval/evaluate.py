@@ -39,7 +39,7 @@ FUSED = {f"{entry}+tfidf": entry for entry in ("both", "title", "image",
                                                  "minilm", "mobilenet")}
 # Each fused entry also holds these metrics of reciprocal rank fusion (no
 # weight, so no labels needed) as "rrf_<name>".
-RRF_METRICS = ("macro_recall@10", "macro_map@10", "recall@1")
+RRF_METRICS = ("macro_recall@10", "macro_map@10", "map@10", "recall@1")
 SCORED = VIEWS + BASELINES
 ENTRIES = SCORED + tuple(FUSED)
 # The input each entry reads; it scores the listings that have it (None:
