@@ -15,6 +15,7 @@ from item_jax.data import images as images_lib  # noqa: E402
 from item_jax.data import pipeline  # noqa: E402
 from item_jax.data import prepare  # noqa: E402
 from item_jax.errors import UserError  # noqa: E402
+import tensorflow as tf  # noqa: E402
 from test_prepare import IMAGE_FILES, NON_UTF8_LINES, ROWS, _write_csv  # noqa: E402
 
 HEADER = ["item_id", "title", "image", "product_id", "category", "group"]
@@ -25,6 +26,7 @@ BEAM_ROWS = [(*row, f"G{index % 5}" if index % 3 else "") for index, row in enum
     ("emptytitle", "claimed by the empty title", "good.jpg", "", "", ""),
     ("twolines", "a title\nover two lines", "good.jpg", "P7", "Fashion>Shirts", "G1"),
     ("nothing", "", "", "", "", ""),
+    ("odd\u2028id", "a title", "garbage.jpg", "", "", ""),   # a JSON-safe line break
 ]
 
 
@@ -143,8 +145,12 @@ def test_bad_beam_options_fail_before_any_work(catalogue_root, tmp_path, capsys)
   with pytest.raises(UserError, match="no_such_option"):
     beam_prepare.converter("FnApiRunner", {"no_such_option": "1"})
   with pytest.raises(UserError, match="key=value"):
-    beam_prepare.parse_beam_options("direct_num_workers")
-  assert beam_prepare.parse_beam_options(" a=1, b = x=y ") == {"a": "1", "b": "x=y"}
+    beam_prepare.parse_beam_options("direct_num_workers=")
+  assert beam_prepare.parse_beam_options(" a=1, b = x=y ,save_main_session") == {
+      "a": "1", "b": "x=y", "save_main_session": None}
+  beam_prepare.converter("FnApiRunner", {"save_main_session": None})   # a bare flag
+  with pytest.raises(UserError, match="rejected"):
+    beam_prepare.converter("FnApiRunner", {"direct_num_workers": "two"})
   output = tmp_path / "out"
   for flags, message in ((["--beam-options", "direct_num_workers=2"],
                           "--beam-options needs --runner"),
@@ -155,3 +161,51 @@ def test_bad_beam_options_fail_before_any_work(catalogue_root, tmp_path, capsys)
     assert exit_.value.code == 2
     assert message in capsys.readouterr().err
   assert not output.exists()
+
+
+def test_a_rerun_over_an_earlier_dataset_leaves_nothing_of_it(catalogue_root, tmp_path):
+  root, path = catalogue_root
+  small = tmp_path / "small.csv"
+  _write_csv(small, HEADER, BEAM_ROWS[:2])
+  reused = tmp_path / "reused"
+  prepare.prepare(str(path), str(root / "images"), str(reused), num_shards=4,
+                  vocab_size=120, num_workers=0)
+  # Two listings reach 2 of the 4 shards of one split at most: the others
+  # must come out empty, not keep the earlier conversion's records.
+  fresh = tmp_path / "fresh"
+  for output in (reused, fresh):
+    prepare.prepare(str(small), str(root / "images"), str(output), num_shards=4,
+                    vocab_size=120,
+                    converter=beam_prepare.converter("FnApiRunner", records_per_block=1))
+  for name in _files(fresh):
+    assert filecmp.cmp(fresh / name, reused / name, shallow=False), name
+
+
+def test_text_columns_are_kept_the_same_way_by_both(tmp_path):
+  (tmp_path / "images").mkdir()
+  (tmp_path / "images" / "good.jpg").write_bytes(IMAGE_FILES["good.jpg"])
+  path = tmp_path / "catalogue.csv"
+  _write_csv(path, ["item_id", "title", "image", "description", "brand"], [
+      (f"id{i}", f"lamp number {i}", "good.jpg", f"a lamp\nof steel {i}" if i % 2 else "",
+       "Acme" if i % 3 else "") for i in range(12)])
+  local = tmp_path / "local"
+  info = prepare.prepare(str(path), str(tmp_path / "images"), str(local), num_shards=2,
+                         vocab_size=60, num_workers=0, text_columns=("description", "brand"))
+  assert info["text_columns"] == ["description", "brand"]
+  beam = tmp_path / "beam"
+  prepare.prepare(str(path), str(tmp_path / "images"), str(beam), num_shards=2,
+                  vocab_size=60, text_columns=("description", "brand"),
+                  converter=beam_prepare.converter("FnApiRunner", records_per_block=5))
+  _same_files(local, beam)
+  records = {}
+  for name in info["splits"]["train"]["files"] + info["splits"]["test"]["files"] + \
+      info["splits"]["validation"]["files"]:
+    for record in tf.data.TFRecordDataset(str(local / name)).map(
+        pipeline.parse_record).as_numpy_iterator():
+      records[record["item_id"].decode()] = record["text"].decode()
+  assert records["id1"] == "a lamp\nof steel 1\nAcme"
+  assert records["id3"] == "a lamp\nof steel 3"      # brand empty: left out
+  assert records["id0"] == ""
+  with pytest.raises(UserError, match="no column 'colour' \\(named by --text-columns\\)"):
+    prepare.prepare(str(path), str(tmp_path / "images"), str(tmp_path / "bad"),
+                    num_workers=0, text_columns=("colour",))

@@ -169,8 +169,16 @@ def test_eval_scores_each_entry_on_the_listings_that_have_its_input(run, mixed_d
   assert "probe_accuracy" not in only["image_baseline"] and "knn_accuracy" not in only["image_baseline"]
   assert "probe_accuracy" in only["tfidf"]
   assert sum(histograms) == with_image   # the test split's photos only
-  with pytest.raises(UserError, match="unknown baselines"):
-    evaluate_lib.EvalOptions(retrieval_only=("clip",))
+  with pytest.raises(UserError, match="retrieval_only takes"):
+    evaluate_lib.EvalOptions(retrieval_only=("minilm",))
+  # The lexical side with the records' other text: none here, so TF-IDF is
+  # the title's; a listing's text joins its title on its own line.
+  with_text = evaluate_lib.evaluate(str(workdir), mixed_data, evaluate_lib.EvalOptions(
+      probe_steps=20, baselines=("tfidf",), fusion=False, lexical_text="title+text"))
+  assert with_text["tfidf"]["macro_recall@10"] == only["tfidf"]["macro_recall@10"]
+  assert with_text["meta"]["lexical_text"] == "title+text"
+  with pytest.raises(UserError, match="lexical_text must be one of"):
+    evaluate_lib.EvalOptions(lexical_text="description")
 
 
 def test_embed_of_one_view_leaves_out_listings_without_its_input(run, mixed_data,
@@ -188,3 +196,10 @@ def test_embed_of_one_view_leaves_out_listings_without_its_input(run, mixed_data
     assert ids["listings"] == kinds
     if view == "image":
       assert all(ids["has_image"])
+
+
+def test_the_lexical_side_reads_the_title_and_then_the_other_text():
+  import types
+  split = types.SimpleNamespace(titles=["lamp KX-2", "mug"], texts=["steel\nAcme", ""])
+  assert evaluate_lib._lexical_texts(split) == ["lamp KX-2", "mug"]
+  assert evaluate_lib._lexical_texts(split, "title+text") == ["lamp KX-2\nsteel\nAcme", "mug"]

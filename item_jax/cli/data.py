@@ -53,6 +53,10 @@ def register(commands):
   prepare.add_argument("--cased", action="store_true",
                        help="keep case in the trained sentencepiece model "
                        "(by default it folds case, like uncased BERT)")
+  prepare.add_argument("--text-columns", default="",
+                       help="the catalogue's other text columns to keep beside the "
+                       "title, comma-separated (e.g. description,brand): each "
+                       "record's `text`, read by `eval --lexical-text title+text`")
   prepare.add_argument("--runner", default=None,
                        help="convert on Apache Beam with this runner (pip install "
                        "'item-jax[beam]'): FnApiRunner here (DirectRunner means "
@@ -111,7 +115,9 @@ def _prepare(args):
       seed=args.seed, max_image_side=args.max_image_side,
       num_workers=args.workers, lowercase=not args.cased, split_by=args.split_by,
       modalities=args.modalities, tokenizer_sample=args.tokenizer_sample,
-      converter=converter)
+      converter=converter,
+      text_columns=tuple(name.strip() for name in args.text_columns.split(",")
+                         if name.strip()))
   counts = {split: info["count"] for split, info in summary["splits"].items()}
   kinds = ", ".join(f"{count} {kind.replace('_', ' ')}"
                     for kind, count in summary["listings"].items() if count)

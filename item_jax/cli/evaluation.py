@@ -28,11 +28,16 @@ def register(commands):
   evaluate.add_argument("--mobilenet-image-size", type=int, default=224,
                         help="the side MobileNetV2 sees each photo resized to "
                         "(ImageNet's 224; less costs less CPU)")
+  evaluate.add_argument("--lexical-text", choices=["title", "title+text"],
+                        default="title",
+                        help="what TF-IDF (and every entry fused with it) reads: "
+                        "the title, or the title and the other text columns "
+                        "`prepare --text-columns` kept (e.g. a description)")
   evaluate.add_argument("--retrieval-only", default="",
-                        help="comma-separated baselines scored on same-product "
-                        "retrieval only, without k-NN or probe (their features "
-                        "of the training split are not computed): e.g. "
-                        "mobilenet, as the demo does")
+                        help="photo baselines (image_baseline, mobilenet) scored "
+                        "on same-product retrieval only, without k-NN or probe: "
+                        "their features of the training split are not "
+                        "computed (the demo's mobilenet)")
   evaluate.add_argument("--no-fusion", dest="fusion", action="store_false",
                         help="skip the entries fused with TF-IDF (they embed "
                         "the validation split to fit their weights)")
@@ -95,7 +100,7 @@ def _eval(args):
                         max_train_examples=args.max_train_examples,
                         baselines=baselines,
                         mobilenet_image_size=args.mobilenet_image_size,
-                        fusion=args.fusion,
+                        fusion=args.fusion, lexical_text=args.lexical_text,
                         retrieval_only=tuple(name.strip() for name in
                                              args.retrieval_only.split(",")
                                              if name.strip()))

@@ -55,14 +55,16 @@ LOCAL_RUNNERS = ("FnApiRunner", "DirectRunner")
 
 _log = logging.getLogger(__name__)
 
-def parse_beam_options(text: str | None) -> dict[str, str]:
-  """`direct_num_workers=2,direct_running_mode=multi_processing` → a dict."""
+def parse_beam_options(text: str | None) -> dict[str, str | None]:
+  """`direct_num_workers=2,save_main_session` → a dict (None: an on/off flag
+  given bare)."""
   options = {}
   for entry in filter(None, (part.strip() for part in (text or "").split(","))):
     key, separator, value = (side.strip() for side in entry.partition("="))
-    if not separator or not key:
-      raise UserError(f"--beam-options entry {entry!r} is not of the form key=value")
-    options[key] = value
+    if not key or (separator and not value):
+      raise UserError(f"--beam-options entry {entry!r} is not of the form "
+                      "key=value (or a bare flag)")
+    options[key] = value if separator else None
   return options
 
 
@@ -89,10 +91,15 @@ def converter(runner: str, beam_options: dict[str, str] | None = None,
 
 def _pipeline_options(runner: str, beam_options: dict[str, str]):
   from apache_beam.options.pipeline_options import PipelineOptions
-  flags = [f"--{key}={value}" for key, value in beam_options.items()]
+  flags = [f"--{key}" if value is None else f"--{key}={value}"
+           for key, value in beam_options.items()]
   if runner not in LOCAL_RUNNERS:
     flags.append(f"--runner={runner}")
-  options = PipelineOptions(flags)
+  try:
+    options = PipelineOptions(flags)
+    options.get_all_options()  # parses them: a bad value exits argparse
+  except SystemExit:
+    raise UserError(f"Beam rejected the pipeline options {flags}") from None
   unknown = [flag for flag in flags
              if flag.split("=")[0].lstrip("-") not in options.get_all_options()]
   if unknown:
@@ -118,7 +125,8 @@ def _convert(catalogue: str, images: epath.Path, output_dir: epath.Path,
   import apache_beam as beam
   # The one pass over the file; it checks the columns before any output exists.
   blocks = catalogue_lib.blocks(catalogue, records_per_block, options.columns,
-                                options.require(), options.modalities)
+                                options.require(), options.modalities,
+                                options.text_columns)
   _log.info("prepare (beam, %s): %d blocks of up to %d rows", runner, len(blocks),
             records_per_block)
   prepare_lib.open_output(output_dir)
@@ -194,7 +202,7 @@ class _Job:
     return catalogue_lib.read_catalogue(
         self.catalogue, self.options.columns, require=self.options.require(),
         modalities=self.options.modalities, block=block,
-        duplicate_rows=duplicate_rows)
+        duplicate_rows=duplicate_rows, text_columns=self.options.text_columns)
 
   def claims(self, block: catalogue_lib.Block) -> Iterator[tuple[str, int]]:
     for listing, _ in self._rows(block):
@@ -374,8 +382,8 @@ def _conversion(num_blocks: int, scratch: epath.Path, output_dir: epath.Path,
     count = layout["totals"][split]
     files = [prepare_lib.shard_file_name(split, shard, num_shards)
              for shard in range(num_shards)]
-    for name in files:
-      if not (output_dir / name).exists():  # a shard no record reached
+    for shard, name in enumerate(files):
+      if shard >= count:  # no record reached it: empty, whatever was there
         (output_dir / name).write_bytes(b"")
         with (output_dir / prepare_lib.offsets_file_name(name)).open("wb") as file:
           np.save(file, np.zeros((0, 2), np.int64))
@@ -393,7 +401,9 @@ def _conversion(num_blocks: int, scratch: epath.Path, output_dir: epath.Path,
       for index in range(num_blocks):
         text = (scratch / _report_piece(name, index)).read_text()
         target.write(text)
-        for line in text.splitlines():
+        # "\n" only: splitlines() also splits at U+2028 and the like, which
+        # json.dumps(ensure_ascii=False) leaves inside a string.
+        for line in text.split("\n")[:-1]:
           if len(first[name]) == prepare_lib.REPORTED_ROWS:
             break
           first[name].append(json.loads(line))

@@ -49,6 +49,9 @@ class Listing:
   product_id: str = ""
   category: str = ""
   group: str = ""
+  # The catalogue's other text columns that `prepare --text-columns` keeps
+  # (e.g. a description), each non-empty value on its own line.
+  text: str = ""
 
 
 def parse_column_mapping(text: str) -> dict[str, str]:
@@ -85,6 +88,7 @@ def read_catalogue(
     path: str, columns: dict[str, str] | None = None, require: tuple[str, ...] = (),
     modalities: str = "both", block: "Block | None" = None,
     duplicate_rows: Container[int] | None = None,
+    text_columns: tuple[str, ...] = (),
 ) -> Iterator[tuple[Listing, str | None]]:
   """Yields every row as `(listing, reason)`, reason None when the text is usable.
 
@@ -100,9 +104,12 @@ def read_catalogue(
   `block` (from `blocks`) reads only that block's rows. A reader that does
   not see the whole catalogue cannot find duplicates itself: it passes the
   rows that are (`duplicate_rows`, from `claims` over every row).
+  `text_columns` (file column names, each required) fill `Listing.text`.
   """
   columns = resolve_columns(columns)
-  records = _records(path, *_expected_columns(columns, require, modalities), block)
+  expected, one_of = _expected_columns(columns, require, modalities)
+  expected.update({f"text column {name}": name for name in text_columns})
+  records = _records(path, expected, one_of, block)
   seen_item_ids = set()
   for row, record, _ in records:
     if record is None:
@@ -110,6 +117,8 @@ def read_catalogue(
       continue
     fields = {name: _as_text(record.get(source)) for name, source in columns.items()}
     fields["category"] = normalise_category(fields["category"])
+    fields["text"] = "\n".join(value for value in (
+        _as_text(record.get(name)).strip() for name in text_columns) if value)
     listing = Listing(row=row, **fields)
     if duplicate_rows is None:
       duplicate = claims_item_id(listing) and listing.item_id in seen_item_ids
@@ -133,7 +142,8 @@ class Block:
 
 
 def blocks(path: str, records_per_block: int, columns: dict[str, str] | None = None,
-           require: tuple[str, ...] = (), modalities: str = "both") -> list[Block]:
+           require: tuple[str, ...] = (), modalities: str = "both",
+           text_columns: tuple[str, ...] = ()) -> list[Block]:
   """The catalogue cut into blocks of `records_per_block` records, for readers
   that each read a part (`read_catalogue(..., block=)`). One pass over the
   file, keeping one entry per block; the columns are checked as
@@ -141,9 +151,10 @@ def blocks(path: str, records_per_block: int, columns: dict[str, str] | None = N
   if records_per_block < 1:
     raise UserError(f"records_per_block must be at least 1, got {records_per_block}")
   starts, count = [], 0
-  for row, _, position in _records(
-      path, *_expected_columns(resolve_columns(columns), require, modalities),
-      positions_every=records_per_block):
+  expected, one_of = _expected_columns(resolve_columns(columns), require, modalities)
+  expected.update({f"text column {name}": name for name in text_columns})
+  for row, _, position in _records(path, expected, one_of,
+                                   positions_every=records_per_block):
     if count % records_per_block == 0:
       starts.append((position, row))
     count += 1
@@ -197,7 +208,7 @@ def text_problem(listing: Listing, duplicate: bool,
 
 def _fields(listing: Listing) -> tuple[str, ...]:
   return (listing.item_id, listing.title, listing.image, listing.product_id,
-          listing.category, listing.group)
+          listing.category, listing.group, listing.text)
 
 
 def _has_undecodable_bytes(text: str) -> bool:
@@ -231,6 +242,8 @@ def _check_columns(path: str, found: list[str], expected: dict[str, str],
   for name, source in expected.items():
     if source not in found:
       renamed = f" (the {name} column)" if source != name else ""
+      if name.startswith("text column"):
+        renamed = " (named by --text-columns)"
       hint = ""
       if name in ("title", "image"):
         hint = (f"; `prepare {MODALITIES_SWITCH}` keeps listings with only "

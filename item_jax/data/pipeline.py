@@ -213,7 +213,8 @@ def make_dataset(
         "has_image": has_image,
     }
     if not training:
-      example.update(item_id=record["item_id"], product_id=record["product_id"])
+      example.update(item_id=record["item_id"], product_id=record["product_id"],
+                     text=record["text"])
     return example
 
   examples = records.map(

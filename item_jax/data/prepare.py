@@ -17,6 +17,7 @@ import json
 import logging
 import multiprocessing
 import os
+import posixpath
 import time
 
 from etils import epath
@@ -48,6 +49,9 @@ RECORD_FEATURES = {
     # before these fields existed have both.
     "has_title": tf.io.FixedLenFeature([], tf.int64, default_value=1),
     "has_image": tf.io.FixedLenFeature([], tf.int64, default_value=1),
+    # The catalogue's other text columns (`prepare --text-columns`), one
+    # non-empty value a line; "" without them and in older records.
+    "text": tf.io.FixedLenFeature([], tf.string, default_value=""),
 }
 # The kinds of listing by the inputs they have, as counted in dataset.json.
 LISTING_KINDS = ("title_and_image", "title_only", "image_only")
@@ -99,6 +103,7 @@ def prepare(
     modalities: str = "both",
     tokenizer_sample: int = tokenizer_lib.TOKENIZER_SAMPLE_TITLES,
     converter: "Converter | None" = None,
+    text_columns: tuple[str, ...] = (),
 ) -> dict:
   """Converts a catalogue into `output`; returns the summary written to dataset.json.
 
@@ -130,6 +135,11 @@ def prepare(
   dataset.json counts the listings of each kind (LISTING_KINDS), overall
   and per split.
 
+  `text_columns` names the catalogue's other text columns to keep (e.g. a
+  description): each record's "text", their non-empty values one a line.
+  Title-only is the default and the paper's setting; what reads the text is
+  the lexical side (`eval --lexical-text`).
+
   `converter` turns the catalogue into the records (default: `convert`,
   this process and `num_workers` image processes); `beam_prepare.converter`
   runs the same per-row functions on Apache Beam, for the same output.
@@ -153,7 +163,8 @@ def prepare(
       split_fractions=tuple(split_fractions), seed=seed,
       max_image_side=max_image_side,
       num_workers=(os.cpu_count() or 1) if num_workers is None else num_workers,
-      split_by=split_by, modalities=modalities, tokenizer_sample=tokenizer_sample)
+      split_by=split_by, modalities=modalities, tokenizer_sample=tokenizer_sample,
+      text_columns=tuple(text_columns))
   conversion = (converter or convert)(catalogue, epath.Path(images),
                                       epath.Path(output), options)
   columns = options.columns
@@ -199,6 +210,7 @@ def prepare(
       "split_fractions": list(split_fractions),
       "split_by": split_by,
       "modalities": modalities,
+      "text_columns": list(text_columns),
       "listings": conversion.kinds,
       "images_dropped": conversion.images_dropped,
       "skipped_reasons": conversion.skipped_reasons,
@@ -231,6 +243,7 @@ class Options:
   split_by: str
   modalities: str
   tokenizer_sample: int
+  text_columns: tuple[str, ...] = ()
 
   def require(self) -> tuple[str, ...]:
     """The catalogue columns these options need beyond the usual ones."""
@@ -245,7 +258,8 @@ def convert(catalogue: str, images: epath.Path, output_dir: epath.Path,
   tokenizer, which `prepare` writes from the returned Conversion)."""
   rows = catalogue_lib.read_catalogue(catalogue, options.columns,
                                       require=options.require(),
-                                      modalities=options.modalities)
+                                      modalities=options.modalities,
+                                      text_columns=options.text_columns)
   # Reading the first row checks the catalogue's columns before any output exists.
   rows = itertools.chain(list(itertools.islice(rows, 1)), rows)
   open_output(output_dir)
@@ -459,6 +473,8 @@ def make_example(
       "has_title": int_feature(int(has_title)),
       "has_image": int_feature(int(bool(jpeg))),
   }
+  if listing.text:  # absent, the reader's default: older records' bytes
+    features["text"] = bytes_feature(listing.text.encode("utf-8"))
   # deterministic: map entries in key order, so the same listing gives the
   # same bytes in every process (the features map is a hash map otherwise).
   return tf.train.Example(features=tf.train.Features(feature=features)).SerializeToString(
@@ -508,8 +524,9 @@ def image_path(image_dir: epath.Path, listing: catalogue_lib.Listing,
   """The file to read for a row: None for a row already skipped or one that
   names no image."""
   if reason is None and listing.image.strip():
-    # (os.path.join: epath's `/` costs as much as reading a small photo)
-    return os.path.join(os.fspath(image_dir), listing.image)
+    # os.path.join, not epath's `/`, which costs as much as reading a small
+    # photo; the name normalised as `/` would (`./a.jpg`, `a//b.jpg`).
+    return os.path.join(os.fspath(image_dir), posixpath.normpath(listing.image))
   return None
 
 

@@ -197,12 +197,13 @@ class Embedder:
       model = nnx.merge(graphdef, params)
       title_mask = (title_ids != model.config.pad_token_id) & has_title[:, None]
       # One run of the image stem for every pass over the photos: XLA does
-      # not share it across the stem's skip-without-photos conditional. (The
-      # image view of a batch without photos then sees zero tokens, not the
-      # stem's output of blank photos; no such listing is scored on it.)
+      # not share it across the stem's skip-without-photos conditional. With
+      # the image view it runs as that view always did (no skip); the joint
+      # view and the attention share mask the tokens of listings without one.
       tokens = None
       if sum((*(view in views for view in ("both", "image")), attention)) > 1:
-        tokens = model.embeddings.image_tokens_input(image, None, has_image)
+        tokens = model.embeddings.image_tokens_input(
+            image, None, None if "image" in views else has_image)
       inputs = {"both": dict(title_ids=title_ids, image=image, title_mask=title_mask,
                              image_mask=has_image, image_tokens_input=tokens),
                 "title": dict(title_ids=title_ids, title_mask=title_mask),
@@ -245,6 +246,8 @@ class SplitEmbeddings:
   outputs: dict                 # (run, output) -> (num_listings, ...) array
   has_title: np.ndarray         # bool
   has_image: np.ndarray         # bool
+  # The records' other text columns (`prepare --text-columns`), "" without.
+  texts: list[str] = dataclasses.field(default_factory=list)
 
   def has(self, view: str) -> np.ndarray:
     """Which listings have the inputs of `view` (a VIEWS name, "title" or
@@ -312,6 +315,8 @@ def embed_split(batches, runs: dict, host_features: dict | None = None,
   outputs = {}
   for batch in batches:
     valid = batch["valid"]
+    if "text" in batch and not done:
+      parts.setdefault("text", [])
     for name in parts:
       parts[name].append(batch[name][valid])
     for run, (embedder, params) in runs.items():
@@ -331,7 +336,8 @@ def embed_split(batches, runs: dict, host_features: dict | None = None,
       titles=list(text(joined["title"])),
       outputs={key: np.concatenate(values) for key, values in outputs.items()},
       has_title=joined["has_title"].astype(bool),
-      has_image=joined["has_image"].astype(bool))
+      has_image=joined["has_image"].astype(bool),
+      texts=list(text(joined["text"])) if "text" in joined else [""] * len(joined["item_id"]))
 
 
 def eval_batch_size(embedder: Embedder, requested: int | None = None,

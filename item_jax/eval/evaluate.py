@@ -40,6 +40,9 @@ FUSED = {f"{entry}+tfidf": entry for entry in ("both", "title", "image",
 # Each fused entry also holds these metrics of reciprocal rank fusion (no
 # weight, so no labels needed) as "rrf_<name>".
 RRF_METRICS = ("macro_recall@10", "macro_map@10", "map@10", "recall@1")
+LEXICAL_TEXTS = ("title", "title+text")
+# The baselines that can skip the training split (EvalOptions.retrieval_only).
+RETRIEVAL_ONLY = ("image_baseline", "mobilenet")
 SCORED = VIEWS + BASELINES
 ENTRIES = SCORED + tuple(FUSED)
 # The input each entry reads; it scores the listings that have it (None:
@@ -78,9 +81,19 @@ class EvalOptions:
   # computed on the training split, so they have no k-NN or probe (the
   # demo's MobileNetV2, to keep the demo's time).
   retrieval_only: tuple[str, ...] = ()
+  # What the lexical side (the TF-IDF baseline and every entry fused with
+  # it) reads: the title, or "title+text" the title and the record's other
+  # text columns (`prepare --text-columns`, e.g. a description).
+  lexical_text: str = "title"
 
   def __post_init__(self):
-    unknown = (set(self.baselines) | set(self.retrieval_only)) - set(BASELINES)
+    if self.lexical_text not in LEXICAL_TEXTS:
+      raise UserError(f"lexical_text must be one of {LEXICAL_TEXTS}, got "
+                      f"{self.lexical_text!r}")
+    unknown = set(self.baselines) - set(BASELINES)
+    if set(self.retrieval_only) - set(RETRIEVAL_ONLY):
+      raise UserError(f"retrieval_only takes {', '.join(RETRIEVAL_ONLY)} (the photo "
+                      f"baselines computed per batch), got {self.retrieval_only}")
     if unknown:
       raise UserError(f"unknown baselines {sorted(unknown)}; known: "
                       f"{', '.join(BASELINES)}")
@@ -152,7 +165,7 @@ def evaluate(workdir: str, data_dir: str, options: EvalOptions = EvalOptions()
     for split in splits.values():
       split.outputs[("minilm", "title")] = pretrained["minilm"].embed(split.titles)
   features = _features_by_entry(train, test, [e for e in SCORED if e not in unavailable],
-                                options.retrieval_only)
+                                options.retrieval_only, options.lexical_text)
   num_classes = len(trained.settings.dataset["categories"])
   report = {}
   for entry in SCORED:
@@ -190,7 +203,7 @@ def evaluate(workdir: str, data_dir: str, options: EvalOptions = EvalOptions()
   fitted = {}
   if fusion and "unavailable" not in report["tfidf"]:
     fused, fitted = _fused_entries(splits, features["tfidf"][1], report,
-                                   trained.mesh)
+                                   trained.mesh, options.lexical_text)
     report.update(fused)
   report["meta"] = {
       "workdir": str(workdir), "data": str(data_dir), "step": trained.step,
@@ -200,6 +213,7 @@ def evaluate(workdir: str, data_dir: str, options: EvalOptions = EvalOptions()
       "num_categories": num_classes, "knn_k": options.knn_k,
       "probe_steps": options.probe_steps,
       "mobilenet_image_size": options.mobilenet_image_size,
+      "lexical_text": options.lexical_text,
       "fusion_validation_macro_recall@10": fitted,
       "tfidf_dim": (int(features["tfidf"][0].shape[1]) if "tfidf" in features
                     else None),
@@ -251,33 +265,45 @@ def _rows(rows, mask: np.ndarray):
   return rows if rows is None or mask.all() else rows[mask]
 
 
-def _features_by_entry(train, test, entries, retrieval_only=()) -> dict:
+def _features_by_entry(train, test, entries, retrieval_only=(),
+                       lexical_text: str = "title") -> dict:
   """{entry: (train rows, test rows)} of `entries` (train rows None for
   those scored on retrieval only)."""
   features = {entry: (None if entry in retrieval_only else train.outputs[SOURCES[entry]],
                       test.outputs[SOURCES[entry]])
               for entry in entries if entry in SOURCES}
   if "tfidf" in entries:
-    features["tfidf"] = _tfidf_pair(train, test)
+    features["tfidf"] = _tfidf_pair(train, test, lexical_text)
   return features
 
 
-def _tfidf_pair(train, other) -> tuple:
+def _lexical_texts(split, lexical_text: str = "title") -> list[str]:
+  """What the lexical side reads of each listing (EvalOptions.lexical_text)."""
+  if lexical_text == "title":
+    return list(split.titles)
+  return [f"{title}\n{text}" if text else title
+          for title, text in zip(split.titles, split.texts or [""] * len(split.titles))]
+
+
+def _tfidf_pair(train, other, lexical_text: str = "title") -> tuple:
   """(train rows, `other`'s rows) of TF-IDF fitted on both splits' titles
-  (of the listings that have one; the others get empty rows)."""
+  (of the listings that have one; the others get empty rows), with their
+  other text columns for lexical_text "title+text"."""
   splits = {"train": train, "other": other}
-  tfidf = tfidf_features({name: [t for t, kept in zip(split.titles, split.has_title)
+  tfidf = tfidf_features({name: [t for t, kept in zip(_lexical_texts(split, lexical_text),
+                                                      split.has_title)
                                  if kept] for name, split in splits.items()})
   return tuple(_scatter(tfidf[name], splits[name].has_title) for name in splits)
 
 
-def _fused_entries(splits: dict, test_tfidf, report: dict, mesh) -> tuple:
+def _fused_entries(splits: dict, test_tfidf, report: dict, mesh,
+                   lexical_text: str = "title") -> tuple:
   """({fused entry: metrics}, {fused entry: {weight: validation macro
   Recall@10}}): each embedding's rows beside TF-IDF's, the
   weight fitted on the validation split (its TF-IDF fitted, as the test
   split's, on the training titles and its own), scored on the test split."""
   validation, test = splits["validation"], splits["test"]
-  validation_tfidf = _tfidf_pair(splits["train"], validation)[1]
+  validation_tfidf = _tfidf_pair(splits["train"], validation, lexical_text)[1]
   labelled = {name: own_products(split.product_ids, split.item_ids)
               for name, split in (("validation", validation), ("test", test))}
   fused, fitted = {}, {}

@@ -66,7 +66,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from item_jax.errors import MissingDependencyError, MissingInputError, UserError
 from item_jax.eval import search as search_lib
-from item_jax.eval.fusion import hybrid_blocks, rrf_blocks
+from item_jax.eval.fusion import RRF_CONSTANT, RRF_DEPTH, hybrid_blocks, rrf_blocks
 from item_jax.eval.search import NO_NEIGHBOUR
 
 CSV_HEADER = "query_item_id,rank,item_id,score\n"
@@ -290,7 +290,8 @@ def _fingerprint(queries: EmbeddingsFile, index: EmbeddingsFile | None, k: int,
           "index": None if index is None else identity(index), "k": k,
           "min_score": min_score, "score_digits": SCORE_DIGITS,
           **({} if rank_by == "embedding" else
-             {"rank_by": rank_by, "fusion_weight": weight})}
+             {"rank_by": rank_by, "fusion_weight": weight}),
+          **({"rrf": [RRF_DEPTH, RRF_CONSTANT]} if rank_by == "rrf" else {})}
 
 
 def _write_json_atomically(path: str, value: dict) -> None:
