@@ -8,7 +8,8 @@ calls (`catalogue.read_catalogue`'s checks, `images.read_and_encode`,
 `prepare.row_outcome`, `split_of_product`, `make_example`). One pipeline:
 
 1. Duplicates: every row that claims an item id gives (id, row); a group by
-   id names the rows after the first (the first row wins, as locally).
+   id names the rows after the first (the first row wins, as locally), and
+   a group by block hands each block its own.
 2. Each block is converted: its rows checked, its photos read and
    re-encoded, each kept listing's split and kind decided; the block's
    listings go to a scratch file, its reports' rows to report pieces, and
@@ -138,12 +139,17 @@ def _convert(catalogue: str, images: epath.Path, output_dir: epath.Path,
 
   def build(pipeline):
     spread = pipeline | "blocks" >> beam.Create(blocks) | "spread" >> beam.Reshuffle()
+    # Each block gets the rows of its own that repeat an earlier item id.
     duplicates = (spread
                   | "claims" >> beam.FlatMap(job.claims)
                   | "by id" >> beam.GroupByKey()
-                  | "later rows" >> beam.FlatMap(lambda claim: sorted(claim[1])[1:]))
-    counts = spread | "convert" >> beam.Map(
-        job.convert_block, duplicates=beam.pvalue.AsList(duplicates))
+                  | "later rows" >> beam.FlatMap(_later_rows))
+    counts = ({"block": spread | "by index" >> beam.Map(lambda block: (block.index, block)),
+               "duplicates": duplicates}
+              | "with duplicates" >> beam.CoGroupByKey()
+              | "convert" >> beam.Map(
+                  lambda joined: job.convert_block(joined[1]["block"][0],
+                                                   joined[1]["duplicates"])))
     # The side input waits for every block's conversion before any piece.
     layout = (counts
               | "all counts" >> beam.combiners.ToList()
@@ -158,6 +164,13 @@ def _convert(catalogue: str, images: epath.Path, output_dir: epath.Path,
   conversion = _conversion(len(blocks), scratch, output_dir, options)
   scratch.rmtree()
   return conversion
+
+
+def _later_rows(claim: tuple) -> Iterator[tuple[int, int]]:
+  """(block, row) of each row after the first that claims one item id."""
+  _, rows = claim
+  for row, block in sorted(rows)[1:]:
+    yield block, row
 
 
 def _scratch_name(block: int) -> str:
@@ -204,10 +217,12 @@ class _Job:
         modalities=self.options.modalities, block=block,
         duplicate_rows=duplicate_rows, text_columns=self.options.text_columns)
 
-  def claims(self, block: catalogue_lib.Block) -> Iterator[tuple[str, int]]:
+  def claims(self, block: catalogue_lib.Block
+             ) -> Iterator[tuple[str, tuple[int, int]]]:
+    """(item id, (row, block)) of each row that claims its item id."""
     for listing, _ in self._rows(block):
       if catalogue_lib.claims_item_id(listing):
-        yield listing.item_id, listing.row
+        yield listing.item_id, (listing.row, block.index)
 
   def convert_block(self, block: catalogue_lib.Block, duplicates: list[int]) -> dict:
     """Converts one block (see the module docstring); returns its counts."""
