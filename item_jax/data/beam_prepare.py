@@ -232,10 +232,12 @@ class _Job:
     kept = {split: 0 for split in prepare_lib.SPLITS}
     kinds = {split: dict.fromkeys(prepare_lib.LISTING_KINDS, 0)
              for split in prepare_lib.SPLITS}
-    skipped_reasons, images_dropped = collections.Counter(), collections.Counter()
-    listed = {"skipped": 0, "without_image": 0}
     categories, num_reencoded = {}, 0
-    reports = {name: [] for name in prepare_lib.REPORT_FILES}
+    reports = {}
+    for name in prepare_lib.REPORT_FILES:
+      piece = scratch / _report_piece(name, block.index)
+      piece.parent.mkdir(parents=True, exist_ok=True)
+      reports[name] = prepare_lib.Report(piece)
     path = scratch / _scratch_name(block.index)
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("wb") as writer:
@@ -245,9 +247,7 @@ class _Job:
         reason, jpeg, reencoded, image_reason = prepare_lib.row_outcome(
             listing, reason, image_path, image, options.modalities)
         if reason:
-          skipped_reasons[reason] += 1
-          listed["skipped"] += 1
-          reports["skipped"].append(prepare_lib.report_entry(listing, reason))
+          reports["skipped"].add(prepare_lib.report_entry(listing, reason))
           continue
         if listing.category:
           categories.setdefault(listing.category, listing.row)
@@ -258,11 +258,8 @@ class _Job:
         kept[split] += 1
         kinds[split][kind] += 1
         if image_reason:
-          images_dropped[image_reason] += 1
-          if image_reason != prepare_lib.NO_IMAGE_NAMED:
-            listed["without_image"] += 1
-            reports["without_image"].append(
-                prepare_lib.report_entry(listing, image_reason))
+          reports["without_image"].add(prepare_lib.report_entry(listing, image_reason),
+                                       listed=image_reason != prepare_lib.NO_IMAGE_NAMED)
         if kind != "image_only":
           titles.add(listing.row, listing.item_id, listing.title)
         num_reencoded += reencoded
@@ -270,14 +267,13 @@ class _Job:
         record = bytes([prepare_lib.SPLITS.index(split)]) + prepare_lib.make_example(
             listing, jpeg, -1, 0)
         writer.write(len(record).to_bytes(8, "little") + record)
-    for name, entries in reports.items():
-      piece = scratch / _report_piece(name, block.index)
-      piece.parent.mkdir(parents=True, exist_ok=True)
-      piece.write_text("".join(json.dumps(entry, ensure_ascii=False) + "\n"
-                               for entry in entries))
+    for report in reports.values():
+      report.close()
     summary = {
-        "kept": kept, "kinds": kinds, "skipped_reasons": skipped_reasons,
-        "images_dropped": images_dropped, "listed": listed,
+        "kept": kept, "kinds": kinds,
+        "skipped_reasons": dict(reports["skipped"].reasons),
+        "images_dropped": dict(reports["without_image"].reasons),
+        "listed": {name: report.count for name, report in reports.items()},
         "categories": list(categories), "num_reencoded": num_reencoded,
         "titles_seen": titles.seen,
         # This block's part of the tokenizer's sample: [key, row, title].
@@ -305,7 +301,7 @@ class _Job:
       if (split, shard) not in writers:
         piece = scratch / f"pieces/{split}-{shard:05d}/{block:08d}.tfrecord"
         piece.parent.mkdir(parents=True, exist_ok=True)
-        writers[split, shard] = _Piece(piece)
+        writers[split, shard] = prepare_lib.ShardWriter(piece)
       # Parsed, numbered, serialised as `make_example` does: the same bytes.
       example = tf.train.Example.FromString(entry[1:])
       feature = example.features.feature
@@ -326,32 +322,13 @@ class _Job:
     with (output / name).open("wb") as target:
       for _, path, size in sorted(pieces):
         target.write(epath.Path(path).read_bytes())
-        with epath.Path(path + ".offsets.npy").open("rb") as file:
+        with epath.Path(prepare_lib.offsets_file_name(path)).open("rb") as file:
           piece_offsets = np.load(file)
         piece_offsets[:, 0] += position
         offsets.append(piece_offsets)
         position += size
     with (output / prepare_lib.offsets_file_name(name)).open("wb") as file:
       np.save(file, np.concatenate(offsets).astype(np.int64))
-
-
-class _Piece:
-  """One shard's records from one block, with their offsets in the piece."""
-
-  def __init__(self, path: epath.Path):
-    self.path = str(path)
-    self._writer = tf.io.TFRecordWriter(self.path)
-    self._offsets, self.size = [], 0
-
-  def write(self, record: bytes) -> None:
-    self._writer.write(record)
-    self._offsets.append((self.size + prepare_lib.RECORD_HEADER_BYTES, len(record)))
-    self.size += prepare_lib.RECORD_HEADER_BYTES + len(record) + prepare_lib.RECORD_FOOTER_BYTES
-
-  def close(self) -> None:
-    self._writer.close()
-    with epath.Path(self.path + ".offsets.npy").open("wb") as file:
-      np.save(file, np.array(self._offsets, np.int64).reshape(-1, 2))
 
 
 def _layout(counts: list[dict], num_shards: int) -> dict:
@@ -399,9 +376,7 @@ def _conversion(num_blocks: int, scratch: epath.Path, output_dir: epath.Path,
              for shard in range(num_shards)]
     for shard, name in enumerate(files):
       if shard >= count:  # no record reached it: empty, whatever was there
-        (output_dir / name).write_bytes(b"")
-        with (output_dir / prepare_lib.offsets_file_name(name)).open("wb") as file:
-          np.save(file, np.zeros((0, 2), np.int64))
+        prepare_lib.ShardWriter(output_dir / name).close()
     splits[split] = {
         "count": count, "num_shards": num_shards, "files": files,
         "offsets_files": [prepare_lib.offsets_file_name(name) for name in files],

@@ -298,7 +298,7 @@ class Conversion:
   images_dropped: dict[str, int]   # kept listings without an image, by reason
 
 
-class _Report:
+class Report:
   """One report's rows: every one to its JSON-lines file as it comes, the
   first REPORTED_ROWS kept for dataset.json, a count by reason."""
 
@@ -347,7 +347,7 @@ def _write_records(
   categories: dict[str, int] = {}
   if titles is None:  # (an empty sample is falsy: it has a length)
     titles = tokenizer_lib.TitleSample(seed=seed)
-  skipped, without_image = (_Report(output_dir / REPORT_FILES[name])
+  skipped, without_image = (Report(output_dir / REPORT_FILES[name])
                             for name in ("skipped", "without_image"))
   kinds = dict.fromkeys(LISTING_KINDS, 0)
   num_reencoded = 0
@@ -407,39 +407,48 @@ def offsets_file_name(shard_file: str) -> str:
   return shard_file + ".offsets.npy"
 
 
+class ShardWriter:
+  """One TFRecord file and its record index, written beside it at close as
+  `offsets_file_name(path)`: (offset, length) int64 rows, from the framing
+  (an 8-byte length and its 4-byte CRC, the data, its 4-byte CRC)."""
+
+  def __init__(self, path: str):
+    self.path = str(path)
+    self._writer = tf.io.TFRecordWriter(self.path)
+    self._offsets = array.array("q")   # flat (offset, length): 16 bytes a record
+    self.size = self.count = 0
+
+  def write(self, record: bytes) -> None:
+    self._writer.write(record)
+    self._offsets.extend((self.size + RECORD_HEADER_BYTES, len(record)))
+    self.size += RECORD_HEADER_BYTES + len(record) + RECORD_FOOTER_BYTES
+    self.count += 1
+
+  def close(self) -> None:
+    self._writer.close()
+    with epath.Path(offsets_file_name(self.path)).open("wb") as file:
+      np.save(file, np.frombuffer(self._offsets, np.int64).reshape(-1, 2))
+
+
 class _SplitWriter:
-  """Deals one split's records round-robin over its shards, numbering them,
-  and keeps each shard's record offsets (TFRecord framing: an 8-byte length
-  and its 4-byte CRC, the data, its 4-byte CRC) to write beside it."""
+  """Deals one split's records round-robin over its shards, numbering them."""
 
   def __init__(self, output_dir: epath.Path, split: str, num_shards: int):
-    self.output_dir = output_dir
     self.files = [shard_file_name(split, shard, num_shards) for shard in range(num_shards)]
-    self._writers = [tf.io.TFRecordWriter(str(output_dir / name)) for name in self.files]
-    # Flat (offset, length) pairs: 16 bytes a record.
-    self._offsets = [array.array("q") for _ in range(num_shards)]
-    self._ends = [0] * num_shards
-    self.shard_counts = [0] * num_shards
+    self._shards = [ShardWriter(output_dir / name) for name in self.files]
     self.count = 0
     self.kinds = dict.fromkeys(LISTING_KINDS, 0)
 
   def write(self, listing: catalogue_lib.Listing, jpeg: bytes | None,
             category_id: int, kind: str = "title_and_image"):
-    shard = self.count % len(self._writers)
-    record = make_example(listing, jpeg, category_id, self.count)
-    self._writers[shard].write(record)
-    self._offsets[shard].extend((self._ends[shard] + RECORD_HEADER_BYTES,
-                                 len(record)))
-    self._ends[shard] += RECORD_HEADER_BYTES + len(record) + RECORD_FOOTER_BYTES
-    self.shard_counts[shard] += 1
+    shard = self._shards[self.count % len(self._shards)]
+    shard.write(make_example(listing, jpeg, category_id, self.count))
     self.count += 1
     self.kinds[kind] += 1
 
   def close(self):
-    for writer, name, offsets in zip(self._writers, self.files, self._offsets):
-      writer.close()
-      with (self.output_dir / offsets_file_name(name)).open("wb") as file:
-        np.save(file, np.frombuffer(offsets, np.int64).reshape(-1, 2))
+    for shard in self._shards:
+      shard.close()
 
   def summary(self) -> dict:
     return {
@@ -447,7 +456,7 @@ class _SplitWriter:
         "num_shards": len(self.files),
         "files": self.files,
         "offsets_files": [offsets_file_name(name) for name in self.files],
-        "shard_counts": self.shard_counts,
+        "shard_counts": [shard.count for shard in self._shards],
         "listings": self.kinds,
     }
 

@@ -180,23 +180,17 @@ class HybridIndex:
   def __init__(self, embeddings: np.ndarray, titles, weight: float | None,
                depth: int = RRF_DEPTH):
     self.weight = None if weight is None else float(weight)
-    self.depth = depth
     self.vectorizer = tfidf_vectorizer()
     if self.weight is None:
-      dense, words = self._sides(embeddings, titles, fit=True)
-      self.sides = [SparseCandidates(scipy.sparse.csr_matrix(dense)),
-                    SparseCandidates(words)]
+      self.candidates = _RankedSides(*self._sides(embeddings, titles, fit=True), depth)
     else:
       self.candidates = SparseCandidates(self._rows(embeddings, titles, fit=True))
 
   def search(self, embeddings: np.ndarray, titles, k: int, exclude=None):
-    if self.weight is not None:
-      return self.candidates.search(self._rows(embeddings, titles), k,
-                                    exclude=exclude)
-    depth = min(max(self.depth, k), self.sides[0].num_candidates)
-    rankings = [side.search(scipy.sparse.csr_matrix(rows), depth, exclude=exclude)
-                for side, rows in zip(self.sides, self._sides(embeddings, titles))]
-    return reciprocal_rank_fusion(rankings, k)
+    if self.weight is None:
+      return self.candidates.search(*self._sides(embeddings, titles), k, exclude)
+    return self.candidates.search(self._rows(embeddings, titles), k,
+                                  exclude=exclude)
 
   def _sides(self, embeddings: np.ndarray, titles, fit: bool = False):
     """(unit embeddings, TF-IDF rows) of listings (a None title is an empty one)."""
@@ -242,6 +236,22 @@ def reciprocal_rank_fusion(rankings, k: int, constant: int = RRF_CONSTANT):
   return scores, indices
 
 
+class _RankedSides:
+  """The embedding side (unit rows) and the TF-IDF side of the candidates,
+  each searched exactly to max(depth, k) and fused by rank."""
+
+  def __init__(self, dense: np.ndarray, words, depth: int = RRF_DEPTH):
+    self.sides = (SparseCandidates(scipy.sparse.csr_matrix(dense)),
+                  SparseCandidates(words))
+    self.depth = depth
+
+  def search(self, dense: np.ndarray, words, k: int, exclude=None):
+    depth = min(max(self.depth, k), self.sides[0].num_candidates)
+    rankings = [side.search(scipy.sparse.csr_matrix(rows), depth, exclude=exclude)
+                for side, rows in zip(self.sides, (dense, words))]
+    return reciprocal_rank_fusion(rankings, k)
+
+
 def _paired_tfidf(query_vectors, query_titles, index_vectors, index_titles) -> dict:
   """TF-IDF rows of the queries' titles and the index's, fitted on both."""
   if len(query_titles) != len(query_vectors) or (
@@ -263,16 +273,12 @@ def rrf_blocks(query_vectors: np.ndarray, query_titles: list[str],
   queries = (unit_rows(np.asarray(query_vectors, np.float32)), tfidf["queries"])
   candidates = queries if index_vectors is None else (
       unit_rows(np.asarray(index_vectors, np.float32)), tfidf["index"])
-  sides = [SparseCandidates(scipy.sparse.csr_matrix(candidates[0])),
-           SparseCandidates(candidates[1])]
-  depth = min(max(depth, k), sides[0].num_candidates)
+  ranked = _RankedSides(*candidates, depth)
   for first in range(start_row, queries[0].shape[0], block_rows):
     stop = min(first + block_rows, queries[0].shape[0])
     exclude = np.arange(first, stop) if index_vectors is None else None
-    rankings = [side.search(scipy.sparse.csr_matrix(rows[first:stop]), depth,
-                            exclude=exclude)
-                for side, rows in zip(sides, queries)]
-    scores, indices = reciprocal_rank_fusion(rankings, k)
+    scores, indices = ranked.search(queries[0][first:stop], queries[1][first:stop],
+                                    k, exclude)
     yield first, scores, indices
 
 
