@@ -258,3 +258,80 @@ def test_user_errors_are_one_line_and_exit_2(run, tmp_path, capsys):
     assert len(lines) == 1 and lines[0].startswith("item-jax categorize: error:")
     assert message in lines[0]
   assert not (tmp_path / "out.csv").exists()
+
+
+def test_a_hybrid_probe_reads_the_words_beside_the_embedding(tmp_path):
+  # Categories that only the titles tell apart: the embeddings are noise.
+  rng = np.random.default_rng(0)
+  words = ["kurta", "sneaker", "saree"]
+  def listings(count):
+    labels = rng.integers(0, 3, size=count)
+    titles = [f"{rng.choice(['blue', 'red', 'green'])} {words[label]} "
+              f"size {rng.integers(30, 46)}" for label in labels]
+    return rng.standard_normal((count, 8)).astype(np.float32), labels, titles
+  rows, labels, titles = listings(90)
+  test_rows, test_labels, test_titles = listings(40)
+  categories = ["kurtas", "sneakers", "sarees"]
+  embedding_only = build_categorizer("probe", rows, labels, categories)
+  hybrid = build_categorizer("probe", rows, labels, categories, titles=titles,
+                             features="hybrid")
+  assert np.mean(hybrid.predict(test_rows, test_titles) == test_labels) == 1.0
+  assert np.mean(embedding_only.predict(test_rows) == test_labels) < 0.6
+  with pytest.raises(ValueError, match="pass one title per row"):
+    hybrid.predict(test_rows)
+  with pytest.raises(UserError, match="takes --method probe"):
+    build_categorizer("knn", rows, labels, categories, titles=titles,
+                      features="hybrid")
+
+
+def test_a_saved_hybrid_probe_predicts_as_the_in_memory_one(embedded, tmp_path):
+  from item_jax.eval.fusion import FittedTfidf
+  train, test = embedded["splits"]["train"], embedded["splits"]["test"]
+  train_rows, test_rows = embedded["rows"]["train"], embedded["rows"]["test"]
+  labels, categories = _labels(embedded, "train"), embedded["categories"]
+  build_categorizer("probe", train_rows, labels, categories, titles=train.titles,
+                    features="hybrid").save(tmp_path / "categorizer")
+  folder = tmp_path / "categorizer"
+  assert sorted(os.listdir(folder)) == ["categorizer.json", "categorizer.ngrams.json",
+                                        "categorizer.safetensors"]
+  saved = load_categorizer(tmp_path)
+  ngrams = json.loads((folder / "categorizer.ngrams.json").read_text())
+  assert saved.info["feature_kind"] == "hybrid" and saved.lexical.ngrams == ngrams
+  assert saved.tensors["weights"].shape[1] == 64 + len(ngrams)
+  # The same fit in memory: TF-IDF fitted on the labelled training titles.
+  fit_titles = [title for title, label in zip(train.titles, labels) if label >= 0]
+  words = FittedTfidf.fit(fit_titles)
+  assert words.ngrams == ngrams
+  in_memory = fit_probe((train_rows, words.transform(train.titles)), labels,
+                        len(categories))
+  np.testing.assert_allclose(
+      saved.predict_proba(test_rows, test.titles),
+      in_memory.predict_proba((test_rows, words.transform(test.titles))),
+      rtol=0, atol=1e-5)
+
+
+def test_categorize_features_hybrid_refits_and_reads_the_embedded_titles(
+    run, embedded, tmp_path, capsys):
+  data_dir, workdir = run
+  output = tmp_path / "hybrid.csv"
+  main(["categorize", "--workdir", str(workdir), "--embeddings", embedded["file"],
+        "--output", str(output), "--features", "hybrid", "--fit-data", data_dir])
+  assert "probe, hybrid" in capsys.readouterr().out
+  saved = load_categorizer(workdir)
+  assert saved.info["feature_kind"] == "hybrid"
+  test = embedded["splits"]["test"]
+  indices, _ = saved.top_k(embedded["rows"]["test"], 3, test.titles)
+  by_item = _read_csv(output)
+  assert [[category for _, category, _ in rows] for rows in by_item.values()] == [
+      [embedded["categories"][i] for i in row] for row in indices]
+  # Asking for the embedding alone again is another categorizer.
+  summary = categorize_command(str(workdir), str(output), embeddings=embedded["file"])
+  assert summary["fitted"] and load_categorizer(workdir).lexical is None
+  assert sorted(os.listdir(workdir / "categorizer")) == [
+      "categorizer.json", "categorizer.safetensors"]
+  assert not (workdir / "categorizer" / "categorizer.json").read_text().count('"hybrid"')
+  with pytest.raises(SystemExit) as exit_info:
+    main(["categorize", "--workdir", str(workdir), "--embeddings", embedded["file"],
+          "--output", str(output), "--features", "hybrid", "--method", "knn"])
+  assert exit_info.value.code == 2
+  assert "takes --method probe" in capsys.readouterr().err

@@ -65,6 +65,8 @@ def test_eval_writes_the_report(run, capsys):
     assert [float(w) for w in tried] == list(FUSION_WEIGHTS)
     assert tried[str(report[entry]["fusion_weight"])] == max(tried.values())
     assert "knn_accuracy" not in report[entry]
+    # The probe on the embedding and TF-IDF side by side.
+    assert 0.0 <= report[entry]["probe_accuracy"] <= 1.0
     # Reciprocal rank fusion's scores of the same test search (no weight).
     assert all(0.0 <= report[entry][f"rrf_{name}"] <= 1.0 for name in RRF_METRICS)
   for entry in ("both", "random_init"):

@@ -181,6 +181,40 @@ def test_linear_probe_on_sparse_rows_never_makes_them_dense(monkeypatch):
   np.testing.assert_array_equal(predictions, labels[test])
 
 
+def test_a_probe_on_blocks_scales_each_block_on_its_own():
+  # A dense block (half the classes tell apart) beside a sparse one (the
+  # other half): the probe on both beats either alone.
+  rng = np.random.default_rng(1)
+  labels = np.repeat(np.arange(4), 60)
+  dense = rng.standard_normal((240, 6)) + 3.0 * (labels // 2)[:, None]
+  columns = (labels % 2)[:, None] * 20 + rng.integers(0, 20, (240, 4))
+  sparse = scipy.sparse.csr_matrix(
+      (np.ones(960, np.float32), (np.repeat(np.arange(240), 4), columns.ravel())),
+      shape=(240, 40))
+  train, test = np.arange(240) % 3 != 0, np.arange(240) % 3 == 0
+  def accuracy(train_rows, test_rows):
+    return np.mean(linear_probe(train_rows, labels[train], test_rows, 4) == labels[test])
+  both = accuracy((dense[train], sparse[train]), (dense[test], sparse[test]))
+  assert both > 0.95
+  assert both > accuracy(dense[train], dense[test]) + 0.3
+  assert both > accuracy(sparse[train], sparse[test]) + 0.3
+  # Each block's scale is its own: a block multiplied by 100 changes nothing.
+  probe = metrics_lib.fit_probe((dense[train], sparse[train]), labels[train], 4)
+  scaled = metrics_lib.fit_probe((dense[train], 100 * sparse[train]), labels[train], 4)
+  np.testing.assert_allclose(probe.predict_proba((dense[test], sparse[test])),
+                             scaled.predict_proba((dense[test], 100 * sparse[test])),
+                             atol=1e-6)
+  # The blocks side by side, each centred (dense) and scaled by hand.
+  mean, scale = dense[train].mean(0), probe.scalings[0][1]
+  manual = scipy.sparse.hstack([(dense[test] - mean) * scale,
+                                sparse[test] * probe.scalings[1][1]]).toarray()
+  weights, bias = probe.logit_weights()
+  np.testing.assert_array_equal(probe.predict((dense[test], sparse[test])),
+                                probe.classes[np.argmax(manual @ weights.T + bias, 1)])
+  with pytest.raises(ValueError, match="fitted on 2 blocks"):
+    probe.predict(dense[test])
+
+
 def test_linear_probe_edge_cases():
   features = np.eye(4, dtype=np.float32)
   # One class to learn: predicted everywhere.

@@ -60,6 +60,10 @@ def register(commands):
                           help="CSV item_id,rank,category,probability")
   categorize.add_argument("--k", type=int, default=3, help="categories per listing")
   categorize.add_argument("--method", choices=["probe", "knn"], default="probe")
+  categorize.add_argument("--features", choices=["embedding", "hybrid"],
+                          default="embedding",
+                          help="what the probe reads: the embedding, or the "
+                          "embedding and the title's TF-IDF row side by side")
   categorize.add_argument("--fit-split", default="train",
                           help="the labelled split the categorizer is fitted on")
   categorize.add_argument("--fit-data", default=None,
@@ -130,10 +134,11 @@ def _categorize(args):
       embeddings=args.embeddings, k=args.k, fit_split=args.fit_split,
       method=args.method, refit=args.refit, view=args.modality, step=args.step,
       fit_data=args.fit_data, knn_k=args.knn_k, probe_steps=args.probe_steps,
-      batch_size=args.batch_size)
+      batch_size=args.batch_size, features=args.features)
   validation = summary["validation"]
   print(f"categorized {summary['count']} listings (top {summary['k']}, "
-        f"{summary['method']}, {summary['view']} view, step {summary['step']}; "
+        f"{summary['method']}, {summary['features']}, {summary['view']} view, "
+        f"step {summary['step']}; "
         f"categorizer {'fitted' if summary['fitted'] else 'reused'}"
         + (f", validation accuracy {validation['accuracy']:.4f}" if validation else "")
         + f"): {summary['output']}")

@@ -13,6 +13,14 @@ view's inputs and a category (category_id >= 0), and fits either
          whose best neighbour ranks highest (`metrics.knn_predict`), and its
          probabilities are the vote shares.
 
+With `features="hybrid"` (`--features hybrid`, probe only) the probe reads
+each listing's embedding and its title's TF-IDF row side by side
+(`metrics.FittedProbe`'s blocks, each scaled on its own): the TF-IDF of
+`fusion.FittedTfidf`, fitted on the fit split's titles (character 2-4-grams
+found in two or more of them, at most 131,072 of the most frequent), so the
+words that name a category (a model line, "kurta") count beside what the
+embedding learned.
+
 Saved: WORKDIR/categorizer/, safe formats only (no pickle):
 
   categorizer.safetensors  probe: "weights" (C, dim) and "bias" (C,) float32,
@@ -20,7 +28,10 @@ Saved: WORKDIR/categorizer/, safe formats only (no pickle):
                            (a binary fit is written as the equivalent two-row
                            softmax), "classes" (C,) int64, their ids;
                            knn: "index" (n, dim) float32 rows, "labels" (n,)
-                           int64 category ids.
+                           int64 category ids. Hybrid: "weights" is (C, dim +
+                           V), the embedding's columns first, then the V
+                           n-grams'; "idf" (V,) float32.
+  categorizer.ngrams.json  hybrid only: the V n-grams, in column order.
   categorizer.json         format, method, view, workdir, step, data_dir,
                            fit_split, tokenizer (the data's tokenizer file),
                            categories (dataset.json's names, indexed by
@@ -28,7 +39,9 @@ Saved: WORKDIR/categorizer/, safe formats only (no pickle):
                            "mean" (dim floats) and "scale": rows are
                            (embedding - mean) * scale before the weights; knn:
                            none, inner products of the embeddings as they
-                           are), the fit's settings (probe_steps and
+                           are; hybrid: "tfidf_scale" too, the TF-IDF rows'
+                           factor), feature_kind ("embedding" or "hybrid"),
+                           the fit's settings (probe_steps and
                            weight_decay, or knn_k), listings and categories
                            fitted on, and the accuracy on the fit data's
                            validation split (null without one).
@@ -66,11 +79,16 @@ from item_jax.errors import MissingInputError, UserError, no_training_run
 from item_jax.eval.embed import (VIEWS, Embedder, _check_same_tokenizer,
                                  embed_split, eval_batch_size, load_model,
                                  read_split)
+from item_jax.eval.fusion import FittedTfidf
 from item_jax.eval.metrics import fit_probe, knn_ranking, knn_votes
 
 CATEGORIZER_DIR = "categorizer"
 TENSORS_FILE = "categorizer.safetensors"
 INFO_FILE = "categorizer.json"
+NGRAMS_FILE = "categorizer.ngrams.json"
+# What the classifier reads: the embedding, or the embedding and the title's
+# TF-IDF row side by side (probe only).
+FEATURES = ("embedding", "hybrid")
 FORMAT_VERSION = 1
 METHODS = ("probe", "knn")
 VALIDATION_SPLIT = "validation"
@@ -86,6 +104,15 @@ class Categorizer:
 
   info: dict
   tensors: dict   # name -> numpy array, as in categorizer.safetensors
+  lexical: FittedTfidf | None = None   # hybrid: the titles' TF-IDF
+
+  @property
+  def feature_kind(self) -> str:
+    return self.info.get("feature_kind", "embedding")
+
+  @property
+  def reads_titles(self) -> bool:
+    return self.feature_kind == "hybrid"
 
   @property
   def method(self) -> str:
@@ -110,15 +137,22 @@ class Categorizer:
                        f"categorizer takes rows of {self.dim} dimensions")
     return embeddings
 
-  def _scores(self, embeddings) -> tuple[np.ndarray, np.ndarray]:
+  def _scores(self, embeddings, titles=None) -> tuple[np.ndarray, np.ndarray]:
     """(probabilities (n, num_categories), the ordering key: larger first)."""
     embeddings = self._check(embeddings)
+    if self.reads_titles and (titles is None or len(titles) != len(embeddings)):
+      raise ValueError("this categorizer reads each listing's title beside its "
+                       "embedding (feature_kind hybrid): pass one title per row")
     if self.method == "probe":
       features = self.info["features"]
       rows = ((embeddings.astype(np.float64) - np.asarray(features["mean"]))
               * features["scale"])
-      logits = (rows @ self.tensors["weights"].astype(np.float64).T
+      weights = self.tensors["weights"].astype(np.float64)
+      logits = (rows @ weights[:, :self.dim].T
                 + self.tensors["bias"].astype(np.float64))
+      if self.reads_titles:
+        words = self.lexical.transform(titles).astype(np.float64)
+        logits += (words * features["tfidf_scale"]) @ weights[:, self.dim:].T
       logits -= logits.max(axis=1, keepdims=True)
       exp = np.exp(logits)
       probabilities = np.zeros((len(rows), self.num_categories))
@@ -131,20 +165,21 @@ class Categorizer:
     shares = votes / np.maximum(votes.sum(axis=1, keepdims=True), 1)
     return shares, knn_ranking(votes, first_rank, k)
 
-  def predict_proba(self, embeddings) -> np.ndarray:
+  def predict_proba(self, embeddings, titles=None) -> np.ndarray:
     """(n, num_categories) float64 probabilities; a category the fit never
-    saw gets 0."""
-    return self._scores(embeddings)[0]
+    saw gets 0. `titles` (one per row) are needed when `reads_titles`."""
+    return self._scores(embeddings, titles)[0]
 
-  def predict(self, embeddings) -> np.ndarray:
+  def predict(self, embeddings, titles=None) -> np.ndarray:
     """(n,) the most probable category id of each row."""
-    return self.top_k(embeddings, 1)[0][:, 0]
+    return self.top_k(embeddings, 1, titles)[0][:, 0]
 
-  def top_k(self, embeddings, k: int = 3) -> tuple[np.ndarray, np.ndarray]:
+  def top_k(self, embeddings, k: int = 3, titles=None
+            ) -> tuple[np.ndarray, np.ndarray]:
     """(category ids (n, k) int64, their probabilities (n, k)), most probable
     first; k is capped at the number of categories. Ties go to the lower
     category id (probe) or as k-NN's vote breaks them (knn)."""
-    probabilities, key = self._scores(embeddings)
+    probabilities, key = self._scores(embeddings, titles)
     k = min(int(k), self.num_categories)
     order = np.argsort(-key, axis=1, kind="stable")[:, :k]
     return order.astype(np.int64), np.take_along_axis(probabilities, order, axis=1)
@@ -155,6 +190,12 @@ class Categorizer:
     folder.mkdir(parents=True, exist_ok=True)
     tensors = {name: np.ascontiguousarray(value)
                for name, value in self.tensors.items()}
+    if self.lexical is not None:
+      tensors["idf"] = self.lexical.idf
+      _write_replacing(folder / NGRAMS_FILE, json.dumps(
+          self.lexical.ngrams, ensure_ascii=False).encode())
+    elif (folder / NGRAMS_FILE).exists():   # an earlier hybrid one's
+      (folder / NGRAMS_FILE).unlink()
     _write_replacing(folder / TENSORS_FILE, save_tensors(tensors))
     _write_replacing(folder / INFO_FILE,
                      json.dumps(self.info, indent=1, ensure_ascii=False).encode())
@@ -163,13 +204,14 @@ class Categorizer:
 
 def build_categorizer(method: str, embeddings: np.ndarray, labels: np.ndarray,
                       categories, knn_k: int = 10, probe_steps: int = 300,
-                      weight_decay: float = 1e-4, info: dict | None = None
-                      ) -> Categorizer:
+                      weight_decay: float = 1e-4, info: dict | None = None,
+                      titles=None, features: str = "embedding") -> Categorizer:
   """A categorizer fitted on the rows of `embeddings` labelled >= 0
-  (`labels` index `categories`); `info` adds to its json."""
-  if method not in METHODS:
-    raise UserError(f"unknown categorize method {method!r}; known: "
-                    f"{', '.join(METHODS)}")
+  (`labels` index `categories`); `info` adds to its json. `features`
+  "hybrid" (probe only) also reads `titles`, one per row."""
+  _check_choices(method, "both", features)
+  if features == "hybrid" and (titles is None or len(titles) != len(embeddings)):
+    raise ValueError("features='hybrid' needs one title per embedding row")
   embeddings = np.asarray(embeddings, np.float32)
   labels = np.asarray(labels, np.int64)
   labelled = labels >= 0
@@ -181,6 +223,7 @@ def build_categorizer(method: str, embeddings: np.ndarray, labels: np.ndarray,
                      "categories")
   rows, labels = embeddings[labelled], labels[labelled]
   meta = {"format": FORMAT_VERSION, "method": method, **(info or {}),
+          "feature_kind": features,
           "categories": categories, "dim": int(embeddings.shape[1]),
           "num_fit_listings": int(len(labels)),
           "num_fit_categories": int(len(np.unique(labels)))}
@@ -188,18 +231,24 @@ def build_categorizer(method: str, embeddings: np.ndarray, labels: np.ndarray,
     return Categorizer(
         {**meta, "knn_k": int(knn_k), "features": None},
         {"index": rows, "labels": labels})
-  probe = fit_probe(rows, labels, len(categories), probe_steps, weight_decay)
-  if probe.model is None:   # one category: probability 1 everywhere
-    weights, bias = np.zeros((1, rows.shape[1])), np.zeros(1)
-  else:
-    weights, bias = probe.logit_weights()
+  lexical, blocks = None, rows
+  transform = {"transform": "(embedding - mean) * scale"}
+  if features == "hybrid":
+    fit_titles = [title for title, kept in zip(titles, labelled) if kept]
+    lexical = FittedTfidf.fit(fit_titles)
+    blocks = (rows, lexical.transform(fit_titles))
+    transform = {"transform": "[(embedding - mean) * scale, tfidf(title) * "
+                              "tfidf_scale]", "ngrams": len(lexical.ngrams)}
+  probe = fit_probe(blocks, labels, len(categories), probe_steps, weight_decay)
+  weights, bias = probe.logit_weights()   # zeros for one category: probability 1
+  if features == "hybrid":
+    transform["tfidf_scale"] = float(probe.scalings[1][1])
   return Categorizer(
       {**meta, "probe_steps": int(probe_steps), "weight_decay": float(weight_decay),
        "features": {"mean": [float(value) for value in probe.mean],
-                    "scale": float(probe.scale),
-                    "transform": "(embedding - mean) * scale"}},
+                    "scale": float(probe.scale), **transform}},
       {"weights": weights.astype(np.float32), "bias": bias.astype(np.float32),
-       "classes": probe.classes.astype(np.int64)})
+       "classes": probe.classes.astype(np.int64)}, lexical)
 
 
 def categorizer_dir(workdir) -> epath.Path:
@@ -216,21 +265,31 @@ def load_categorizer(workdir) -> Categorizer:
   if info.get("format") != FORMAT_VERSION or info.get("method") not in METHODS:
     raise UserError(f"{folder / INFO_FILE}: not a categorizer of format "
                     f"{FORMAT_VERSION}; refit it with `item-jax categorize --refit`")
-  return Categorizer(info, dict(load_tensors((folder / TENSORS_FILE).read_bytes())))
+  tensors = dict(load_tensors((folder / TENSORS_FILE).read_bytes()))
+  lexical = None
+  if info.get("feature_kind", "embedding") == "hybrid":
+    if not (folder / NGRAMS_FILE).exists() or "idf" not in tensors:
+      raise MissingInputError(f"{folder}: a hybrid categorizer without its "
+                              f"{NGRAMS_FILE} or idf; refit it with "
+                              "`item-jax categorize --refit`")
+    lexical = FittedTfidf(json.loads((folder / NGRAMS_FILE).read_text()),
+                          tensors.pop("idf"))
+  return Categorizer(info, tensors, lexical)
 
 
 def fit_categorizer(workdir, data_dir, split: str = "train", view: str = "both",
                     method: str = "probe", step: int | None = None,
                     knn_k: int = 10, probe_steps: int = 300,
-                    weight_decay: float = 1e-4, batch_size: int | None = None
-                    ) -> epath.Path:
-  """Fits on the `view` embeddings of DATA_DIR/SPLIT's labelled listings and
-  saves WORKDIR/categorizer/; returns that folder."""
+                    weight_decay: float = 1e-4, batch_size: int | None = None,
+                    features: str = "embedding") -> epath.Path:
+  """Fits on the `view` embeddings (and titles, for `features` "hybrid") of
+  DATA_DIR/SPLIT's labelled listings and saves WORKDIR/categorizer/;
+  returns that folder."""
   _check_fit_data(data_dir, split)
-  _check_choices(method, view)
+  _check_choices(method, view, features)
   model = _Model(workdir, step, data_dir, view, batch_size)
   return _fit(model, data_dir, split, method, knn_k, probe_steps,
-              weight_decay).save(categorizer_dir(workdir))
+              weight_decay, features).save(categorizer_dir(workdir))
 
 
 class _Model:
@@ -245,7 +304,8 @@ class _Model:
     self._checked = {os.path.realpath(str(data_dir))}
 
   def embed(self, data_dir, split):
-    """(the split's listings that have the view's inputs, their rows)."""
+    """(the item ids, category ids, rows and titles of the split's listings
+    that have the view's inputs)."""
     if os.path.realpath(str(data_dir)) not in self._checked:
       _check_same_tokenizer(self.trained_on, data_dir)
       self._checked.add(os.path.realpath(str(data_dir)))
@@ -257,13 +317,14 @@ class _Model:
       logging.warning("categorize: %d listings of %s/%s have no %s input and "
                       "are left out", int((~keep).sum()), data_dir, split, self.view)
     return (result.item_ids[keep], result.category_ids[keep],
-            result.outputs[("model", self.view)][keep])
+            result.outputs[("model", self.view)][keep],
+            [title for title, kept in zip(result.titles, keep) if kept])
 
 
 def _fit(model: _Model, data_dir, split, method, knn_k, probe_steps,
-         weight_decay) -> Categorizer:
+         weight_decay, features: str = "embedding") -> Categorizer:
   info = pipeline.load_dataset_info(data_dir)
-  _, labels, rows = model.embed(data_dir, split)
+  _, labels, rows, titles = model.embed(data_dir, split)
   if not (labels >= 0).any():
     raise UserError(_no_labels(data_dir, split))
   categorizer = build_categorizer(
@@ -271,18 +332,21 @@ def _fit(model: _Model, data_dir, split, method, knn_k, probe_steps,
       info={"view": model.view, "workdir": _real(model.workdir),
             "step": model.loaded.step, "data_dir": _real(data_dir),
             "fit_split": split,
-            "tokenizer": _real(epath.Path(data_dir) / info["tokenizer"])})
+            "tokenizer": _real(epath.Path(data_dir) / info["tokenizer"])},
+      titles=titles, features=features)
   validation = None
   if info.get("splits", {}).get(VALIDATION_SPLIT, {}).get("count"):
-    _, labels, rows = model.embed(data_dir, VALIDATION_SPLIT)
+    _, labels, rows, titles = model.embed(data_dir, VALIDATION_SPLIT)
     labelled = labels >= 0
     if labelled.any():
-      predicted = categorizer.predict(rows[labelled])
+      predicted = categorizer.predict(
+          rows[labelled], [title for title, kept in zip(titles, labelled) if kept])
       validation = {"split": VALIDATION_SPLIT, "listings": int(labelled.sum()),
                     "accuracy": float(np.mean(predicted == labels[labelled]))}
   categorizer.info["validation"] = validation
-  logging.info("categorize: fitted the %s categorizer on %d listings of %s/%s "
-               "(step %d, %s view)%s", method, categorizer.info["num_fit_listings"],
+  logging.info("categorize: fitted the %s categorizer (%s) on %d listings of "
+               "%s/%s (step %d, %s view)%s", method, features,
+               categorizer.info["num_fit_listings"],
                data_dir, split, model.loaded.step, model.view,
                f"; validation accuracy {validation['accuracy']:.4f}"
                if validation else "")
@@ -295,7 +359,8 @@ def categorize_command(workdir, output, data_dir=None, split=None, embeddings=No
                        step: int | None = None, fit_data: str | None = None,
                        knn_k: int = 10, probe_steps: int = 300,
                        weight_decay: float = 1e-4,
-                       batch_size: int | None = None) -> dict:
+                       batch_size: int | None = None,
+                       features: str = "embedding") -> dict:
   """`item-jax categorize`: the top-k categories of every listing of
   DATA_DIR/SPLIT (default test) or of an `item-jax embed` file, as CSV.
 
@@ -303,7 +368,9 @@ def categorize_command(workdir, output, data_dir=None, split=None, embeddings=No
   else `data_dir`, else the saved categorizer's data, else the run's
   data.dir), or reused from WORKDIR/categorizer/ when it matches (see the
   module docstring). `view` defaults to the embeddings file's modality, or
-  "both". Returns a summary.
+  "both". `features` "hybrid" reads each listing's title beside its
+  embedding (an embeddings file must then list the titles, as `item-jax
+  embed` writes them). Returns a summary.
   """
   if (data_dir is None) == (embeddings is None):
     raise UserError("give either --data (with --split) or --embeddings")
@@ -321,7 +388,11 @@ def categorize_command(workdir, output, data_dir=None, split=None, embeddings=No
                       "embeddings")
     view = modality
   view = view or "both"
-  _check_choices(method, view)
+  _check_choices(method, view, features)
+  if features == "hybrid" and ids is not None and not isinstance(ids.get("title"), list):
+    raise UserError(f"--features hybrid reads the titles, and --embeddings "
+                    f"{embeddings}'s .ids.json has none: write it with `item-jax "
+                    "embed`")
   if data_dir is not None:
     pipeline.load_dataset_info(data_dir)   # a prepared folder
   wanted_step = _checkpoint_step(workdir, step)
@@ -329,6 +400,7 @@ def categorize_command(workdir, output, data_dir=None, split=None, embeddings=No
     _check_embeddings_source(embeddings, ids, workdir, wanted_step)
   saved = _saved_info(workdir)
   asked = {"method": method, "view": view, "step": wanted_step,
+           "feature_kind": features,
            "fit_split": fit_split, "knn_k": int(knn_k),
            "probe_steps": int(probe_steps), "weight_decay": float(weight_decay)}
   if fit_data or data_dir:   # named: the saved one must be fitted on it
@@ -346,7 +418,7 @@ def categorize_command(workdir, output, data_dir=None, split=None, embeddings=No
     logging.info("categorize: fitting a categorizer (%s)", why)
     model = _Model(workdir, wanted_step, fit_data, view, batch_size)
     categorizer = _fit(model, fit_data, fit_split, method, knn_k, probe_steps,
-                       weight_decay)
+                       weight_decay, features)
     categorizer.save(categorizer_dir(workdir))
   else:
     logging.info("categorize: reusing the categorizer in %s (step %d, %s, %s "
@@ -355,15 +427,18 @@ def categorize_command(workdir, output, data_dir=None, split=None, embeddings=No
   if embeddings is not None:
     _check_embeddings(embeddings, rows, ids, categorizer, workdir)
     item_ids = np.asarray(ids["item_id"], dtype=str)
+    titles = ids.get("title")
   else:
     _check_split(data_dir, split, "--split")
     model = model or _Model(workdir, wanted_step, data_dir, view, batch_size)
-    item_ids, _, rows = model.embed(data_dir, split)
-  indices, probabilities = categorizer.top_k(rows, k)
+    item_ids, _, rows, titles = model.embed(data_dir, split)
+  indices, probabilities = categorizer.top_k(
+      rows, k, titles if categorizer.reads_titles else None)
   write_predictions(output, item_ids, indices, probabilities,
                     categorizer.categories)
   return {"count": int(len(item_ids)), "k": int(indices.shape[1]),
           "fitted": bool(why), "method": method, "view": view,
+          "features": features,
           "step": categorizer.info["step"],
           "categorizer": str(categorizer_dir(workdir)), "output": str(output),
           "validation": categorizer.info.get("validation")}
@@ -459,18 +534,26 @@ def _mismatch(saved: dict | None, asked: dict) -> str:
   """Why the saved categorizer is not the one asked for ("" when it is)."""
   if saved is None:
     return "none saved"
-  names = ["method", "view", "step", "fit_split", "data_dir",
+  names = ["method", "view", "feature_kind", "step", "fit_split", "data_dir",
            *_SETTINGS[asked["method"]]]
+  saved = {"feature_kind": "embedding", **saved}   # older categorizers
   for name in names:
     if name in asked and saved.get(name) != asked[name]:
       return f"the saved one has {name} {saved.get(name)!r}, asked {asked[name]!r}"
   return ""
 
 
-def _check_choices(method, view):
+def _check_choices(method, view, features: str = "embedding"):
   if method not in METHODS:
     raise UserError(f"unknown categorize method {method!r}; known: "
                     f"{', '.join(METHODS)}")
+  if features not in FEATURES:
+    raise UserError(f"unknown categorize features {features!r}; known: "
+                    f"{', '.join(FEATURES)}")
+  if features == "hybrid" and method != "probe":
+    raise UserError("--features hybrid takes --method probe: the probe weighs "
+                    "the embedding and the words itself, where k-NN would need "
+                    "a fusion weight")
   if view not in VIEWS:
     raise UserError(f"unknown view {view!r}; known: {', '.join(VIEWS)}")
 

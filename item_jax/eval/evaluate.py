@@ -142,13 +142,13 @@ def evaluate(workdir: str, data_dir: str, options: EvalOptions = EvalOptions()
   if "mobilenet" in pretrained:
     host_features[("mobilenet", "image")] = _on_images(pretrained["mobilenet"].embed)
   batch_size = eval_batch_size(embedder, options.batch_size)
-  fusion = (options.fusion and "tfidf" in options.baselines
-            and split_count(data_dir, "validation") > 0)
+  fusion = options.fusion and "tfidf" in options.baselines
+  has_validation = split_count(data_dir, "validation") > 0
   reads = [("test", None, runs, host_features),
            ("train", options.max_train_examples, runs,
             {key: value for key, value in host_features.items()
              if key[0] not in options.retrieval_only})]
-  if fusion:
+  if fusion and has_validation:
     reads.append(("validation", None, {"item": runs["item"]},
                   {key: value for key, value in host_features.items()
                    if key[0] == "mobilenet"}))
@@ -202,8 +202,8 @@ def evaluate(workdir: str, data_dir: str, options: EvalOptions = EvalOptions()
         report[entry][output] = float(np.mean(test.outputs[(run, output)]))
   fitted = {}
   if fusion and "unavailable" not in report["tfidf"]:
-    fused, fitted = _fused_entries(splits, features["tfidf"][1], report,
-                                   trained.mesh, options.lexical_text)
+    fused, fitted = _fused_entries(splits, features, report, trained.mesh,
+                                   num_classes, options)
     report.update(fused)
   report["meta"] = {
       "workdir": str(workdir), "data": str(data_dir), "step": trained.step,
@@ -296,47 +296,85 @@ def _tfidf_pair(train, other, lexical_text: str = "title") -> tuple:
   return tuple(_scatter(tfidf[name], splits[name].has_title) for name in splits)
 
 
-def _fused_entries(splits: dict, test_tfidf, report: dict, mesh,
-                   lexical_text: str = "title") -> tuple:
+def _fused_entries(splits: dict, features: dict, report: dict, mesh,
+                   num_classes: int, options: EvalOptions) -> tuple:
   """({fused entry: metrics}, {fused entry: {weight: validation macro
-  Recall@10}}): each embedding's rows beside TF-IDF's, the
-  weight fitted on the validation split (its TF-IDF fitted, as the test
-  split's, on the training titles and its own), scored on the test split."""
-  validation, test = splits["validation"], splits["test"]
-  validation_tfidf = _tfidf_pair(splits["train"], validation, lexical_text)[1]
+  Recall@10}}): each embedding beside TF-IDF.
+
+  Same-product retrieval: the fused score, its weight fitted on the
+  validation split (its TF-IDF fitted, as the test split's, on the training
+  titles and its own) and scored on the test split, and reciprocal rank
+  fusion of the same test search. Categories: the linear probe on the
+  embedding and the TF-IDF row side by side (each scaled on its own:
+  `metrics.FittedProbe`), trained on the training split as every entry's
+  probe; it needs no weight (what `item-jax categorize --features hybrid`
+  fits). An entry holds what its split can score."""
+  validation, test = splits.get("validation"), splits["test"]
+  train_tfidf, test_tfidf = features["tfidf"]
+  validation_tfidf = (None if validation is None else
+                      _tfidf_pair(splits["train"], validation, options.lexical_text)[1])
   labelled = {name: own_products(split.product_ids, split.item_ids)
-              for name, split in (("validation", validation), ("test", test))}
+              for name, split in (("validation", validation), ("test", test))
+              if split is not None}
   fused, fitted = {}, {}
   for entry, source in FUSED.items():
     if source not in report or "unavailable" in report[source]:
       fused[entry] = {"unavailable": f"{source} is not scored"}
       continue
-    if not len(retrieval_queries(labelled["validation"])):
-      fused[entry] = {"unavailable": "no product has two validation listings "
-                                     "to fit the weight on"}
+    metrics, why = {}, None
+    if validation is None or not len(retrieval_queries(labelled["validation"])):
+      why = ("no product has two validation listings to fit the weight on"
+             if validation is not None else "no validation split to fit the weight on")
+    elif not len(retrieval_queries(labelled["test"])):
+      why = "no product has two test listings"
+    else:
+      # A listing without the embedding's input is its TF-IDF row alone.
+      rows = {name: split.outputs[SOURCES[source]]
+              * split.has(ENTRY_INPUTS[source] or "both")[:, None]
+              for name, split in (("validation", validation), ("test", test))}
+      logging.info("eval: fitting the fusion of %s with TF-IDF", source)
+      weight, tried = fit_weight(rows["validation"], validation_tfidf,
+                                 labelled["validation"], validation.category_ids,
+                                 mesh=mesh)
+      # What a catalogue without labels would get: reciprocal rank fusion.
+      rrf = rrf_retrieval(rows["test"], test_tfidf, labelled["test"],
+                          test.category_ids, mesh=mesh)
+      metrics.update({
+          **same_product_retrieval(fuse(rows["test"], test_tfidf, weight),
+                                   labelled["test"], test.category_ids, mesh=mesh),
+          "fusion_weight": weight,
+          **{f"rrf_{name}": rrf[name] for name in RRF_METRICS}})
+      fitted[entry] = {str(w): recall for w, recall in tried.items()}
+    if source not in options.retrieval_only:
+      metrics.update(_hybrid_probe(splits["train"], test, source, train_tfidf,
+                                   test_tfidf, num_classes, options))
+    if not metrics:
+      fused[entry] = {"unavailable": why or "no category to probe"}
       continue
-    if not len(retrieval_queries(labelled["test"])):
-      fused[entry] = {"unavailable": "no product has two test listings"}
-      continue
-    # A listing without the embedding's input is its TF-IDF row alone.
-    rows = {name: split.outputs[SOURCES[source]]
-            * split.has(ENTRY_INPUTS[source] or "both")[:, None]
-            for name, split in (("validation", validation), ("test", test))}
-    logging.info("eval: fitting the fusion of %s with TF-IDF", source)
-    weight, tried = fit_weight(rows["validation"], validation_tfidf,
-                               labelled["validation"], validation.category_ids,
-                               mesh=mesh)
-    # What a catalogue without labels would get: reciprocal rank fusion.
-    rrf = rrf_retrieval(rows["test"], test_tfidf, labelled["test"],
-                        test.category_ids, mesh=mesh)
-    fused[entry] = {
-        **same_product_retrieval(fuse(rows["test"], test_tfidf, weight),
-                                 labelled["test"], test.category_ids, mesh=mesh),
-        "fusion_weight": weight,
-        **{f"rrf_{name}": rrf[name] for name in RRF_METRICS},
-        "num_test_listings": len(test.item_ids)}
-    fitted[entry] = {str(w): recall for w, recall in tried.items()}
+    fused[entry] = {**metrics, "num_test_listings": len(test.item_ids)}
   return fused, fitted
+
+
+def _hybrid_probe(train, test, source: str, train_tfidf, test_tfidf,
+                  num_classes: int, options: EvalOptions) -> dict:
+  """The probe's accuracy and macro-F1 on (embedding, TF-IDF row) blocks, of
+  every listing (one without the embedding's input has a zero embedding
+  row, one without a title an empty TF-IDF row); {} without labels."""
+  rows = {}
+  for name, split, tfidf in (("train", train, train_tfidf), ("test", test, test_tfidf)):
+    embedding = (split.outputs[SOURCES[source]]
+                 * split.has(ENTRY_INPUTS[source] or "both")[:, None])
+    rows[name] = (embedding, tfidf)
+  train_labels, test_labels = train.category_ids, test.category_ids
+  labelled = test_labels >= 0
+  if not labelled.any() or not (train_labels >= 0).any():
+    return {}
+  logging.info("eval: the probe on %s beside TF-IDF", source)
+  predicted = linear_probe(rows["train"], train_labels,
+                           tuple(block[labelled] for block in rows["test"]),
+                           num_classes, steps=options.probe_steps)
+  return {f"probe_{name}": value for name, value in
+          classification_metrics(test_labels[labelled], predicted).items()}
 
 
 def _scatter(rows, present: np.ndarray):

@@ -89,6 +89,45 @@ def tfidf_features(titles_by_split: dict, ngram_range=NGRAM_RANGE) -> dict:
   return features
 
 
+class FittedTfidf:
+  """`tfidf_vectorizer`'s TF-IDF fitted once on some titles and applied to
+  any others (`transform`), as `item-jax categorize --features hybrid` keeps
+  it: the n-grams (at most `max_ngrams` of the most frequent found in
+  `min_df` or more fit titles) and their idf. Rows are L2-normalised over
+  those n-grams; a title's unknown n-grams are dropped.
+
+  Saved without pickle: `ngrams` (a list of strings, json) and `idf`
+  (float32, safetensors); `FittedTfidf(ngrams, idf)` gives the same rows."""
+
+  def __init__(self, ngrams, idf, ngram_range=NGRAM_RANGE):
+    self.ngrams, self.idf = list(ngrams), np.asarray(idf, np.float32)
+    if len(self.ngrams) != len(self.idf):
+      raise ValueError(f"{len(self.ngrams)} n-grams but {len(self.idf)} idf values")
+    self.ngram_range = tuple(ngram_range)
+    self._vectorizer = tfidf_vectorizer(self.ngram_range)
+    self._vectorizer.set_params(vocabulary=self.ngrams)
+    self._vectorizer.idf_ = self.idf
+
+  @classmethod
+  def fit(cls, titles, min_df: int = 2, max_ngrams: int | None = 2 ** 17,
+          ngram_range=NGRAM_RANGE) -> "FittedTfidf":
+    titles = list(titles)
+    if not titles:
+      raise ValueError("FittedTfidf.fit needs at least one title")
+    vectorizer = tfidf_vectorizer(ngram_range)
+    vectorizer.set_params(min_df=min(min_df, len(titles)), max_features=max_ngrams)
+    try:
+      vectorizer.fit(titles)
+    except ValueError:   # no n-gram in min_df titles: keep every one
+      vectorizer.set_params(min_df=1).fit(titles)
+    return cls(vectorizer.get_feature_names_out().tolist(), vectorizer.idf_,
+               ngram_range)
+
+  def transform(self, titles) -> scipy.sparse.csr_matrix:
+    """(len(titles), len(ngrams)) float32 CSR rows."""
+    return self._vectorizer.transform(list(titles)).tocsr()
+
+
 def unit_rows(dense: np.ndarray) -> np.ndarray:
   """Rows scaled to unit length; all-zero rows stay zero."""
   dense = np.asarray(dense, np.float32)

@@ -193,6 +193,11 @@ def linear_probe(train_features, train_labels: np.ndarray, test_features,
   0.9466 / 0.6795 / 1.0000 / 0.6589, in 0.1-0.7 s against 0.2-2.8 s. The two
   agree to a few test listings either way, so every entry gets this one. On
   100,000 listings (79,933 training rows): 6 s on TF-IDF rows, 3 s on 384-d.
+
+  Rows may also be a tuple of blocks of the same listings, e.g. (embeddings,
+  TF-IDF rows): each block is scaled (dense ones centred) on its own, then
+  they are set side by side (`FittedProbe`), so the probe weighs the
+  embedding and the words itself.
   """
   probe = fit_probe(train_features, train_labels, num_classes, steps, weight_decay)
   return probe.predict(test_features)
@@ -200,25 +205,46 @@ def linear_probe(train_features, train_labels: np.ndarray, test_features,
 
 @dataclasses.dataclass(frozen=True)
 class FittedProbe:
-  """`linear_probe`'s fitted softmax regression: its feature scaling (`mean`:
-  the dense training rows' mean, None for sparse rows, which are not
-  centred; `scale`), and scikit-learn's model over `classes` (the labels
-  that occur in training; None when only one does)."""
+  """`linear_probe`'s fitted softmax regression: its feature scaling and
+  scikit-learn's model over `classes` (the labels that occur in training;
+  None when only one does).
+
+  Rows are one block (dense or scipy sparse) or a tuple of blocks of the same
+  listings, e.g. (embeddings, TF-IDF rows): `scalings` holds one (mean,
+  scale) per block, each block scaled (and, if dense, centred on `mean`;
+  sparse blocks have mean None) on its own, so that each block reaches the
+  probe at the same spread whatever its width; the blocks are then set side
+  by side."""
 
   model: "sklearn.linear_model.LogisticRegression | None"
   classes: np.ndarray
   num_classes: int
-  mean: np.ndarray | None
-  scale: float
+  scalings: tuple   # ((mean | None, scale), ...), one per block
+  widths: tuple     # each block's number of columns
+
+  @property
+  def mean(self) -> np.ndarray | None:
+    """The first block's mean (the only block's, for one-block rows)."""
+    return self.scalings[0][0]
+
+  @property
+  def scale(self) -> float:
+    return self.scalings[0][1]
 
   def features(self, rows):
-    """Rows scaled (and centred) as the training rows were."""
-    if scipy.sparse.issparse(rows):
-      if self.mean is not None:
-        raise ValueError("the probe was fitted on dense rows; got sparse ones")
-      return scipy.sparse.csr_matrix(rows, dtype=np.float64) * self.scale
-    rows = np.asarray(rows, np.float64)
-    return (rows - self.mean) * self.scale if self.mean is not None else rows * self.scale
+    """Rows scaled (and centred) as the training rows were; the blocks of a
+    tuple side by side (sparse if any block is)."""
+    blocks = _blocks(rows)
+    if len(blocks) != len(self.scalings):
+      raise ValueError(f"the probe was fitted on {len(self.scalings)} blocks of "
+                       f"features; got {len(blocks)}")
+    scaled = [_scaled(block, mean, scale)
+              for block, (mean, scale) in zip(blocks, self.scalings)]
+    if len(scaled) == 1:
+      return scaled[0]
+    if any(scipy.sparse.issparse(block) for block in scaled):
+      return scipy.sparse.hstack(scaled, format="csr")
+    return np.concatenate(scaled, axis=1)
 
   def predict(self, rows) -> np.ndarray:
     if self.model is None:
@@ -241,24 +267,52 @@ class FittedProbe:
     """(weights (len(classes), dim), bias (len(classes),)) such that the
     probabilities over `classes` are softmax(features(rows) @ weights.T +
     bias): sklearn's binary model (one row, a sigmoid) as the equivalent
-    two-row softmax with a zero first row."""
+    two-row softmax with a zero first row. `dim` is the blocks' widths
+    summed, in their order."""
     if self.model is None:
-      dim = len(self.mean) if self.mean is not None else 0
-      return np.zeros((1, dim)), np.zeros(1)
+      return np.zeros((1, self.dim)), np.zeros(1)
     weights, bias = self.model.coef_, self.model.intercept_
     if len(self.classes) == 2:
       weights = np.concatenate([np.zeros_like(weights), weights])
       bias = np.concatenate([np.zeros_like(bias), bias])
     return weights, bias
 
+  @property
+  def dim(self) -> int:
+    return sum(self.widths)
+
+
+def _blocks(rows) -> tuple:
+  return tuple(rows) if isinstance(rows, tuple) else (rows,)
+
+
+def _scaled(block, mean, scale):
+  if scipy.sparse.issparse(block):
+    if mean is not None:
+      raise ValueError("the probe was fitted on dense rows; got sparse ones")
+    return scipy.sparse.csr_matrix(block, dtype=np.float64) * scale
+  block = np.asarray(block, np.float64)
+  return (block - mean) * scale if mean is not None else block * scale
+
 
 def _num_rows(rows) -> int:
+  rows = _blocks(rows)[0]
   return rows.shape[0] if scipy.sparse.issparse(rows) else np.shape(rows)[0]
+
+
+def _take(rows, positions):
+  """The rows at `positions` of one block or of each block of a tuple."""
+  blocks = tuple(block if scipy.sparse.issparse(block) else np.asarray(block)
+                 for block in _blocks(rows))
+  taken = tuple(block[positions] for block in blocks)
+  return taken if isinstance(rows, tuple) else taken[0]
 
 
 def fit_probe(train_features, train_labels: np.ndarray, num_classes: int,
               steps: int = 300, weight_decay: float = 1e-4) -> FittedProbe:
-  """`linear_probe`'s fit (see there) on the rows labelled >= 0."""
+  """`linear_probe`'s fit (see there) on the rows labelled >= 0;
+  `train_features` is one block of rows or a tuple of blocks (see
+  `FittedProbe`)."""
   labelled = np.flatnonzero(np.asarray(train_labels) >= 0)
   labels = np.asarray(train_labels)[labelled]
   if not len(labels):
@@ -266,16 +320,18 @@ def fit_probe(train_features, train_labels: np.ndarray, num_classes: int,
   if np.max(labels) >= num_classes:
     raise ValueError(f"training label {np.max(labels)} is not below num_classes "
                      f"= {num_classes}")
+  if len({_num_rows(block) for block in _blocks(train_features)}) != 1:
+    raise ValueError("the blocks of the probe's rows have different numbers of rows")
   classes = np.unique(labels)
-  if not scipy.sparse.issparse(train_features):
-    train_features = np.asarray(train_features)
-  mean, scale = _probe_scaling(train_features[labelled])
+  train = _blocks(_take(train_features, labelled))
+  scalings = tuple(_probe_scaling(block) for block in train)
+  widths = tuple(int(block.shape[1]) for block in train)
   if len(classes) == 1:   # LogisticRegression needs two classes
-    return FittedProbe(None, classes, num_classes, mean, scale)
+    return FittedProbe(None, classes, num_classes, scalings, widths)
   probe = FittedProbe(sklearn.linear_model.LogisticRegression(
       C=1.0 / (weight_decay * len(labels)), solver="lbfgs", max_iter=steps,
-      random_state=0), classes, num_classes, mean, scale)
-  features = probe.features(train_features[labelled])
+      random_state=0), classes, num_classes, scalings, widths)
+  features = probe.features(train if isinstance(train_features, tuple) else train[0])
   # One BLAS thread: the products are small, and OpenBLAS's spinning threads
   # made the fit 3-30x slower on a busy machine (2 cores, load 3-4).
   with threadpoolctl.threadpool_limits(1, user_api="blas"), \

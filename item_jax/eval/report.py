@@ -174,10 +174,14 @@ def format_markdown(report: dict, plots: list[str], compare: dict | None) -> str
       "fitted on the validation split's same-product macro Recall@10 and "
       "applied here as it is.",
       "## Leaf-category prediction (test split)",
+      "Accuracy: over the labelled test listings; macro-F1: mean over "
+      "categories. Fused entries: the probe on the embedding and the TF-IDF "
+      "row side by side (no weight, no k-NN).",
       format_table(["", *classification_columns],
-                   [[entry_label(e, report),
+                   [[LABELS[e] if e in evaluate_lib.FUSED else entry_label(e, report),
                      *(report[e].get(c) for c in classification_columns)]
-                    for e in entries if e not in evaluate_lib.FUSED]),
+                    for e in entries if e not in evaluate_lib.FUSED
+                    or "probe_accuracy" in report[e]]),
       "## Where [CLS] looks (last block, mean over heads and test listings)",
       "Share of [CLS] attention on image patches, beside the patches' share "
       "of the attended tokens (what uniform attention would give).",
