@@ -126,3 +126,61 @@ def test_a_source_reads_the_index_and_scans_only_without_a_fitting_one(
       for name in ("title_ids", "image", "index", "valid"):
         np.testing.assert_array_equal(reference[name], batch[name])
   assert "does not match" in caplog.text
+
+
+@pytest.fixture(scope="module")
+def with_text(prepared_catalogue, tmp_path_factory):
+  """(data dir, dataset.json, {item_id: description}) of the synthetic
+  catalogue with a description on two rows of three, prepared with it."""
+  import csv
+  from item_jax.data.prepare import prepare
+  catalogue, tmp_path = prepared_catalogue[0], tmp_path_factory.mktemp("with_text")
+  with open(catalogue / "catalogue.csv", newline="") as file:
+    rows = list(csv.DictReader(file))
+  for position, row in enumerate(rows):
+    row["description"] = "" if position % 3 == 0 else f"made of steel {position}\nsize L"
+  path = tmp_path / "catalogue.csv"
+  with open(path, "w", newline="") as file:
+    writer = csv.DictWriter(file, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+  data = tmp_path / "prepared"
+  info = prepare(str(path), str(catalogue / "images"), str(data), num_shards=2,
+                 vocab_size=300, num_workers=0, text_columns=("description",))
+  return data, info, {row["item_id"]: row["description"] for row in rows}
+
+
+def test_the_text_view_reads_each_records_other_text_columns(with_text):
+  from item_jax.data.tokenizer import load_tokenizer
+  data, info, texts = with_text
+  source = _source(str(data), max_text_len=12)
+  batch = _take(source, 0, 1)[0]
+  assert batch["text_ids"].shape == (8, 12) and batch["has_text"].dtype == bool
+  import tensorflow as tf
+  from item_jax.data import pipeline
+  in_order = [record["item_id"].decode()   # record id: position in shard order
+              for name in info["splits"]["train"]["files"]
+              for record in tf.data.TFRecordDataset(str(data / name)).map(
+                  pipeline.parse_record).as_numpy_iterator()]
+  tokenizer = load_tokenizer(str(data / info["tokenizer"]))
+  for row, record_id in enumerate(source.record_ids(batch["index"].astype(np.int64))):
+    text = texts[in_order[record_id]]
+    assert bool(batch["has_text"][row]) == bool(text)
+    np.testing.assert_array_equal(batch["text_ids"][row],
+                                  tokenizer.encode_batch([text.replace("\n", " ")], 12)[0])
+  # Without a text view the batch is as before.
+  assert "text_ids" not in _take(_source(str(data)), 0, 1)[0]
+
+
+def test_a_run_with_the_text_view_trains_on_it(with_text, tmp_path):
+  from train_helpers import tiny_settings
+  from item_jax.train.loop import train
+  data = with_text[0]
+  settings = tiny_settings(str(data), "--config.total_steps=3",
+                           "--config.objectives.itc_weight=1",
+                           "--config.objectives.itc_pairs='title:text,joint:title'",
+                           "--config.data.max_text_len=12")
+  assert settings.text_len == 12
+  history = train(settings, str(tmp_path / "run"))
+  assert [row["step"] for row in history][-1] == 3
+  assert all(np.isfinite(row["itc"]) and row["itc"] > 0 for row in history)

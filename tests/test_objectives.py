@@ -311,6 +311,26 @@ def test_itc_joint_view_uses_matched_pairs_of_the_main_pass():
   assert float(with_joint["itc"]) != pytest.approx(float(plain["itc"]))
 
 
+def test_itc_text_view_contrasts_the_text_read_alone():
+  model, batch = tiny_model(), tiny_batch(batch=8)
+  text_ids = tiny_batch(batch=8, seed=3)["title_ids"]
+  objectives = ObjectiveConfig(**{f"{task}_weight": 0.0 for task in PAPER_TASKS},
+                               itc_weight=1.0, itc_pairs="title:text")
+  cls = lambda ids: model.encode(ids, None, title_mask=ids != 0).cls
+  title, text = cls(batch["title_ids"]), cls(text_ids)
+  with_text = {**batch, "text_ids": text_ids, "has_text": jnp.ones(8, bool)}
+  _, metrics = _loss(model, with_text, objectives)
+  assert float(metrics["itc"]) == pytest.approx(float(contrastive_loss(
+      title, text, model.itc_scale(), jnp.ones(8))), rel=1e-5)
+  # A listing without text is neither a query nor a candidate.
+  _, half = _loss(model, {**with_text, "has_text": jnp.arange(8) < 4}, objectives)
+  assert float(half["itc"]) == pytest.approx(float(contrastive_loss(
+      title[:4], text[:4], model.itc_scale(), jnp.ones(4))), rel=1e-5)
+  # Its gradient reaches the shared encoder through the text pass too.
+  grads = nnx.grad(lambda m: _loss(m, with_text, objectives)[0])(model)
+  assert float(jnp.abs(grads.layers[0].intermediate.kernel[...]).max()) > 0
+
+
 @pytest.mark.parametrize("pairs", ["title", "title:title", "title:photo",
                                    "title:image,image:title:joint",
                                    "title:image,title:image"])

@@ -27,7 +27,9 @@ TOLERANCE = 1e-4
     ObjectiveConfig(itc_weight=1.5, itc_pairs="title:image,joint:title,joint:image"),
     ObjectiveConfig(itm_weight=0.0, mlm_weight=0.0, mim_weight=0.0, gmlm_weight=0.0,
                     gmim_weight=0.0, itc_weight=1.0, itc_pairs="title:image,joint:image"),
-], ids=["all", "no-itm-no-mim", "all-and-itc", "itc-only"])
+    ObjectiveConfig(itm_weight=0.0, mim_weight=0.0, gmim_weight=0.0, itc_weight=1.0,
+                    itc_pairs="title:text,joint:text"),
+], ids=["all", "no-itm-no-mim", "all-and-itc", "itc-only", "itc-text"])
 def test_torch_losses_and_gradients_match_item_jax(objectives):
   config = tiny_config()
   torch_model = random_torch_model(config, seed=1).train()
@@ -35,6 +37,8 @@ def test_torch_losses_and_gradients_match_item_jax(objectives):
   graphdef, state = nnx.split(model_from_params(params, config))
   batch = tiny_batch(batch=8, seed=2)
   batch["valid"] = jnp.arange(8) < 7
+  batch["text_ids"] = tiny_batch(batch=8, seed=5)["title_ids"]
+  batch["has_text"] = jnp.arange(8) % 3 != 0
   keys = example_keys(jax.random.key(3), jnp.arange(8))
 
   @jax.jit

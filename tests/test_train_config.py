@@ -117,6 +117,24 @@ def test_the_recommended_recipe_validates_on_titles_alone(data_dir, tmp_path, ca
   assert "title:image, joint:image contrast nothing" in caplog.text
 
 
+def test_a_text_view_needs_text_columns_and_a_length_that_fits(data_dir, tmp_path):
+  pairs = ["--config.objectives.itc_weight=1",
+           "--config.objectives.itc_pairs='title:text'"]
+  with pytest.raises(ValueError, match="prepared without them: run `item-jax prepare "
+                                       r"\.\.\. --text-columns"):
+    validate(_config(f"--config.data.dir={data_dir}", *pairs), num_devices=8)
+  import json
+  import pathlib
+  info = json.loads((pathlib.Path(data_dir) / "dataset.json").read_text())
+  (tmp_path / "dataset.json").write_text(json.dumps({**info, "text_columns": ["d"]}))
+  settings = validate(_config(f"--config.data.dir={tmp_path}", *pairs), num_devices=8)
+  assert settings.text_len == settings.config.data.max_text_len == 64
+  assert validate(_config(f"--config.data.dir={tmp_path}"), num_devices=8).text_len == 0
+  with pytest.raises(ValueError, match="max_text_len=4000"):
+    validate(_config(f"--config.data.dir={tmp_path}", *pairs,
+                     "--config.data.max_text_len=4000"), num_devices=8)
+
+
 def test_every_field_of_the_parts_can_be_set_from_a_config():
   """A dataclass field the config lacks could not be set by a recipe or a
   --config.* override. (The model's sizes come from `model.size`'s preset.)"""

@@ -263,6 +263,9 @@ def loss_inputs(masked, batch: dict | None = None) -> dict[str, np.ndarray]:
   if batch is not None:
     arrays.update(clean_title_ids=batch["title_ids"],
                   clean_pixel_values=np.asarray(batch["image"]).transpose(0, 3, 1, 2))
+    if "text_ids" in batch:   # ITC's text view
+      arrays.update(text_ids=batch["text_ids"],
+                    has_text=np.asarray(batch["has_text"], np.float32))
   if masked.tokens is not None:
     arrays.update(token_indices=masked.tokens.indices,
                   token_labels=masked.tokens.labels,
@@ -363,6 +366,9 @@ def item_losses(model: ItemTorch, inputs: dict, weights: dict | None = None,
     if "image" in needed:
       views["image"] = (model.encode(None, inputs["clean_pixel_values"])[0],
                         example_weight)
+    if "text" in needed:
+      views["text"] = (model.encode(inputs["text_ids"])[0],
+                       example_weight * inputs["has_text"])
     if "joint" in needed:
       views["joint"] = ((model.encode(inputs["clean_title_ids"],
                                       inputs["clean_pixel_values"])[0],

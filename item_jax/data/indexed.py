@@ -82,7 +82,8 @@ class IndexedSource:
   def __init__(self, data_dir: str, split: str, *, global_batch_size: int,
                seed: int, image_size: int, max_title_len: int,
                resize: str = "pad", process_index: int = 0,
-               process_count: int = 1, num_read_threads: int = 16):
+               process_count: int = 1, num_read_threads: int = 16,
+               max_text_len: int = 0):
     if global_batch_size % process_count:
       raise UserError(f"global batch {global_batch_size} is not divisible by "
                       f"{process_count} processes")
@@ -112,6 +113,9 @@ class IndexedSource:
     self.seed = seed
     self.image_size = image_size
     self.max_title_len = max_title_len
+    # > 0: batches also hold text_ids (batch, max_text_len) and has_text, the
+    # records' other text columns (ITC's "text" view).
+    self.max_text_len = max_text_len
     self.resize = resize
     self._tokenizer = load_tokenizer(str(epath.Path(data_dir) / info["tokenizer"]))
 
@@ -154,8 +158,9 @@ class IndexedSource:
     return handles[shard]
 
   def _read_one(self, record_id: int):
-    """(title bytes, jpeg bytes, has_title, has_image) of a record, or None
-    if it is unusable. A listing without an image has empty jpeg bytes."""
+    """(title bytes, jpeg bytes, has_title, has_image, text bytes) of a
+    record, or None if it is unusable. A listing without an image has empty
+    jpeg bytes; one without other text columns empty text."""
     shard = int(np.searchsorted(self._first_record, record_id, side="right") - 1)
     position = record_id - self._first_record[shard]
     try:
@@ -174,7 +179,10 @@ class IndexedSource:
              else True for name in ("has_title", "has_image")}
       if has["has_image"] and not _whole_jpeg(jpeg):
         raise ValueError("image is not a whole JPEG")
-      return title, jpeg if has["has_image"] else b"", has["has_title"], has["has_image"]
+      text = (features["text"].bytes_list.value[0]
+              if "text" in features and features["text"].bytes_list.value else b"")
+      return (title, jpeg if has["has_image"] else b"", has["has_title"],
+              has["has_image"], text)
     except Exception as error:  # any failure of one record skips only that record
       _log.warning("skipping record %d of %s: %s", position, self._files[shard], error)
       with self._skipped_lock:
@@ -192,8 +200,10 @@ class IndexedSource:
     jpegs = [record[1] if record else b"" for record in records]
     has_title = np.asarray([bool(record and record[2]) for record in records])
     has_image = np.asarray([bool(record and record[3]) for record in records])
+    texts = [record[4] if record else b"" for record in records]
     return (np.asarray(titles, object), np.asarray(jpegs, object), valid,
-            indices.astype(np.int32), has_title, has_image)
+            indices.astype(np.int32), has_title, has_image,
+            np.asarray(texts, object))
 
   # -- the tf.data pipeline ----------------------------------------------------
 
@@ -204,17 +214,21 @@ class IndexedSource:
     def read(step):
       outputs = tf.numpy_function(
           self._read_step, [step],
-          [tf.string, tf.string, tf.bool, tf.int32, tf.bool, tf.bool], stateful=False)
+          [tf.string, tf.string, tf.bool, tf.int32, tf.bool, tf.bool, tf.string],
+          stateful=False)
       return tuple(tf.ensure_shape(output, [batch]) for output in outputs)
 
-    def decode(title, jpeg, valid, index, has_title, has_image):
+    def decode(title, jpeg, valid, index, has_title, has_image, text):
       image = tf.cond(
           has_image,
           lambda: pipeline.preprocess_image(jpeg, size, self.resize,
                                             (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
           lambda: tf.zeros([size, size, 3], tf.float32))
-      return {"title": title, "image": image, "valid": valid, "index": index,
-              "has_title": has_title, "has_image": has_image}
+      example = {"title": title, "image": image, "valid": valid, "index": index,
+                 "has_title": has_title, "has_image": has_image}
+      if self.max_text_len:
+        example["text"] = text
+      return example
 
     def tokenise(examples):
       examples = dict(examples)
@@ -222,6 +236,16 @@ class IndexedSource:
           lambda titles: self._tokenizer.encode_batch(list(titles), self.max_title_len),
           [examples.pop("title")], tf.int32, stateful=False)
       examples["title_ids"] = tf.ensure_shape(title_ids, [batch, self.max_title_len])
+      if self.max_text_len:
+        text = examples.pop("text")
+        text_ids = tf.numpy_function(
+            lambda texts: self._tokenizer.encode_batch(
+                [value.decode("utf-8").replace("\n", " ") for value in texts],
+                self.max_text_len),
+            [text], tf.int32, stateful=False)
+        examples["text_ids"] = tf.ensure_shape(text_ids, [batch, self.max_text_len])
+        examples["has_text"] = (tf.strings.length(tf.strings.strip(text)) > 0) & (
+            examples["valid"])
       return examples
 
     steps = tf.data.Dataset.range(start_step, np.iinfo(np.int64).max)
@@ -242,16 +266,22 @@ class IndexedSource:
   def abstract_global_batch(self, sharding) -> dict:
     """ShapeDtypeStructs of one global batch, for compiling the step."""
     return abstract_global_batch(self.global_batch_size, self.image_size,
-                                 self.max_title_len, sharding)
+                                 self.max_title_len, sharding,
+                                 max_text_len=self.max_text_len)
 
 
 def abstract_global_batch(global_batch_size: int, image_size: int,
-                          max_title_len: int, sharding=None) -> dict:
-  """ShapeDtypeStructs of one global training batch; needs no data (AOT compile)."""
+                          max_title_len: int, sharding=None,
+                          max_text_len: int = 0) -> dict:
+  """ShapeDtypeStructs of one global training batch; needs no data (AOT
+  compile). `max_text_len` > 0 adds the text view's text_ids and has_text."""
   batch, size = global_batch_size, image_size
   shapes = {"title_ids": ((batch, max_title_len), np.int32),
             "image": ((batch, size, size, 3), np.float32),
             "valid": ((batch,), np.bool_), "index": ((batch,), np.int32),
             "has_title": ((batch,), np.bool_), "has_image": ((batch,), np.bool_)}
+  if max_text_len:
+    shapes.update(text_ids=((batch, max_text_len), np.int32),
+                  has_text=((batch,), np.bool_))
   return {name: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
           for name, (shape, dtype) in shapes.items()}

@@ -199,7 +199,8 @@ def compile_train_step(config: ml_collections.ConfigDict, target: Target,
       state_shardings, mesh)
   batch_sharding = sharding.batch_sharding(mesh)
   batch = abstract_global_batch(config.global_batch_size, settings.model.image_size,
-                                config.data.max_title_len, batch_sharding)
+                                config.data.max_title_len, batch_sharding,
+                                max_text_len=settings.text_len)
 
   started = time.perf_counter()
   try:

@@ -22,8 +22,12 @@ TASKS = ("itm", "mlm", "mim", "gmlm", "gmim", "itc")
 # The paper's five; ITC is off unless its weight is set.
 PAPER_TASKS = TASKS[:5]
 # The [CLS] views ITC can contrast: the title-only pass, the image-only pass,
-# and the joint pass (title and image together).
-ITC_VIEWS = ("title", "image", "joint")
+# the joint pass (title and image together), and the text pass: the
+# listing's other text columns (`prepare --text-columns`, e.g. a
+# description) read alone through the title segment, a second view of the
+# listing's words that exists only in training (the embedding reads titles
+# and photos as ever).
+ITC_VIEWS = ("title", "image", "joint", "text")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,7 +43,9 @@ class ObjectiveConfig:
   # temperature); 0 is the paper's recipe.
   itc_weight: float = 0.0
   # The pairs of [CLS] views ITC contrasts, "a:b" comma-separated, from
-  # "title", "image" and "joint" (e.g. "title:image,joint:title,joint:image").
+  # "title", "image", "joint" and "text" (e.g.
+  # "title:image,joint:title,joint:image"; "title:text" needs a dataset
+  # prepared with --text-columns, and config.data.max_text_len).
   itc_pairs: str = "title:image"
   token_mask_rate: float = 0.15
   patch_mask_ratio: float = 0.4
@@ -380,6 +386,15 @@ def _itc_losses(model: ItemModel, batch: dict, objectives: ObjectiveConfig,
     views["title"] = model.encode(title_ids, None, title_mask=title_mask,
                                   dropout_key=dropout_keys[0]).cls
     weights["title"] = example_weight * has_title
+  if "text" in needed:
+    text_ids = batch["text_ids"]
+    has_text = batch["has_text"].astype(bool)
+    views["text"] = model.encode(
+        text_ids, None,
+        title_mask=(text_ids != model.config.pad_token_id) & has_text[:, None],
+        dropout_key=(None if dropout_keys[0] is None
+                     else jax.random.fold_in(dropout_keys[0], 3))).cls
+    weights["text"] = example_weight * has_text
   if "image" in needed:
     views["image"] = model.encode(None, image, image_mask=has_image,
                                   dropout_key=dropout_keys[1],

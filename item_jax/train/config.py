@@ -49,6 +49,10 @@ def base_config() -> ml_collections.ConfigDict:
   config.data.dir = ml_collections.FieldReference(None, field_type=str)
   config.data.split = "train"
   config.data.max_title_len = 40
+  # Tokens of the listing's other text columns that ITC's "text" view reads
+  # (objectives.itc_pairs with "text"; the dataset prepared with
+  # --text-columns). Read only in training.
+  config.data.max_text_len = 64
   config.data.resize = "pad"        # aspect-preserving resize, then pad or crop
   config.data.num_parallel_reads = 8
 
@@ -163,6 +167,14 @@ class TrainSettings:
   config: ml_collections.ConfigDict
   dataset: dict      # the `prepare` output's dataset.json
 
+  @property
+  def text_len(self) -> int:
+    """Tokens of the text view in a training batch; 0 when no ITC pair reads
+    it (the batch then has no text_ids)."""
+    reads = self.objectives.itc_weight > 0 and any(
+        "text" in pair for pair in self.objectives.itc_view_pairs())
+    return int(self.config.data.max_text_len) if reads else 0
+
 
 def _fields_of(section: ml_collections.ConfigDict, name: str, cls, **extra):
   known = {field.name for field in dataclasses.fields(cls)}
@@ -244,6 +256,7 @@ def _settings(config: ml_collections.ConfigDict, dataset: dict,
     raise UserError(f"config.data.max_title_len={config.data.max_title_len} "
                     f"does not fit model.max_title_positions={model.max_title_positions}")
   objectives = _fields_of(config.objectives, "objectives", ObjectiveConfig)
+  _check_text_view(objectives, dataset, config, model)
   _check_inputs(objectives, dataset, config)
   optimizer = _fields_of(config.optimizer, "optimizer", OptimizerConfig,
                          total_steps=int(config.total_steps))
@@ -282,7 +295,8 @@ def _check_inputs(objectives: ObjectiveConfig, dataset: dict,
   if counts is None:  # datasets prepared before single-input listings
     return
   present = {"title": counts["title_and_image"] + counts["title_only"],
-             "image": counts["title_and_image"] + counts["image_only"]}
+             "image": counts["title_and_image"] + counts["image_only"],
+             "text": bool(dataset.get("text_columns"))}
   where = lambda what: (f"no listing of the {config.data.split!r} split of "
                         f"{config.data.dir} has {what} (dataset.json: {counts})")
   for task, inputs in TASK_INPUTS.items():
@@ -306,6 +320,24 @@ def _check_inputs(objectives: ObjectiveConfig, dataset: dict,
       logging.warning("objectives.itc_pairs: %s contrast nothing on this data "
                       "(dataset.json: %s); they count as 0 in the ITC mean",
                       ", ".join(idle), counts)
+
+
+def _check_text_view(objectives: ObjectiveConfig, dataset: dict,
+                     config: ml_collections.ConfigDict, model) -> None:
+  """ITC's "text" view needs text columns in the records and a length that
+  fits the title positions."""
+  if not (objectives.itc_weight > 0 and any(
+      "text" in pair for pair in objectives.itc_view_pairs())):
+    return
+  if "splits" in dataset and not dataset.get("text_columns"):   # data read
+    raise UserError(f"config.objectives.itc_pairs={objectives.itc_pairs!r} "
+                    f"reads the listings' other text columns, but "
+                    f"{config.data.dir} was prepared without them: run `item-jax "
+                    "prepare ... --text-columns COLUMN[,COLUMN]`")
+  length = int(config.data.max_text_len)
+  if length < 2 or length + 1 > model.max_title_positions:
+    raise UserError(f"config.data.max_text_len={length} must be at least 2 and "
+                    f"fit model.max_title_positions={model.max_title_positions}")
 
 
 def resolve_mesh_shape(mesh: dict, num_devices: int) -> dict:

@@ -160,6 +160,7 @@ def _train(settings: TrainSettings, workdir: str, devices,
       config.data.dir, config.data.split, global_batch_size=config.global_batch_size,
       seed=config.seed, image_size=settings.model.image_size,
       max_title_len=config.data.max_title_len, resize=config.data.resize,
+      max_text_len=settings.text_len,
       process_index=jax.process_index(), process_count=jax.process_count())
   train_step = sharding.jit_train_step(
       make_train_step(graphdef, optimizer, settings.objectives,
