@@ -347,6 +347,11 @@ def test_itc_costs_its_extra_passes_in_flops():
   per_token = 6 * 12 * (4 * 768**2 + 2 * 768 * 3072)
   assert with_itc["itc_encoder"] == per_token * (41 + 197)
   assert extra > with_itc["itc_encoder"]
+  # The text view's pass reads its own length.
+  with_text = training_flops_per_example(
+      config, 40, ObjectiveConfig(itc_weight=1.0, itc_pairs="title:image,title:text"),
+      text_len=64)
+  assert with_text["itc_encoder"] == per_token * (41 + 197 + 65)
 
 
 def test_a_listing_without_an_image_or_title_drops_only_its_tasks():

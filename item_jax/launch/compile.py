@@ -245,7 +245,8 @@ def compile_train_step(config: ml_collections.ConfigDict, target: Target,
       "hbm_per_device": target.hbm_bytes,
       "flops_per_device_xla": float(cost.get("flops", 0.0)),
       "flops_per_step_analytic": float(training_flops_per_example(
-          settings.model, config.data.max_title_len, settings.objectives)["total"]
+          settings.model, config.data.max_title_len, settings.objectives,
+          text_len=settings.text_len)["total"]
           * config.global_batch_size),
       "collectives": count_collectives(compiled.as_text()),
   }

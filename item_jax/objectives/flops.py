@@ -47,13 +47,15 @@ def image_stem_flops(config: ModelConfig) -> int:
 
 
 def training_flops_per_example(config: ModelConfig, title_len: int,
-                               objectives: ObjectiveConfig | None = None) -> dict:
+                               objectives: ObjectiveConfig | None = None,
+                               text_len: int = 0) -> dict:
   """FLOPs of one training example, by part, and their `total`.
 
   Heads are counted on the positions the step actually computes: the masked
   title slots and masked patches (the vocabulary projection never runs on the
   whole sequence). ITC's extra encoder passes are `itc_encoder`,
-  `itc_attention` and `itc_patch_embedding`.
+  `itc_attention` and `itc_patch_embedding`; its text view reads `text_len`
+  tokens (config.data.max_text_len).
   """
   objectives = objectives or ObjectiveConfig()
   hidden, vocab = config.hidden_size, config.vocab_size
@@ -66,7 +68,8 @@ def training_flops_per_example(config: ModelConfig, title_len: int,
     # joint view when no other task runs the joint pass.
     views = {view for pair in objectives.itc_view_pairs() for view in pair}
     lengths = {"title": (1 + title_len, False),
-               "image": (1 + config.num_patches, True)}
+               "image": (1 + config.num_patches, True),
+               "text": (1 + text_len, False)}
     if "joint" in views and not forward:
       lengths["joint"] = (joint, True)
     itc = {}

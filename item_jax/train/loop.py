@@ -78,7 +78,8 @@ def _token_spec(settings: TrainSettings) -> TokenSpec:
 
 def _log_compiled(compiled, settings: TrainSettings, batch: int):
   analytic = training_flops_per_example(
-      settings.model, settings.config.data.max_title_len, settings.objectives)
+      settings.model, settings.config.data.max_title_len, settings.objectives,
+      text_len=settings.text_len)
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   xla_flops = float((cost or {}).get("flops", 0.0))
