@@ -110,10 +110,12 @@ def evaluate(workdir: str, data_dir: str, options: EvalOptions = EvalOptions()
   """The report: {entry: metrics} for each of ENTRIES, plus "meta".
 
   The fused entries (FUSED; with `options.fusion` and the TF-IDF baseline)
-  hold same-product retrieval only and "fusion_weight", fitted on the
+  hold same-product retrieval and "fusion_weight", fitted on the
   validation split (meta's "fusion_validation_macro_recall@10" has each
-  weight tried), and "rrf_<metric>" (RRF_METRICS): the same search ranked
-  by reciprocal rank fusion, which needs no weight.
+  weight tried), "rrf_<metric>" (RRF_METRICS): the same search ranked
+  by reciprocal rank fusion, which needs no weight, and the linear probe on
+  the embedding and the TF-IDF row side by side ("probe_*"; no k-NN), each
+  where the splits allow it (`_fused_entries`).
 
   Each entry is scored on the listings that have its input (ENTRY_INPUTS),
   both in the test split and in the training split (the k-NN index and the
