@@ -12,7 +12,7 @@ import pytest
 
 from train_helpers import tiny_settings
 from item_jax.cli import main
-from item_jax.errors import UserError
+from item_jax.errors import MissingInputError, UserError
 from item_jax.eval.categorize import (build_categorizer, categorize_command,
                                       load_categorizer)
 from item_jax.eval.embed import (Embedder, embed_split, eval_batch_size,
@@ -282,6 +282,9 @@ def test_a_hybrid_probe_reads_the_words_beside_the_embedding(tmp_path):
   with pytest.raises(UserError, match="takes --method probe"):
     build_categorizer("knn", rows, labels, categories, titles=titles,
                       features="hybrid")
+  with pytest.raises(UserError, match="none of the 90 listings .* has one"):
+    build_categorizer("probe", rows, labels, categories, titles=[""] * 90,
+                      features="hybrid")
 
 
 def test_a_saved_hybrid_probe_predicts_as_the_in_memory_one(embedded, tmp_path):
@@ -308,6 +311,10 @@ def test_a_saved_hybrid_probe_predicts_as_the_in_memory_one(embedded, tmp_path):
       saved.predict_proba(test_rows, test.titles),
       in_memory.predict_proba((test_rows, words.transform(test.titles))),
       rtol=0, atol=1e-5)
+  # n-grams that do not fit the weights (a save cut short): refit, not a mix.
+  (folder / "categorizer.ngrams.json").write_text(json.dumps(ngrams[:-1]))
+  with pytest.raises(MissingInputError, match="do not fit together .* --refit"):
+    load_categorizer(tmp_path)
 
 
 def test_categorize_features_hybrid_refits_and_reads_the_embedded_titles(

@@ -240,7 +240,8 @@ class IndexedSource:
         text = examples.pop("text")
         text_ids = tf.numpy_function(
             lambda texts: self._tokenizer.encode_batch(
-                [value.decode("utf-8").replace("\n", " ") for value in texts],
+                [value.decode("utf-8", "replace").replace("\n", " ")
+                 for value in texts],
                 self.max_text_len),
             [text], tf.int32, stateful=False)
         examples["text_ids"] = tf.ensure_shape(text_ids, [batch, self.max_text_len])

@@ -16,10 +16,10 @@ view's inputs and a category (category_id >= 0), and fits either
 With `features="hybrid"` (`--features hybrid`, probe only) the probe reads
 each listing's embedding and its title's TF-IDF row side by side
 (`metrics.FittedProbe`'s blocks, each scaled on its own): the TF-IDF of
-`fusion.FittedTfidf`, fitted on the fit split's titles (character 2-4-grams
-found in two or more of them, at most 131,072 of the most frequent), so the
-words that name a category (a model line, "kurta") count beside what the
-embedding learned.
+`fusion.FittedTfidf`, fitted on the titles of the labelled listings it is
+fitted on (character 2-4-grams found in two or more of them, or every one
+when none is, at most 131,072 of the most frequent), so the words that name
+a category (a model line, "kurta") count beside what the embedding learned.
 
 Saved: WORKDIR/categorizer/, safe formats only (no pickle):
 
@@ -50,8 +50,9 @@ Probabilities are computed in float64 from those float32 tensors; they match
 the in-memory scikit-learn model's `predict_proba` to about 1e-6.
 
 Predicting: `categorize_command` reuses the saved categorizer when its json
-matches what is asked (the checkpoint step, method, view, fit split and
-settings, and the fit data when given); otherwise, or with `refit`, it fits
+matches what is asked (the checkpoint step, method, view, features, fit
+split and settings, and the fit data when given); otherwise, or with
+`refit`, it fits
 again and replaces it. It then predicts for every listing of a prepared split
 (embedded with the same model, view and step) or for the rows of an
 `item-jax embed` file (OUTPUT.npy + OUTPUT.ids.json, whose workdir, step,
@@ -190,13 +191,16 @@ class Categorizer:
     folder.mkdir(parents=True, exist_ok=True)
     tensors = {name: np.ascontiguousarray(value)
                for name, value in self.tensors.items()}
+    # The json last: a save cut short leaves files that `load_categorizer`
+    # finds inconsistent (and `categorize` refits), never a mix it reads.
     if self.lexical is not None:
       tensors["idf"] = self.lexical.idf
+    _write_replacing(folder / TENSORS_FILE, save_tensors(tensors))
+    if self.lexical is not None:
       _write_replacing(folder / NGRAMS_FILE, json.dumps(
           self.lexical.ngrams, ensure_ascii=False).encode())
     elif (folder / NGRAMS_FILE).exists():   # an earlier hybrid one's
       (folder / NGRAMS_FILE).unlink()
-    _write_replacing(folder / TENSORS_FILE, save_tensors(tensors))
     _write_replacing(folder / INFO_FILE,
                      json.dumps(self.info, indent=1, ensure_ascii=False).encode())
     return folder
@@ -235,6 +239,10 @@ def build_categorizer(method: str, embeddings: np.ndarray, labels: np.ndarray,
   transform = {"transform": "(embedding - mean) * scale"}
   if features == "hybrid":
     fit_titles = [title for title, kept in zip(titles, labelled) if kept]
+    if not any(title and title.strip() for title in fit_titles):
+      raise UserError(f"--features hybrid reads the titles, and none of the "
+                      f"{len(fit_titles)} listings it is fitted on has one: "
+                      "use --features embedding")
     lexical = FittedTfidf.fit(fit_titles)
     blocks = (rows, lexical.transform(fit_titles))
     transform = {"transform": "[(embedding - mean) * scale, tfidf(title) * "
@@ -268,13 +276,29 @@ def load_categorizer(workdir) -> Categorizer:
   tensors = dict(load_tensors((folder / TENSORS_FILE).read_bytes()))
   lexical = None
   if info.get("feature_kind", "embedding") == "hybrid":
-    if not (folder / NGRAMS_FILE).exists() or "idf" not in tensors:
-      raise MissingInputError(f"{folder}: a hybrid categorizer without its "
-                              f"{NGRAMS_FILE} or idf; refit it with "
-                              "`item-jax categorize --refit`")
+    why = _hybrid_files_problem(folder, info, tensors)
+    if why:
+      raise MissingInputError(f"{folder}: {why}; refit it with `item-jax "
+                              "categorize --refit`")
     lexical = FittedTfidf(json.loads((folder / NGRAMS_FILE).read_text()),
                           tensors.pop("idf"))
   return Categorizer(info, tensors, lexical)
+
+
+def _hybrid_files_problem(folder, info: dict, tensors: dict) -> str:
+  """Why a hybrid categorizer's files do not fit together ("" when they do)."""
+  if not (folder / NGRAMS_FILE).exists() or "idf" not in tensors:
+    return f"a hybrid categorizer without its {NGRAMS_FILE} or idf"
+  try:
+    count = len(json.loads((folder / NGRAMS_FILE).read_text()))
+  except ValueError:
+    return f"{NGRAMS_FILE} is not readable"
+  width = tensors["weights"].shape[1] if "weights" in tensors else -1
+  if count != len(tensors["idf"]) or width != int(info["dim"]) + count:
+    return (f"{count} n-grams, {len(tensors['idf'])} idf values and weights "
+            f"of width {width} for a {info['dim']}-d embedding do not fit "
+            "together (a save cut short?)")
+  return ""
 
 
 def fit_categorizer(workdir, data_dir, split: str = "train", view: str = "both",
@@ -421,8 +445,9 @@ def categorize_command(workdir, output, data_dir=None, split=None, embeddings=No
                        weight_decay, features)
     categorizer.save(categorizer_dir(workdir))
   else:
-    logging.info("categorize: reusing the categorizer in %s (step %d, %s, %s "
-                 "view)", categorizer_dir(workdir), saved["step"], method, view)
+    logging.info("categorize: reusing the categorizer in %s (step %d, %s, %s, "
+                 "%s view)", categorizer_dir(workdir), saved["step"], method,
+                 features, view)
     categorizer = load_categorizer(workdir)
   if embeddings is not None:
     _check_embeddings(embeddings, rows, ids, categorizer, workdir)
@@ -483,6 +508,9 @@ def _check_embeddings(name, rows, ids, categorizer: Categorizer, workdir):
   if len(ids.get("item_id", ())) != len(rows):
     raise UserError(f"--embeddings {name}: {len(rows)} rows but "
                     f"{len(ids.get('item_id', ()))} item ids in its .ids.json")
+  if categorizer.reads_titles and len(ids.get("title") or ()) != len(rows):
+    raise UserError(f"--embeddings {name}: {len(rows)} rows but "
+                    f"{len(ids.get('title') or ())} titles in its .ids.json")
 
 
 def _check_embeddings_source(name, ids, workdir, step: int):
@@ -527,7 +555,16 @@ def _saved_info(workdir) -> dict | None:
   except ValueError:
     logging.warning("categorize: %s is not readable; fitting again", path)
     return None
-  return info if info.get("format") == FORMAT_VERSION else None
+  if info.get("format") != FORMAT_VERSION:
+    return None
+  if info.get("feature_kind") == "hybrid":
+    folder = categorizer_dir(workdir)
+    why = _hybrid_files_problem(
+        folder, info, dict(load_tensors((folder / TENSORS_FILE).read_bytes())))
+    if why:
+      logging.warning("categorize: %s: %s; fitting again", folder, why)
+      return None
+  return info
 
 
 def _mismatch(saved: dict | None, asked: dict) -> str:

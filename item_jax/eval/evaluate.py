@@ -309,8 +309,11 @@ def _fused_entries(splits: dict, features: dict, report: dict, mesh,
   fusion of the same test search. Categories: the linear probe on the
   embedding and the TF-IDF row side by side (each scaled on its own:
   `metrics.FittedProbe`), trained on the training split as every entry's
-  probe; it needs no weight (what `item-jax categorize --features hybrid`
-  fits). An entry holds what its split can score."""
+  probe; it needs no weight. It is the kind of probe `item-jax categorize
+  --features hybrid` fits, on eval's TF-IDF rows (fitted on the training
+  and test titles together, as the TF-IDF baseline's; categorize fits its
+  own on the training titles alone). An entry holds what its split can
+  score."""
   validation, test = splits.get("validation"), splits["test"]
   train_tfidf, test_tfidf = features["tfidf"]
   validation_tfidf = (None if validation is None else

@@ -176,7 +176,8 @@ def format_markdown(report: dict, plots: list[str], compare: dict | None) -> str
       "## Leaf-category prediction (test split)",
       "Accuracy: over the labelled test listings; macro-F1: mean over "
       "categories. Fused entries: the probe on the embedding and the TF-IDF "
-      "row side by side (no weight, no k-NN).",
+      "row side by side (no weight, no k-NN), on every labelled test listing "
+      "(one without the embedding's input has a zero embedding row).",
       format_table(["", *classification_columns],
                    [[LABELS[e] if e in evaluate_lib.FUSED else entry_label(e, report),
                      *(report[e].get(c) for c in classification_columns)]

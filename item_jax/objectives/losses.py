@@ -368,7 +368,9 @@ def _itc_losses(model: ItemModel, batch: dict, objectives: ObjectiveConfig,
   """ITC over `objectives.itc_pairs`: the mean of each pair's InfoNCE.
 
   The title-only and image-only views are extra passes over the clean title
-  and image. The joint view is the main (masked, ITM re-paired) pass's
+  and image; the text view one over `text_ids` alone through the title
+  segment, weighted by `has_text` (dropout key: the title view's folded with
+  3). The joint view is the main (masked, ITM re-paired) pass's
   [CLS] when another task runs it, counting only matched pairs; otherwise a
   clean joint pass (either way with `joint_masks`' modality dropout). Each
   view counts only the listings that have its inputs (the joint view:
