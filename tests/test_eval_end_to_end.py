@@ -205,3 +205,26 @@ def test_the_lexical_side_reads_the_title_and_then_the_other_text():
   split = types.SimpleNamespace(titles=["lamp KX-2", "mug"], texts=["steel\nAcme", ""])
   assert evaluate_lib._lexical_texts(split) == ["lamp KX-2", "mug"]
   assert evaluate_lib._lexical_texts(split, "title+text") == ["lamp KX-2\nsteel\nAcme", "mug"]
+
+
+def test_without_a_validation_split_the_fused_entries_keep_their_probe(run, tmp_path):
+  # A catalogue with nothing to fit the fusion weight on (as fashion_224,
+  # which has no same-product ids): the fused entries hold the probe on the
+  # embedding and TF-IDF side by side, and no retrieval.
+  import os
+  data_dir, workdir = run
+  info = json.loads(open(f"{data_dir}/dataset.json").read())
+  for name in os.listdir(data_dir):
+    if name != "dataset.json":
+      os.symlink(os.path.join(data_dir, name), tmp_path / name)
+  info["splits"]["validation"] = {**info["splits"]["validation"], "count": 0,
+                                  "files": [], "shard_counts": [],
+                                  "offsets_files": []}
+  (tmp_path / "dataset.json").write_text(json.dumps(info))
+  report = evaluate_lib.evaluate(str(workdir), str(tmp_path), evaluate_lib.EvalOptions(
+      baselines=("tfidf",), probe_steps=20, knn_k=3))
+  for entry in ("both+tfidf", "title+tfidf", "image+tfidf"):
+    assert 0.0 <= report[entry]["probe_accuracy"] <= 1.0
+    assert "fusion_weight" not in report[entry] and "macro_recall@10" not in report[entry]
+  assert report["meta"]["fusion_validation_macro_recall@10"] == {}
+  assert "minilm is not scored" in report["minilm+tfidf"]["unavailable"]
