@@ -326,6 +326,10 @@ def test_categorize_features_hybrid_refits_and_reads_the_embedded_titles(
   assert "probe, hybrid" in capsys.readouterr().out
   saved = load_categorizer(workdir)
   assert saved.info["feature_kind"] == "hybrid"
+  # The words' weight, chosen on the validation split.
+  tried = saved.info["features"]["tfidf_balances_tried"]
+  assert sorted(tried, key=float) == ["1.0", "2.0", "4.0", "8.0"]
+  assert tried[str(saved.info["features"]["tfidf_balance"])] == max(tried.values())
   test = embedded["splits"]["test"]
   indices, _ = saved.top_k(embedded["rows"]["test"], 3, test.titles)
   by_item = _read_csv(output)

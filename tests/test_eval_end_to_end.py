@@ -65,8 +65,10 @@ def test_eval_writes_the_report(run, capsys):
     assert [float(w) for w in tried] == list(FUSION_WEIGHTS)
     assert tried[str(report[entry]["fusion_weight"])] == max(tried.values())
     assert "knn_accuracy" not in report[entry]
-    # The probe on the embedding and TF-IDF side by side.
+    # The probe on the embedding and TF-IDF side by side, the words' weight
+    # chosen on the validation split.
     assert 0.0 <= report[entry]["probe_accuracy"] <= 1.0
+    assert report[entry]["probe_tfidf_balance"] in (1.0, 2.0, 4.0, 8.0)
     # Reciprocal rank fusion's scores of the same test search (no weight).
     assert all(0.0 <= report[entry][f"rrf_{name}"] <= 1.0 for name in RRF_METRICS)
   for entry in ("both", "random_init"):
@@ -226,5 +228,6 @@ def test_without_a_validation_split_the_fused_entries_keep_their_probe(run, tmp_
   for entry in ("both+tfidf", "title+tfidf", "image+tfidf"):
     assert 0.0 <= report[entry]["probe_accuracy"] <= 1.0
     assert "fusion_weight" not in report[entry] and "macro_recall@10" not in report[entry]
+    assert report[entry]["probe_tfidf_balance"] == 1.0   # nothing to choose it on
   assert report["meta"]["fusion_validation_macro_recall@10"] == {}
   assert "minilm is not scored" in report["minilm+tfidf"]["unavailable"]

@@ -215,6 +215,40 @@ def test_a_probe_on_blocks_scales_each_block_on_its_own():
     probe.predict(dense[test])
 
 
+def test_the_balanced_probe_keeps_a_noise_block_from_drowning_the_words():
+  # Words tell the class (one of six groups of n-grams per row, beside five
+  # noise n-grams); the dense block is 600 dims of noise the probe can
+  # overfit 300 rows with. At equal spread it leans on the noise.
+  rng = np.random.default_rng(0)
+  def listings(count):
+    labels = rng.integers(0, 6, count)
+    columns = np.concatenate([labels[:, None] * 10 + rng.integers(0, 10, (count, 1)),
+                              60 + rng.integers(0, 1000, (count, 5))], axis=1)
+    words = scipy.sparse.csr_matrix(
+        (np.ones(count * 6, np.float32), (np.repeat(np.arange(count), 6),
+                                          columns.ravel())), shape=(count, 1060))
+    return (rng.standard_normal((count, 600)).astype(np.float32), words), labels
+  train, validation, test = listings(300), listings(200), listings(400)
+  accuracy = lambda probe: np.mean(probe.predict(test[0]) == test[1])
+  equal = metrics_lib.fit_probe(*train, 6)
+  words_alone = np.mean(linear_probe(train[0][1], train[1], test[0][1], 6) == test[1])
+  assert accuracy(equal) < words_alone - 0.1
+  probe, balance, tried = metrics_lib.fit_balanced_probe(*train, 6, validation)
+  assert sorted(tried) == [1.0, 2.0, 4.0, 8.0]
+  assert balance > 1.0 and tried[balance] == max(tried.values())
+  assert balance == min(w for w, a in tried.items() if a == tried[balance])  # ties: smaller
+  assert accuracy(probe) > accuracy(equal) + 0.1
+  assert accuracy(probe) >= words_alone - 0.01
+  # The chosen weight is the words block's scale times the balance.
+  np.testing.assert_allclose(probe.scalings[1][1], balance * equal.scalings[1][1])
+  # Without labelled validation rows: equal spread, nothing tried.
+  unlabelled = (validation[0], np.full(200, -1))
+  for held_out in (None, unlabelled):
+    probe, balance, tried = metrics_lib.fit_balanced_probe(*train, 6, held_out)
+    assert balance == 1.0 and tried == {}
+    np.testing.assert_array_equal(probe.predict(test[0]), equal.predict(test[0]))
+
+
 def test_linear_probe_edge_cases():
   features = np.eye(4, dtype=np.float32)
   # One class to learn: predicted everywhere.

@@ -20,6 +20,10 @@ each listing's embedding and its title's TF-IDF row side by side
 fitted on (character 2-4-grams found in two or more of them, or every one
 when none is, at most 131,072 of the most frequent), so the words that name
 a category (a model line, "kurta") count beside what the embedding learned.
+The TF-IDF block's weight against the embedding (1, 2, 4 or 8 times its
+unit spread) is chosen by the accuracy on the fit data's validation split,
+where it has one ("tfidf_balance" in the json): at equal spread the probe
+can lean on a weak embedding and fall below the words alone.
 
 Saved: WORKDIR/categorizer/, safe formats only (no pickle):
 
@@ -81,7 +85,8 @@ from item_jax.eval.embed import (VIEWS, Embedder, _check_same_tokenizer,
                                  embed_split, eval_batch_size, load_model,
                                  read_split)
 from item_jax.eval.fusion import FittedTfidf
-from item_jax.eval.metrics import fit_probe, knn_ranking, knn_votes
+from item_jax.eval.metrics import (fit_balanced_probe, fit_probe, knn_ranking,
+                                   knn_votes)
 
 CATEGORIZER_DIR = "categorizer"
 TENSORS_FILE = "categorizer.safetensors"
@@ -209,10 +214,13 @@ class Categorizer:
 def build_categorizer(method: str, embeddings: np.ndarray, labels: np.ndarray,
                       categories, knn_k: int = 10, probe_steps: int = 300,
                       weight_decay: float = 1e-4, info: dict | None = None,
-                      titles=None, features: str = "embedding") -> Categorizer:
+                      titles=None, features: str = "embedding",
+                      validation=None) -> Categorizer:
   """A categorizer fitted on the rows of `embeddings` labelled >= 0
   (`labels` index `categories`); `info` adds to its json. `features`
-  "hybrid" (probe only) also reads `titles`, one per row."""
+  "hybrid" (probe only) also reads `titles`, one per row, and weighs the
+  TF-IDF block against the embedding by the accuracy on `validation`
+  ((embeddings, labels, titles), when given: `metrics.fit_balanced_probe`)."""
   _check_choices(method, "both", features)
   if features == "hybrid" and (titles is None or len(titles) != len(embeddings)):
     raise ValueError("features='hybrid' needs one title per embedding row")
@@ -247,7 +255,17 @@ def build_categorizer(method: str, embeddings: np.ndarray, labels: np.ndarray,
     blocks = (rows, lexical.transform(fit_titles))
     transform = {"transform": "[(embedding - mean) * scale, tfidf(title) * "
                               "tfidf_scale]", "ngrams": len(lexical.ngrams)}
-  probe = fit_probe(blocks, labels, len(categories), probe_steps, weight_decay)
+    held_out = None
+    if validation is not None:
+      valid_rows, valid_labels, valid_titles = validation
+      held_out = ((np.asarray(valid_rows, np.float32),
+                   lexical.transform(list(valid_titles))), np.asarray(valid_labels))
+    probe, balance, tried = fit_balanced_probe(blocks, labels, len(categories),
+                                               held_out, probe_steps, weight_decay)
+    transform.update(tfidf_balance=balance, tfidf_balances_tried={
+        str(weight): accuracy for weight, accuracy in tried.items()})
+  else:
+    probe = fit_probe(blocks, labels, len(categories), probe_steps, weight_decay)
   weights, bias = probe.logit_weights()   # zeros for one category: probability 1
   if features == "hybrid":
     transform["tfidf_scale"] = float(probe.scalings[1][1])
@@ -351,16 +369,22 @@ def _fit(model: _Model, data_dir, split, method, knn_k, probe_steps,
   _, labels, rows, titles = model.embed(data_dir, split)
   if not (labels >= 0).any():
     raise UserError(_no_labels(data_dir, split))
+  has_validation = bool(info.get("splits", {}).get(VALIDATION_SPLIT, {}).get("count"))
+  held_out = None
+  if has_validation:
+    _, valid_labels, valid_rows, valid_titles = model.embed(data_dir, VALIDATION_SPLIT)
+    held_out = (valid_rows, valid_labels, valid_titles)
   categorizer = build_categorizer(
       method, rows, labels, info["categories"], knn_k, probe_steps, weight_decay,
       info={"view": model.view, "workdir": _real(model.workdir),
             "step": model.loaded.step, "data_dir": _real(data_dir),
             "fit_split": split,
             "tokenizer": _real(epath.Path(data_dir) / info["tokenizer"])},
-      titles=titles, features=features)
+      titles=titles, features=features,
+      validation=held_out if features == "hybrid" else None)
   validation = None
-  if info.get("splits", {}).get(VALIDATION_SPLIT, {}).get("count"):
-    _, labels, rows, titles = model.embed(data_dir, VALIDATION_SPLIT)
+  if held_out is not None:
+    rows, labels, titles = held_out
     labelled = labels >= 0
     if labelled.any():
       predicted = categorizer.predict(

@@ -28,8 +28,8 @@ from item_jax.eval.embed import (ATTENTION_OUTPUTS, VIEWS, Embedder, embed_split
                                  eval_batch_size, load_model, own_products,
                                  read_split, split_count)
 from item_jax.eval.fusion import fit_weight, fuse, rrf_retrieval, tfidf_features
-from item_jax.eval.metrics import (classification_metrics, knn_predict,
-                                   linear_probe, retrieval_queries,
+from item_jax.eval.metrics import (classification_metrics, fit_balanced_probe,
+                                   knn_predict, linear_probe, retrieval_queries,
                                    same_product_retrieval)
 
 BASELINES = ("tfidf", "minilm", "image_baseline", "mobilenet", "random_init")
@@ -291,11 +291,18 @@ def _tfidf_pair(train, other, lexical_text: str = "title") -> tuple:
   """(train rows, `other`'s rows) of TF-IDF fitted on both splits' titles
   (of the listings that have one; the others get empty rows), with their
   other text columns for lexical_text "title+text"."""
-  splits = {"train": train, "other": other}
+  tfidf = _tfidf_of({"train": train, "other": other}, lexical_text)
+  return tfidf["train"], tfidf["other"]
+
+
+def _tfidf_of(splits: dict, lexical_text: str = "title") -> dict:
+  """{name: rows} of TF-IDF fitted on every given split's titles together
+  (one column space), as `_tfidf_pair`."""
   tfidf = tfidf_features({name: [t for t, kept in zip(_lexical_texts(split, lexical_text),
                                                       split.has_title)
                                  if kept] for name, split in splits.items()})
-  return tuple(_scatter(tfidf[name], splits[name].has_title) for name in splits)
+  return {name: _scatter(tfidf[name], split.has_title)
+          for name, split in splits.items()}
 
 
 def _fused_entries(splits: dict, features: dict, report: dict, mesh,
@@ -308,11 +315,12 @@ def _fused_entries(splits: dict, features: dict, report: dict, mesh,
   titles and its own) and scored on the test split, and reciprocal rank
   fusion of the same test search. Categories: the linear probe on the
   embedding and the TF-IDF row side by side (each scaled on its own:
-  `metrics.FittedProbe`), trained on the training split as every entry's
-  probe; it needs no weight. It is the kind of probe `item-jax categorize
-  --features hybrid` fits, on eval's TF-IDF rows (fitted on the training
-  and test titles together, as the TF-IDF baseline's; categorize fits its
-  own on the training titles alone). An entry holds what its split can
+  `metrics.FittedProbe`, the TF-IDF block's weight chosen on the validation
+  split where it has categories), trained on the training split as every entry's
+  probe; it needs no fusion weight. It is the kind of probe `item-jax
+  categorize --features hybrid` fits, on TF-IDF rows fitted on the
+  training, validation and test titles together (categorize fits its own on
+  the training titles alone). An entry holds what its split can
   score."""
   validation, test = splits.get("validation"), splits["test"]
   train_tfidf, test_tfidf = features["tfidf"]
@@ -321,7 +329,7 @@ def _fused_entries(splits: dict, features: dict, report: dict, mesh,
   labelled = {name: own_products(split.product_ids, split.item_ids)
               for name, split in (("validation", validation), ("test", test))
               if split is not None}
-  fused, fitted = {}, {}
+  fused, fitted, probe_tfidf = {}, {}, None
   for entry, source in FUSED.items():
     if source not in report or "unavailable" in report[source]:
       fused[entry] = {"unavailable": f"{source} is not scored"}
@@ -351,8 +359,13 @@ def _fused_entries(splits: dict, features: dict, report: dict, mesh,
           **{f"rrf_{name}": rrf[name] for name in RRF_METRICS}})
       fitted[entry] = {str(w): recall for w, recall in tried.items()}
     if source not in options.retrieval_only:
-      metrics.update(_hybrid_probe(splits["train"], test, source, train_tfidf,
-                                   test_tfidf, num_classes, options))
+      if probe_tfidf is None:   # one column space for the probe's three splits
+        probe_tfidf = (_tfidf_of(splits, options.lexical_text)
+                       if validation is not None
+                       else {"train": train_tfidf, "test": test_tfidf})
+      metrics.update(_hybrid_probe(
+          {name: (splits[name], rows) for name, rows in probe_tfidf.items()},
+          source, num_classes, options))
     if not metrics:
       fused[entry] = {"unavailable": why or "no category to probe"}
       continue
@@ -360,26 +373,32 @@ def _fused_entries(splits: dict, features: dict, report: dict, mesh,
   return fused, fitted
 
 
-def _hybrid_probe(train, test, source: str, train_tfidf, test_tfidf,
-                  num_classes: int, options: EvalOptions) -> dict:
+def _hybrid_probe(splits: dict, source: str, num_classes: int,
+                  options: EvalOptions) -> dict:
   """The probe's accuracy and macro-F1 on (embedding, TF-IDF row) blocks, of
   every listing (one without the embedding's input has a zero embedding
-  row, one without a title an empty TF-IDF row); {} without labels."""
-  rows = {}
-  for name, split, tfidf in (("train", train, train_tfidf), ("test", test, test_tfidf)):
+  row, one without a title an empty TF-IDF row), the TF-IDF block's weight
+  chosen on the validation split where it has labels
+  (`metrics.fit_balanced_probe`: "probe_tfidf_balance"); {} without labels.
+  `splits`: {name: (SplitEmbeddings, its TF-IDF rows)}, train and test, and
+  validation when there is one."""
+  rows, labels = {}, {}
+  for name, (split, tfidf) in splits.items():
     embedding = (split.outputs[SOURCES[source]]
                  * split.has(ENTRY_INPUTS[source] or "both")[:, None])
-    rows[name] = (embedding, tfidf)
-  train_labels, test_labels = train.category_ids, test.category_ids
-  labelled = test_labels >= 0
-  if not labelled.any() or not (train_labels >= 0).any():
+    rows[name], labels[name] = (embedding, tfidf), split.category_ids
+  labelled = labels["test"] >= 0
+  if not labelled.any() or not (labels["train"] >= 0).any():
     return {}
   logging.info("eval: the probe on %s beside TF-IDF", source)
-  predicted = linear_probe(rows["train"], train_labels,
-                           tuple(block[labelled] for block in rows["test"]),
-                           num_classes, steps=options.probe_steps)
-  return {f"probe_{name}": value for name, value in
-          classification_metrics(test_labels[labelled], predicted).items()}
+  probe, balance, _ = fit_balanced_probe(
+      rows["train"], labels["train"], num_classes,
+      (rows["validation"], labels["validation"]) if "validation" in rows else None,
+      steps=options.probe_steps)
+  predicted = probe.predict(tuple(block[labelled] for block in rows["test"]))
+  return {**{f"probe_{name}": value for name, value in
+             classification_metrics(labels["test"][labelled], predicted).items()},
+          "probe_tfidf_balance": balance}
 
 
 def _scatter(rows, present: np.ndarray):

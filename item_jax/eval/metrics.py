@@ -309,10 +309,14 @@ def _take(rows, positions):
 
 
 def fit_probe(train_features, train_labels: np.ndarray, num_classes: int,
-              steps: int = 300, weight_decay: float = 1e-4) -> FittedProbe:
+              steps: int = 300, weight_decay: float = 1e-4,
+              block_weights=None) -> FittedProbe:
   """`linear_probe`'s fit (see there) on the rows labelled >= 0;
   `train_features` is one block of rows or a tuple of blocks (see
-  `FittedProbe`)."""
+  `FittedProbe`). `block_weights` (one per block, default 1) multiply each
+  block's scale after it is brought to unit spread: a block weighted b
+  reaches the probe b times as spread, so the L2 penalty weighs its
+  coefficients 1 / b^2 as much."""
   labelled = np.flatnonzero(np.asarray(train_labels) >= 0)
   labels = np.asarray(train_labels)[labelled]
   if not len(labels):
@@ -324,7 +328,11 @@ def fit_probe(train_features, train_labels: np.ndarray, num_classes: int,
     raise ValueError("the blocks of the probe's rows have different numbers of rows")
   classes = np.unique(labels)
   train = _blocks(_take(train_features, labelled))
-  scalings = tuple(_probe_scaling(block) for block in train)
+  weights = (1.0,) * len(train) if block_weights is None else tuple(block_weights)
+  if len(weights) != len(train) or min(weights) <= 0:
+    raise ValueError(f"block_weights {block_weights}: one positive weight per block")
+  scalings = tuple((mean, scale * weight) for (mean, scale), weight in zip(
+      (_probe_scaling(block) for block in train), weights))
   widths = tuple(int(block.shape[1]) for block in train)
   if len(classes) == 1:   # LogisticRegression needs two classes
     return FittedProbe(None, classes, num_classes, scalings, widths)
@@ -343,6 +351,43 @@ def fit_probe(train_features, train_labels: np.ndarray, num_classes: int,
     logging.warning("linear probe: L-BFGS stopped at its %d iterations before "
                     "converging", steps)
   return probe
+
+
+# The balances `fit_balanced_probe` tries: the last block's weight against
+# the others' 1 (e.g. TF-IDF beside an embedding).
+BLOCK_BALANCES = (1.0, 2.0, 4.0, 8.0)
+
+
+def fit_balanced_probe(train_features: tuple, train_labels: np.ndarray,
+                       num_classes: int, validation=None, steps: int = 300,
+                       weight_decay: float = 1e-4,
+                       balances=BLOCK_BALANCES) -> tuple:
+  """(probe, balance, {balance: validation accuracy}): `fit_probe` on a tuple
+  of blocks with the last block weighted by each of `balances`, the one
+  with the best accuracy on `validation` ((blocks, labels); ties to the
+  smaller weight) kept. Without labelled validation rows: balance 1, {}.
+
+  Why: at equal spread a dense block whose signal sits in a few directions
+  is cheaper to weigh under the L2 penalty than thousands of sparse n-grams,
+  so the probe can lean on a weak embedding and fall below the words alone
+  (BENCHMARKS.md, "Categories from the embedding and the words together");
+  the balance is fitted where labels allow, as the retrieval fusion's w is."""
+  others = (1.0,) * (len(train_features) - 1)
+  if validation is not None:
+    blocks, labels = validation
+    labelled = np.flatnonzero(np.asarray(labels) >= 0)
+  if validation is None or not len(labelled):
+    return fit_probe(train_features, train_labels, num_classes, steps,
+                     weight_decay, others + (1.0,)), 1.0, {}
+  rows, labels = _take(tuple(blocks), labelled), np.asarray(labels)[labelled]
+  best, tried = None, {}
+  for balance in balances:
+    probe = fit_probe(train_features, train_labels, num_classes, steps,
+                      weight_decay, others + (float(balance),))
+    tried[float(balance)] = float(np.mean(probe.predict(rows) == labels))
+    if best is None or tried[float(balance)] > tried[best[1]]:
+      best = (probe, float(balance))
+  return best[0], best[1], tried
 
 
 def _probe_scaling(train) -> tuple[np.ndarray | None, float]:
