@@ -74,10 +74,14 @@ def test_eval_writes_the_report(run, capsys):
   for entry in ("both", "random_init"):
     assert 0.0 < report[entry]["image_attention_share"] < 1.0
     assert 0.0 < report[entry]["image_token_share"] < 1.0
+  # The fused probes' bar: TF-IDF alone, its weight chosen the same way.
+  assert 0.0 <= report["tfidf"]["probe_tuned_accuracy"] <= 1.0
+  assert report["tfidf"]["probe_tuned_weight"] in (1.0, 2.0, 4.0, 8.0)
   # TF-IDF on titles that share brand and model code finds the same product.
   assert report["tfidf"]["macro_recall@10"] > 0.5
   markdown = (workdir / "eval" / "report.md").read_text()
   assert "## Headline" in markdown and "![headline.png](headline.png)" in markdown
+  assert "TF-IDF alone, weighed the same way, gives probe accuracy" in markdown
   weight = report["both+tfidf"]["fusion_weight"]
   assert f"ITEm, title + image + TF-IDF (w = {weight:.1f})" in markdown
   for plot in ("headline.png", "recall_at_k.png"):

@@ -204,9 +204,10 @@ def evaluate(workdir: str, data_dir: str, options: EvalOptions = EvalOptions()
         report[entry][output] = float(np.mean(test.outputs[(run, output)]))
   fitted = {}
   if fusion and "unavailable" not in report["tfidf"]:
-    fused, fitted = _fused_entries(splits, features, report, trained.mesh,
-                                   num_classes, options)
+    fused, fitted, words = _fused_entries(splits, features, report, trained.mesh,
+                                          num_classes, options)
     report.update(fused)
+    report["tfidf"].update(words)
   report["meta"] = {
       "workdir": str(workdir), "data": str(data_dir), "step": trained.step,
       "num_test_listings": len(test.item_ids),
@@ -370,7 +371,15 @@ def _fused_entries(splits: dict, features: dict, report: dict, mesh,
       fused[entry] = {"unavailable": why or "no category to probe"}
       continue
     fused[entry] = {**metrics, "num_test_listings": len(test.item_ids)}
-  return fused, fitted
+  # The bar for those probes: the words alone, their weight chosen the same
+  # way (a weight on one block is its L2 penalty, tuned).
+  words = {}
+  if probe_tfidf is not None and "validation" in probe_tfidf:
+    words = {name.replace("probe_", "probe_tuned_").replace("tfidf_balance", "weight"):
+             value for name, value in _hybrid_probe(
+                 {name: (splits[name], rows) for name, rows in probe_tfidf.items()},
+                 None, num_classes, options).items()}
+  return fused, fitted, words
 
 
 def _hybrid_probe(splits: dict, source: str, num_classes: int,
@@ -381,16 +390,20 @@ def _hybrid_probe(splits: dict, source: str, num_classes: int,
   chosen on the validation split where it has labels
   (`metrics.fit_balanced_probe`: "probe_tfidf_balance"); {} without labels.
   `splits`: {name: (SplitEmbeddings, its TF-IDF rows)}, train and test, and
-  validation when there is one."""
+  validation when there is one. `source` None: the TF-IDF rows alone."""
   rows, labels = {}, {}
   for name, (split, tfidf) in splits.items():
+    if source is None:
+      rows[name], labels[name] = (tfidf,), split.category_ids
+      continue
     embedding = (split.outputs[SOURCES[source]]
                  * split.has(ENTRY_INPUTS[source] or "both")[:, None])
     rows[name], labels[name] = (embedding, tfidf), split.category_ids
   labelled = labels["test"] >= 0
   if not labelled.any() or not (labels["train"] >= 0).any():
     return {}
-  logging.info("eval: the probe on %s beside TF-IDF", source)
+  logging.info("eval: the probe on %s", f"{source} beside TF-IDF" if source
+               else "TF-IDF alone, its weight chosen on the validation split")
   probe, balance, _ = fit_balanced_probe(
       rows["train"], labels["train"], num_classes,
       (rows["validation"], labels["validation"]) if "validation" in rows else None,
