@@ -335,6 +335,15 @@ def test_categorize_features_hybrid_refits_and_reads_the_embedded_titles(
   by_item = _read_csv(output)
   assert [[category for _, category, _ in rows] for rows in by_item.values()] == [
       [embedded["categories"][i] for i in row] for row in indices]
+  # One saved before the words' weight was chosen is refitted, not reused.
+  info_path = workdir / "categorizer" / "categorizer.json"
+  info = json.loads(info_path.read_text())
+  del info["features"]["tfidf_balance"]
+  info_path.write_text(json.dumps(info))
+  summary = categorize_command(str(workdir), str(output), embeddings=embedded["file"],
+                               features="hybrid", fit_data=data_dir)
+  assert summary["fitted"]
+  assert "tfidf_balance" in json.loads(info_path.read_text())["features"]
   # Asking for the embedding alone again is another categorizer.
   summary = categorize_command(str(workdir), str(output), embeddings=embedded["file"])
   assert summary["fitted"] and load_categorizer(workdir).lexical is None

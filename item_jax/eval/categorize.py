@@ -601,6 +601,8 @@ def _mismatch(saved: dict | None, asked: dict) -> str:
   for name in names:
     if name in asked and saved.get(name) != asked[name]:
       return f"the saved one has {name} {saved.get(name)!r}, asked {asked[name]!r}"
+  if saved["feature_kind"] == "hybrid" and "tfidf_balance" not in (saved.get("features") or {}):
+    return "the saved hybrid one was fitted before the words' weight was chosen"
   return ""
 
 
