@@ -289,3 +289,31 @@ def test_evaluation_runs_the_stem_once_for_every_view_and_keeps_the_embeddings()
       batch["title_ids"], batch["image"], image_mask=has_image), atol=1e-5)
   np.testing.assert_allclose(outputs["image"], model.embed(image=batch["image"]),
                              atol=1e-5)
+
+
+@pytest.mark.parametrize("side, stride", [(8, 1), (8, 2), (7, 2), (5, 1)])
+def test_depthwise_by_shifts_is_the_grouped_convolution(side, stride):
+  """CPU's way of running the depthwise convolutions against XLA's own."""
+  rng = np.random.default_rng(side + stride)
+  x = jnp.asarray(rng.normal(size=(2, side, side, 6)), jnp.float32)
+  kernel = jnp.asarray(rng.normal(size=(3, 3, 1, 6)), jnp.float32)
+  expected = jax.lax.conv_general_dilated(
+      x, kernel, (stride, stride), ((1, 1), (1, 1)),
+      dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=6)
+  ours = mobilenet.depthwise_by_shifts(x, kernel, stride)
+  assert ours.shape == expected.shape
+  np.testing.assert_allclose(ours, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_both_ways_of_running_the_stem_agree_and_a_bad_way_is_named():
+  blocks = mobilenet.stem_architecture(STEM["patch_size"])
+  model = tiny_model(**STEM)
+  params = [[{"kernel": layer["kernel"][...], "bias": layer["bias"][...]}
+             for layer in block] for block in model.embeddings.image_stem.blocks]
+  images = jax.random.normal(jax.random.key(0), (2, 32, 32, 3))
+  conv = mobilenet.run_blocks(params, images, blocks, "conv")
+  shifts = mobilenet.run_blocks(params, images, blocks, "shifts")
+  np.testing.assert_allclose(shifts, conv, rtol=1e-4,
+                             atol=1e-4 * float(jnp.abs(conv).max()))
+  with pytest.raises(ValueError, match="'shifts' or 'conv'"):
+    mobilenet.run_blocks(params, images, blocks, "fft")

@@ -9,6 +9,11 @@ beside it (SHARD.offsets.npy), or from one scan of its framing for a dataset
 without one (or whose index does not fit the shard). A record
 that cannot be read or parsed, or whose image is not a whole JPEG, is counted,
 and its batch row is marked invalid (weight 0) so shapes and order never change.
+
+With `cells` (a frozen image stem's output per record, `data.stem_cells =
+"cached"`), batches hold `image_cells` read from it instead of decoded
+`image` pixels; `ordered_images` reads every record's photo once, in record
+order, to compute them.
 """
 
 import concurrent.futures
@@ -83,7 +88,7 @@ class IndexedSource:
                seed: int, image_size: int, max_title_len: int,
                resize: str = "pad", process_index: int = 0,
                process_count: int = 1, num_read_threads: int = 16,
-               max_text_len: int = 0):
+               max_text_len: int = 0, cells: np.ndarray | None = None):
     if global_batch_size % process_count:
       raise UserError(f"global batch {global_batch_size} is not divisible by "
                       f"{process_count} processes")
@@ -117,6 +122,12 @@ class IndexedSource:
     # records' other text columns (ITC's "text" view).
     self.max_text_len = max_text_len
     self.resize = resize
+    # (num_records, cells, channels), any float dtype (a memmap): batches
+    # then carry image_cells (float32) instead of image.
+    if cells is not None and len(cells) != self.num_records:
+      raise UserError(f"{len(cells)} cached image cells for the "
+                      f"{self.num_records} records of split {split!r}")
+    self._cells = cells
     self._tokenizer = load_tokenizer(str(epath.Path(data_dir) / info["tokenizer"]))
 
   # -- which records ---------------------------------------------------------
@@ -201,9 +212,47 @@ class IndexedSource:
     has_title = np.asarray([bool(record and record[2]) for record in records])
     has_image = np.asarray([bool(record and record[3]) for record in records])
     texts = [record[4] if record else b"" for record in records]
-    return (np.asarray(titles, object), np.asarray(jpegs, object), valid,
-            indices.astype(np.int32), has_title, has_image,
-            np.asarray(texts, object))
+    outputs = (np.asarray(titles, object), np.asarray(jpegs, object), valid,
+               indices.astype(np.int32), has_title, has_image,
+               np.asarray(texts, object))
+    if self._cells is None:
+      return outputs
+    ids = self.record_ids(indices)
+    order = np.argsort(ids)  # a memmap reads faster in record order
+    cells = np.empty((len(ids),) + self._cells.shape[1:], np.float32)
+    cells[order] = self._cells[ids[order]]
+    cells[~(valid & has_image)] = 0.0
+    return outputs + (cells,)
+
+  def ordered_images(self, batch_size: int):
+    """(record ids, images (n, size, size, 3) float32, usable (n,) bool) of
+    every record of the split in record order, `batch_size` at a time: the
+    photos training would decode. A record that cannot be read, or has no
+    photo, is not usable (its image is zeros)."""
+    def read(start):
+      ids = np.arange(start, min(start + batch_size, self.num_records))
+      records = list(self._pool.map(self._read_one, ids))
+      usable = np.asarray([bool(record and record[3]) for record in records])
+      jpegs = np.asarray([record[1] if record else b"" for record in records],
+                         object)
+      return ids, jpegs, usable
+
+    size = self.image_size
+    decode = lambda jpeg, usable: tf.cond(
+        usable,
+        lambda: pipeline.preprocess_image(jpeg, size, self.resize,
+                                          (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
+        lambda: tf.zeros([size, size, 3], tf.float32))
+    starts = tf.data.Dataset.range(0, self.num_records, batch_size)
+    batches = starts.map(
+        lambda start: tf.numpy_function(read, [start],
+                                        [tf.int64, tf.string, tf.bool]),
+        num_parallel_calls=2, deterministic=True).map(
+        lambda ids, jpegs, usable: (
+            ids, tf.map_fn(lambda x: decode(*x), (jpegs, usable),
+                           fn_output_signature=tf.float32), usable),
+        num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    return batches.prefetch(2).as_numpy_iterator()
 
   # -- the tf.data pipeline ----------------------------------------------------
 
@@ -211,21 +260,29 @@ class IndexedSource:
     batch = self.process_batch_size
     size = self.image_size
 
-    def read(step):
-      outputs = tf.numpy_function(
-          self._read_step, [step],
-          [tf.string, tf.string, tf.bool, tf.int32, tf.bool, tf.bool, tf.string],
-          stateful=False)
-      return tuple(tf.ensure_shape(output, [batch]) for output in outputs)
+    cached = self._cells is not None
+    types = [tf.string, tf.string, tf.bool, tf.int32, tf.bool, tf.bool, tf.string]
 
-    def decode(title, jpeg, valid, index, has_title, has_image, text):
-      image = tf.cond(
-          has_image,
-          lambda: pipeline.preprocess_image(jpeg, size, self.resize,
-                                            (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
-          lambda: tf.zeros([size, size, 3], tf.float32))
-      example = {"title": title, "image": image, "valid": valid, "index": index,
+    def read(step):
+      outputs = tf.numpy_function(self._read_step, [step],
+                                  types + [tf.float32] * cached, stateful=False)
+      shapes = [[batch]] * len(types) + (
+          [[batch, *self._cells.shape[1:]]] if cached else [])
+      return tuple(tf.ensure_shape(output, shape)
+                   for output, shape in zip(outputs, shapes))
+
+    def decode(title, jpeg, valid, index, has_title, has_image, text,
+               cells=None):
+      example = {"title": title, "valid": valid, "index": index,
                  "has_title": has_title, "has_image": has_image}
+      if cached:
+        example["image_cells"] = cells
+      else:
+        example["image"] = tf.cond(
+            has_image,
+            lambda: pipeline.preprocess_image(jpeg, size, self.resize,
+                                              (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
+            lambda: tf.zeros([size, size, 3], tf.float32))
       if self.max_text_len:
         example["text"] = text
       return example
@@ -266,19 +323,24 @@ class IndexedSource:
 
   def abstract_global_batch(self, sharding) -> dict:
     """ShapeDtypeStructs of one global batch, for compiling the step."""
-    return abstract_global_batch(self.global_batch_size, self.image_size,
-                                 self.max_title_len, sharding,
-                                 max_text_len=self.max_text_len)
+    return abstract_global_batch(
+        self.global_batch_size, self.image_size, self.max_title_len, sharding,
+        max_text_len=self.max_text_len,
+        cells_shape=None if self._cells is None else self._cells.shape[1:])
 
 
 def abstract_global_batch(global_batch_size: int, image_size: int,
                           max_title_len: int, sharding=None,
-                          max_text_len: int = 0) -> dict:
+                          max_text_len: int = 0,
+                          cells_shape: tuple[int, int] | None = None) -> dict:
   """ShapeDtypeStructs of one global training batch; needs no data (AOT
-  compile). `max_text_len` > 0 adds the text view's text_ids and has_text."""
+  compile). `max_text_len` > 0 adds the text view's text_ids and has_text;
+  `cells_shape` (cells, channels) puts cached image_cells in place of image."""
   batch, size = global_batch_size, image_size
+  image = (("image_cells", (batch, *cells_shape)) if cells_shape
+           else ("image", (batch, size, size, 3)))
   shapes = {"title_ids": ((batch, max_title_len), np.int32),
-            "image": ((batch, size, size, 3), np.float32),
+            image[0]: (image[1], np.float32),
             "valid": ((batch,), np.bool_), "index": ((batch,), np.int32),
             "has_title": ((batch,), np.bool_), "has_image": ((batch,), np.bool_)}
   if max_text_len:

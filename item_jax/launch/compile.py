@@ -198,9 +198,12 @@ def compile_train_step(config: ml_collections.ConfigDict, target: Target,
                       config.seed, config.grad_accumulation_steps),
       state_shardings, mesh)
   batch_sharding = sharding.batch_sharding(mesh)
+  cells_shape = ((settings.model.num_patches, settings.model.image_token_input_dim)
+                 if settings.cached_stem_cells else None)
   batch = abstract_global_batch(config.global_batch_size, settings.model.image_size,
                                 config.data.max_title_len, batch_sharding,
-                                max_text_len=settings.text_len)
+                                max_text_len=settings.text_len,
+                                cells_shape=cells_shape)
 
   started = time.perf_counter()
   try:
@@ -246,7 +249,8 @@ def compile_train_step(config: ml_collections.ConfigDict, target: Target,
       "flops_per_device_xla": float(cost.get("flops", 0.0)),
       "flops_per_step_analytic": float(training_flops_per_example(
           settings.model, config.data.max_title_len, settings.objectives,
-          text_len=settings.text_len)["total"]
+          text_len=settings.text_len,
+          stem_in_step=not settings.cached_stem_cells)["total"]
           * config.global_batch_size),
       "collectives": count_collectives(compiled.as_text()),
   }

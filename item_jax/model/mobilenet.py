@@ -133,27 +133,63 @@ def fold_batch_norm(state: dict[str, np.ndarray], blocks: Sequence[Block]) -> tu
   return tuple(params)
 
 
-def run_blocks(params, images: jax.Array, blocks: Sequence[Block]) -> jax.Array:
+def run_blocks(params, images: jax.Array, blocks: Sequence[Block],
+               depthwise: str | None = None) -> jax.Array:
   """(batch, H, W, 3) ImageNet-normalised RGB -> the last block's feature map
   (batch, H / stride, W / stride, channels). `params[i][j]` holds block i's
-  convolution j as {"kernel" (HWIO), "bias"}."""
+  convolution j as {"kernel" (HWIO), "bias"}.
+
+  On CPU the depthwise convolutions are sums of shifted, scaled copies of
+  their input (`depthwise_by_shifts`): XLA's CPU backend runs a grouped
+  convolution several times slower than those nine multiply-adds
+  (benchmarks/depthwise_cpu.py). Accelerators keep the convolution.
+  `depthwise` ("shifts" or "conv") forces one way."""
+  if depthwise not in (None, "shifts", "conv"):
+    raise ValueError(f"depthwise must be 'shifts' or 'conv', not {depthwise!r}")
+  on_cpu = (jax.default_backend() == "cpu" if depthwise is None
+            else depthwise == "shifts")
   x = images
   for block, layers in zip(blocks, params):
     block_input = x
     for conv, layer in zip(block.convs, layers):
       kernel = jnp.asarray(layer["kernel"]).astype(x.dtype)
-      pad = kernel.shape[0] // 2
-      x = jax.lax.conv_general_dilated(
-          x, kernel, window_strides=(conv.stride, conv.stride),
-          padding=((pad, pad), (pad, pad)),
-          dimension_numbers=("NHWC", "HWIO", "NHWC"),
-          feature_group_count=x.shape[-1] if conv.depthwise else 1)
+      if conv.depthwise and on_cpu:
+        x = depthwise_by_shifts(x, kernel, conv.stride)
+      else:
+        pad = kernel.shape[0] // 2
+        x = jax.lax.conv_general_dilated(
+            x, kernel, window_strides=(conv.stride, conv.stride),
+            padding=((pad, pad), (pad, pad)),
+            dimension_numbers=("NHWC", "HWIO", "NHWC"),
+            feature_group_count=x.shape[-1] if conv.depthwise else 1)
       x = x + jnp.asarray(layer["bias"]).astype(x.dtype)
       if conv.relu6:
         x = jnp.clip(x, 0.0, 6.0)
     if block.residual:
       x = x + block_input
   return x
+
+
+def depthwise_by_shifts(x: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
+  """A depthwise k x k convolution, zero-padded by k // 2 on each side, as
+  k * k strided slices of the padded input each scaled by its tap: the same
+  values as `conv_general_dilated(..., feature_group_count=channels)` (up
+  to the order of the sums). x (batch, H, W, C), kernel (k, k, 1, C)."""
+  size = kernel.shape[0]
+  pad = size // 2
+  padded = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+  rows = (x.shape[1] + 2 * pad - size) // stride + 1
+  cols = (x.shape[2] + 2 * pad - size) // stride + 1
+  out = None
+  for i in range(size):
+    for j in range(size):
+      tap = jax.lax.slice(
+          padded, (0, i, j, 0),
+          (padded.shape[0], i + (rows - 1) * stride + 1,
+           j + (cols - 1) * stride + 1, padded.shape[3]),
+          (1, stride, stride, 1)) * kernel[i, j, 0]
+      out = tap if out is None else out + tap
+  return out
 
 
 def to_imagenet_normalisation(images: jax.Array, image_mean, image_std) -> jax.Array:

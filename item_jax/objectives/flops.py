@@ -48,14 +48,16 @@ def image_stem_flops(config: ModelConfig) -> int:
 
 def training_flops_per_example(config: ModelConfig, title_len: int,
                                objectives: ObjectiveConfig | None = None,
-                               text_len: int = 0) -> dict:
+                               text_len: int = 0,
+                               stem_in_step: bool = True) -> dict:
   """FLOPs of one training example, by part, and their `total`.
 
   Heads are counted on the positions the step actually computes: the masked
   title slots and masked patches (the vocabulary projection never runs on the
   whole sequence). ITC's extra encoder passes are `itc_encoder`,
   `itc_attention` and `itc_patch_embedding`; its text view reads `text_len`
-  tokens (config.data.max_text_len).
+  tokens (config.data.max_text_len). `stem_in_step=False`: a frozen stem's
+  cells are read from a cache (data.stem_cells="cached"), not computed.
   """
   objectives = objectives or ObjectiveConfig()
   hidden, vocab = config.hidden_size, config.vocab_size
@@ -96,6 +98,9 @@ def training_flops_per_example(config: ModelConfig, title_len: int,
       forward[task] = 2 * multiply_adds
   # A frozen stem runs forward only (no gradient reaches it).
   frozen = config.image_stem != "patches" and config.freeze_image_stem
+  if not stem_in_step:
+    forward = {part: value for part, value in forward.items()
+               if not part.endswith("image_stem")}
   flops = {part: (1 if frozen and part.endswith("image_stem") else TRAIN_MULTIPLIER)
            * value for part, value in forward.items()}
   flops["total"] = sum(flops.values())

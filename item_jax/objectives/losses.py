@@ -189,7 +189,7 @@ def mask_batch(config: ModelConfig, batch: dict, keys: jax.Array,
   A listing without a title or without an image (batch["has_title"],
   batch["has_image"]) keeps its own pairing: it is never an ITM negative.
   """
-  title_ids, image = batch["title_ids"], batch["image"]
+  title_ids, image = batch["title_ids"], _image(batch)
   valid = batch.get("valid")
   example_weight = (jnp.ones(title_ids.shape[0], jnp.float32) if valid is None
                     else valid.astype(jnp.float32))
@@ -258,10 +258,19 @@ def _stem_cells(model: ItemModel, batch: dict) -> jax.Array | None:
   """A convolutional stem's cells of the batch's clean photos, computed once
   for every pass of the step that reads them (none when no listing has a
   photo); None for the patch embedding, which costs nothing to redo."""
+  if "image_cells" in batch:
+    return batch["image_cells"]
   if model.config.image_stem == "patches":
     return None
   return model.embeddings.image_tokens_input(batch["image"], None,
                                              presence(batch)[1])
+
+
+def _image(batch: dict) -> jax.Array:
+  """The batch's photos: pixels, or a frozen stem's cached cells
+  (`image_cells`, data.stem_cells="cached"), which stand in for them; the
+  encoder then reads only their rows, as `image_tokens_input`."""
+  return batch["image_cells"] if "image_cells" in batch else batch["image"]
 
 
 def presence(batch: dict) -> tuple[jax.Array, jax.Array]:
@@ -380,7 +389,7 @@ def _itc_losses(model: ItemModel, batch: dict, objectives: ObjectiveConfig,
   """
   pairs = objectives.itc_view_pairs()
   needed = {view for pair in pairs for view in pair}
-  title_ids, image = batch["title_ids"], batch["image"]
+  title_ids, image = batch["title_ids"], _image(batch)
   has_title, has_image = presence(batch)
   title_mask = (title_ids != model.config.pad_token_id) & has_title[:, None]
   views, weights = {}, {}

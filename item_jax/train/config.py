@@ -55,6 +55,13 @@ def base_config() -> ml_collections.ConfigDict:
   config.data.max_text_len = 64
   config.data.resize = "pad"        # aspect-preserving resize, then pad or crop
   config.data.num_parallel_reads = 8
+  # A frozen convolutional stem's cells: "step" computes them in every step
+  # from the decoded photo; "cached" once per listing of the training split
+  # before the first step (kept in stem_cells_dir, default WORKDIR/stem_cells,
+  # reused while the data, stem and image size match), so the step reads them
+  # as data. One host only; no MIM/GMIM (they mask pixels).
+  config.data.stem_cells = "step"
+  config.data.stem_cells_dir = ""
 
   config.model = ml_collections.ConfigDict()
   config.model.size = "base"
@@ -175,6 +182,12 @@ class TrainSettings:
         "text" in pair for pair in self.objectives.itc_view_pairs())
     return int(self.config.data.max_text_len) if reads else 0
 
+  @property
+  def cached_stem_cells(self) -> bool:
+    """The step reads a frozen stem's cells from a per-listing cache
+    (`data.stem_cells = "cached"`) instead of running the stem."""
+    return self.config.data.get("stem_cells", "step") == "cached"
+
 
 def _fields_of(section: ml_collections.ConfigDict, name: str, cls, **extra):
   known = {field.name for field in dataclasses.fields(cls)}
@@ -203,6 +216,31 @@ def validate_without_data(config: ml_collections.ConfigDict, vocab_size: int,
   _check_counts(config)
   return _settings(config, {"vocab_size": int(vocab_size)}, num_devices,
                    process_count)
+
+
+def _check_stem_cells(config: ml_collections.ConfigDict, model: ModelConfig,
+                      objectives: ObjectiveConfig, process_count: int) -> None:
+  mode = config.data.get("stem_cells", "step")
+  if mode not in ("step", "cached"):
+    raise UserError(f"config.data.stem_cells={mode!r}: expected 'step' or "
+                    "'cached'")
+  if mode == "step":
+    return
+  why = None
+  if model.image_stem == "patches":
+    why = ("model.image_stem='patches' has no stem to cache (the patch "
+           "embedding costs nothing to run)")
+  elif not model.freeze_image_stem:
+    why = ("model.freeze_image_stem=False: a stem that learns changes its "
+           "cells every step")
+  elif objectives.mim_weight > 0 or objectives.gmim_weight > 0:
+    why = ("MIM/GMIM mask pixels before the stem, which cached cells cannot "
+           "do: set objectives.mim_weight and gmim_weight to 0")
+  elif process_count > 1:
+    why = (f"{process_count} processes: the cache is one host's (on "
+           "accelerators the frozen stem is a small part of the step)")
+  if why:
+    raise UserError(f"config.data.stem_cells='cached': {why}")
 
 
 def _check_counts(config: ml_collections.ConfigDict) -> None:
@@ -256,6 +294,7 @@ def _settings(config: ml_collections.ConfigDict, dataset: dict,
     raise UserError(f"config.data.max_title_len={config.data.max_title_len} "
                     f"does not fit model.max_title_positions={model.max_title_positions}")
   objectives = _fields_of(config.objectives, "objectives", ObjectiveConfig)
+  _check_stem_cells(config, model, objectives, process_count)
   _check_text_view(objectives, dataset, config, model)
   _check_inputs(objectives, dataset, config)
   optimizer = _fields_of(config.optimizer, "optimizer", OptimizerConfig,

@@ -22,6 +22,7 @@ from item_jax.objectives.flops import training_flops_per_example
 from item_jax.train import checkpoint as checkpoint_lib
 from item_jax.train import image_stem
 from item_jax.train import sharding
+from item_jax.train import stem_cells
 from item_jax.train.config import TrainSettings
 from item_jax.train.optimizer import learning_rate_schedule, make_optimizer
 from item_jax.train.step import make_train_step
@@ -79,7 +80,8 @@ def _token_spec(settings: TrainSettings) -> TokenSpec:
 def _log_compiled(compiled, settings: TrainSettings, batch: int):
   analytic = training_flops_per_example(
       settings.model, settings.config.data.max_title_len, settings.objectives,
-      text_len=settings.text_len)
+      text_len=settings.text_len,
+      stem_in_step=not settings.cached_stem_cells)
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   xla_flops = float((cost or {}).get("flops", 0.0))
@@ -157,11 +159,13 @@ def _train(settings: TrainSettings, workdir: str, devices,
   start_step = int(state.step)
 
   process_batch = config.global_batch_size // jax.process_count()
+  cells = (stem_cells.load_or_compute(settings, workdir, graphdef, state.params)
+           if settings.cached_stem_cells else None)
   source = IndexedSource(
       config.data.dir, config.data.split, global_batch_size=config.global_batch_size,
       seed=config.seed, image_size=settings.model.image_size,
       max_title_len=config.data.max_title_len, resize=config.data.resize,
-      max_text_len=settings.text_len,
+      max_text_len=settings.text_len, cells=cells,
       process_index=jax.process_index(), process_count=jax.process_count())
   train_step = sharding.jit_train_step(
       make_train_step(graphdef, optimizer, settings.objectives,
