@@ -38,7 +38,7 @@ RECIPES = (("recommended", CONFIGS / "item_hybrid.py", "train"),
 # The recommended recipe without the pretrained stem's weights.
 WITHOUT_STEM_WEIGHTS = CONFIGS / "item_recommended.py"
 HARD_GROUP_SIZES = (5, 6, 7, 8)
-DEMO_MOBILENET_IMAGE_SIZE = 128
+DEMO_MOBILENET_IMAGE_SIZE = 224
 
 
 def run_demo(workdir: str, num_products: int = 1250, seed: int = 0,
@@ -74,12 +74,11 @@ def run_demo(workdir: str, num_products: int = 1250, seed: int = 0,
     # The baselines do not depend on the recipe: the first report carries
     # them all, MiniLM and MobileNetV2 (the photo anchor) included, and the
     # entries fused with TF-IDF; the later recipes' reports hold their own
-    # views only. MobileNetV2 sees the demo's 64 px photos resized to 128 px,
-    # not ImageNet's 224, and only those of the test and validation splits
-    # (same-product retrieval and its fusion; no k-NN or probe): on 2 CPU
-    # cores its features take about 27 ms a photo at 128 px, and the 3,938
-    # training photos would cost the demo 105 s more (test macro R@10 0.472
-    # at 128 px, 0.578 at 224; BENCHMARKS.md).
+    # views only. MobileNetV2 sees the demo's 64 px photos resized to
+    # ImageNet's 224 px, and only those of the test and validation splits
+    # (same-product retrieval and its fusion; no k-NN or probe): the 3,938
+    # training photos would cost the demo about 80 s more on 2 CPU cores
+    # (BENCHMARKS.md, "A pretrained image side").
     first = not recipes
     options = EvalOptions(
         baselines=(("tfidf", "minilm", "mobilenet", "image_baseline", "random_init")
