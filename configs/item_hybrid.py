@@ -21,10 +21,15 @@ benchmarks/learning_curves.py (BENCHMARKS.md, "A pretrained image side"):
   costs 1.7x a step.
 - model.image_size = 64, the demo's: at 128 px MobileNetV2 sees more (its
   own pooled features: R@10 0.472 against 0.379 on the same photos), but a
-  step costs about 1 s here against 0.3 s.
-- total_steps = 1,500: a step costs 2.7x the patch recipe's on 2 CPU cores
-  (the stem's forward pass on every image view); on an accelerator the stem
-  is under 1 % of the step.
+  step cost about 1 s here against 0.3 s. At 224 px, stride 32, with the
+  stem's cells cached (`data.stem_cells="cached"`), three seeds give title
+  + image 0.648 +- 0.007 and image 0.526 +- 0.037 against 0.622 +- 0.029
+  and 0.526 +- 0.026 at 64 px: not worth the cells' computation in the
+  demo (BENCHMARKS.md, "224 px on this machine").
+- total_steps = 1,500: a step cost 2.7x the patch recipe's on 2 CPU cores
+  with XLA's grouped convolutions, 1.3x with the depthwise ones as shifted
+  sums (benchmarks/stem_cost.py); on an accelerator the stem is under 1 %
+  of the step.
 - objectives.joint_image_dropout = joint_title_dropout = 0.25 (modality
   dropout: the joint pass sees a quarter of the listings without their
   photo, a fifth of the rest without their title). With `item-jax train`
@@ -34,10 +39,10 @@ benchmarks/learning_curves.py (BENCHMARKS.md, "A pretrained image side"):
   (benchmarks/learning_curves.py, seeds 0 and 1) 0.612 +- 0.007 against
   0.576 +- 0.048 without it (BENCHMARKS.md, "Modality dropout").
 The demo's recommended recipe (item_jax/demo.py; configs/item_recommended.py
-where the wheel is not installed): the demo from nothing takes 535 s on 2
-idle cores, 361 s of it training (4.3 steps/s), and its title + image
-macro R@10 is 0.657 against MiniLM's 0.593 and MobileNetV2's 0.578 (at 224
-px; 0.472 at the demo's 128). At 1,000 steps the joint view falls below
+where the wheel is not installed): the demo from nothing takes 330 s on 2
+idle cores, 167 s of it training (10.9 steps/s), and its title + image
+macro R@10 is 0.658 against MiniLM's 0.593 and MobileNetV2's 0.578 (224
+px). At 1,000 steps the joint view falls below
 MiniLM (0.576 +- 0.024 over three seeds), so the recipe keeps 1,500.
 `runlocal` is a handful of steps for smoke tests (as item_tiny's).
 """
