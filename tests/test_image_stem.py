@@ -308,8 +308,7 @@ def test_depthwise_by_shifts_is_the_grouped_convolution(side, stride):
 def test_both_ways_of_running_the_stem_agree_and_a_bad_way_is_named():
   blocks = mobilenet.stem_architecture(STEM["patch_size"])
   model = tiny_model(**STEM)
-  params = [[{"kernel": layer["kernel"][...], "bias": layer["bias"][...]}
-             for layer in block] for block in model.embeddings.image_stem.blocks]
+  params = model.embeddings.image_stem.weights()
   images = jax.random.normal(jax.random.key(0), (2, 32, 32, 3))
   conv = mobilenet.run_blocks(params, images, blocks, "conv")
   shifts = mobilenet.run_blocks(params, images, blocks, "shifts")

@@ -208,7 +208,9 @@ class IndexedSource:
     records = list(self._pool.map(self._read_one, self.record_ids(indices)))
     valid = np.asarray([record is not None for record in records])
     titles = [record[0] if record else b"" for record in records]
-    jpegs = [record[1] if record else b"" for record in records]
+    # Cached cells replace the photo: its bytes need not travel on.
+    jpegs = [record[1] if record and self._cells is None else b""
+             for record in records]
     has_title = np.asarray([bool(record and record[2]) for record in records])
     has_image = np.asarray([bool(record and record[3]) for record in records])
     texts = [record[4] if record else b"" for record in records]
@@ -237,29 +239,31 @@ class IndexedSource:
                          object)
       return ids, jpegs, usable
 
-    size = self.image_size
-    decode = lambda jpeg, usable: tf.cond(
-        usable,
-        lambda: pipeline.preprocess_image(jpeg, size, self.resize,
-                                          (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
-        lambda: tf.zeros([size, size, 3], tf.float32))
     starts = tf.data.Dataset.range(0, self.num_records, batch_size)
     batches = starts.map(
         lambda start: tf.numpy_function(read, [start],
                                         [tf.int64, tf.string, tf.bool]),
         num_parallel_calls=2, deterministic=True).map(
         lambda ids, jpegs, usable: (
-            ids, tf.map_fn(lambda x: decode(*x), (jpegs, usable),
+            ids, tf.map_fn(lambda x: self._decode_image(*x), (jpegs, usable),
                            fn_output_signature=tf.float32), usable),
         num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     return batches.prefetch(2).as_numpy_iterator()
 
   # -- the tf.data pipeline ----------------------------------------------------
 
+  def _decode_image(self, jpeg, has_image):
+    """A record's normalised pixels (image_size, image_size, 3), zeros
+    without a photo."""
+    size = self.image_size
+    return tf.cond(
+        has_image,
+        lambda: pipeline.preprocess_image(jpeg, size, self.resize,
+                                          (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
+        lambda: tf.zeros([size, size, 3], tf.float32))
+
   def dataset(self, start_step: int) -> tf.data.Dataset:
     batch = self.process_batch_size
-    size = self.image_size
-
     cached = self._cells is not None
     types = [tf.string, tf.string, tf.bool, tf.int32, tf.bool, tf.bool, tf.string]
 
@@ -278,11 +282,7 @@ class IndexedSource:
       if cached:
         example["image_cells"] = cells
       else:
-        example["image"] = tf.cond(
-            has_image,
-            lambda: pipeline.preprocess_image(jpeg, size, self.resize,
-                                              (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
-            lambda: tf.zeros([size, size, 3], tf.float32))
+        example["image"] = self._decode_image(jpeg, has_image)
       if self.max_text_len:
         example["text"] = text
       return example

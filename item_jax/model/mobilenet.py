@@ -146,14 +146,14 @@ def run_blocks(params, images: jax.Array, blocks: Sequence[Block],
   `depthwise` ("shifts" or "conv") forces one way."""
   if depthwise not in (None, "shifts", "conv"):
     raise ValueError(f"depthwise must be 'shifts' or 'conv', not {depthwise!r}")
-  on_cpu = (jax.default_backend() == "cpu" if depthwise is None
+  shifts = (jax.default_backend() == "cpu" if depthwise is None
             else depthwise == "shifts")
   x = images
   for block, layers in zip(blocks, params):
     block_input = x
     for conv, layer in zip(block.convs, layers):
       kernel = jnp.asarray(layer["kernel"]).astype(x.dtype)
-      if conv.depthwise and on_cpu:
+      if conv.depthwise and shifts:
         x = depthwise_by_shifts(x, kernel, conv.stride)
       else:
         pad = kernel.shape[0] // 2
@@ -228,11 +228,14 @@ class MobileNetStem(nnx.Module):
       blocks.append(nnx.List(layers))
     self.blocks = nnx.List(blocks)
 
+  def weights(self) -> list:
+    """Its kernels and biases as `run_blocks` takes them."""
+    return [[{"kernel": layer["kernel"][...], "bias": layer["bias"][...]}
+             for layer in block] for block in self.blocks]
+
   def __call__(self, images: jax.Array) -> jax.Array:
     """(batch, H, W, 3) ImageNet-normalised -> (batch, H/s, W/s, channels)."""
-    params = [[{"kernel": layer["kernel"][...], "bias": layer["bias"][...]}
-               for layer in block] for block in self.blocks]
-    return run_blocks(params, images, self.architecture)
+    return run_blocks(self.weights(), images, self.architecture)
 
 
 def weights_path() -> pathlib.Path | None:

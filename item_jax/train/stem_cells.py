@@ -43,7 +43,7 @@ def cells_dir(config, workdir) -> epath.Path:
 
 def _stem_hash(params) -> str:
   """sha256 of the stem's weights, in a fixed order."""
-  stem = nnx.State(params)["embeddings"]["image_stem"]
+  stem = params["embeddings"]["image_stem"]
   digest = hashlib.sha256()
   for path, leaf in sorted(jax.tree_util.tree_leaves_with_path(stem),
                            key=lambda item: jax.tree_util.keystr(item[0])):
