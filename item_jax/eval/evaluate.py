@@ -27,7 +27,8 @@ from item_jax.errors import MissingInputError, UserError
 from item_jax.eval.embed import (ATTENTION_OUTPUTS, VIEWS, Embedder, embed_split,
                                  eval_batch_size, load_model, own_products,
                                  read_split, split_count)
-from item_jax.eval.fusion import fit_weight, fuse, rrf_retrieval, tfidf_features
+from item_jax.eval.fusion import (fit_weight, fit_weights, fuse, fuse_blocks,
+                                  rrf_retrieval, tfidf_features)
 from item_jax.eval.metrics import (classification_metrics, fit_balanced_probe,
                                    knn_predict, linear_probe, retrieval_queries,
                                    same_product_retrieval)
@@ -37,6 +38,11 @@ BASELINES = ("tfidf", "minilm", "image_baseline", "mobilenet", "random_init")
 # fitted on the validation split's same-product retrieval, scored on test.
 FUSED = {f"{entry}+tfidf": entry for entry in ("both", "title", "image",
                                                  "minilm", "mobilenet")}
+# ITEm's embedding added to the best hybrid a user can build without it:
+# MobileNetV2 and TF-IDF (both baselines asked for), three weights fitted on
+# the validation split as FUSED's one; same-product retrieval only. What it
+# gains over "mobilenet+tfidf" is what ITEm adds to that stack.
+FUSED_WITH_MOBILENET = {f"{entry}+mobilenet+tfidf": entry for entry in ("both", "image")}
 # Each fused entry also holds these metrics of reciprocal rank fusion (no
 # weight, so no labels needed) as "rrf_<name>".
 RRF_METRICS = ("macro_recall@10", "macro_map@10", "map@10", "recall@1")
@@ -44,7 +50,7 @@ LEXICAL_TEXTS = ("title", "title+text")
 # The baselines that can skip the training split (EvalOptions.retrieval_only).
 RETRIEVAL_ONLY = ("image_baseline", "mobilenet")
 SCORED = VIEWS + BASELINES
-ENTRIES = SCORED + tuple(FUSED)
+ENTRIES = SCORED + tuple(FUSED) + tuple(FUSED_WITH_MOBILENET)
 # The input each entry reads; it scores the listings that have it (None:
 # every listing, each with what it has).
 ENTRY_INPUTS = {"both": None, "title": "title", "image": "image",
@@ -208,6 +214,14 @@ def evaluate(workdir: str, data_dir: str, options: EvalOptions = EvalOptions()
                                           num_classes, options)
     report.update(fused)
     report["tfidf"].update(words)
+    if "unavailable" not in report["mobilenet"]:
+      fused, fitted_three = _entries_fused_with_mobilenet(splits, features, report,
+                                                          trained.mesh, options)
+      report.update(fused)
+      fitted.update(fitted_three)
+    else:
+      report.update({entry: {"unavailable": "mobilenet is not scored"}
+                     for entry in FUSED_WITH_MOBILENET})
   report["meta"] = {
       "workdir": str(workdir), "data": str(data_dir), "step": trained.step,
       "num_test_listings": len(test.item_ids),
@@ -380,6 +394,46 @@ def _fused_entries(splits: dict, features: dict, report: dict, mesh,
                  {name: (splits[name], rows) for name, rows in probe_tfidf.items()},
                  None, num_classes, options).items()}
   return fused, fitted, words
+
+
+def _entries_fused_with_mobilenet(splits: dict, features: dict, report: dict,
+                                  mesh, options: EvalOptions) -> tuple:
+  """({entry: metrics}, {entry: {"w_item,w_mobilenet,w_tfidf": validation
+  macro Recall@10}}) of FUSED_WITH_MOBILENET: ITEm's view, MobileNetV2 and
+  TF-IDF, the three weights (`fusion.fit_weights`) fitted on the validation
+  split and scored on the test split, as `_fused_entries` fits one."""
+  validation, test = splits.get("validation"), splits["test"]
+  fused, fitted = {}, {}
+  labelled = {name: own_products(split.product_ids, split.item_ids)
+              for name, split in (("validation", validation), ("test", test))
+              if split is not None}
+  why = None
+  if validation is None or not len(retrieval_queries(labelled["validation"])):
+    why = "no validation listings of one product to fit the weights on"
+  elif not len(retrieval_queries(labelled["test"])):
+    why = "no product has two test listings"
+  tfidf = None if why else {
+      "validation": _tfidf_pair(splits["train"], validation, options.lexical_text)[1],
+      "test": features["tfidf"][1]}
+  for entry, source in FUSED_WITH_MOBILENET.items():
+    if "unavailable" in report[source] or why:
+      fused[entry] = {"unavailable": why or f"{source} is not scored"}
+      continue
+    blocks = {name: [split.outputs[SOURCES[name_of]] * split.has(ENTRY_INPUTS[name_of]
+                                                                 or "both")[:, None]
+                     for name_of in (source, "mobilenet")]
+              for name, split in (("validation", validation), ("test", test))}
+    logging.info("eval: fitting the fusion of %s with MobileNetV2 and TF-IDF", source)
+    weights, tried = fit_weights(blocks["validation"], tfidf["validation"],
+                                 labelled["validation"], validation.category_ids,
+                                 mesh=mesh)
+    fused[entry] = {
+        **same_product_retrieval(fuse_blocks(blocks["test"], tfidf["test"], weights),
+                                 labelled["test"], test.category_ids, mesh=mesh),
+        "fusion_weights": dict(zip(("item", "mobilenet", "tfidf"), weights)),
+        "num_test_listings": len(test.item_ids)}
+    fitted[entry] = tried
+  return fused, fitted
 
 
 def _hybrid_probe(splits: dict, source: str, num_classes: int,

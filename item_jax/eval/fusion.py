@@ -19,6 +19,8 @@ k, if deeper), a listing that shares nothing with the query on one side
 far apart the scores are, which is what a fitted w uses.
 """
 
+import itertools
+
 import numpy as np
 import scipy.sparse
 from sklearn.feature_extraction.text import TfidfVectorizer
@@ -140,15 +142,40 @@ def fuse(dense: np.ndarray, sparse, weight: float) -> scipy.sparse.csr_matrix:
   plus (1 - `weight`) x the inner product of `sparse`'s (unit) rows."""
   if not 0.0 <= weight <= 1.0:
     raise ValueError(f"fusion weight {weight} is not in [0, 1]")
-  if dense.shape[0] != sparse.shape[0]:
-    raise ValueError(f"{dense.shape[0]} embedding rows against {sparse.shape[0]} "
-                     "TF-IDF rows")
+  return fuse_blocks([dense], sparse, (weight, 1.0 - weight))
+
+
+def fuse_blocks(dense_blocks, sparse, weights) -> scipy.sparse.csr_matrix:
+  """Rows whose inner products are sum_i weights[i] x the cosine of
+  `dense_blocks[i]`'s rows, plus weights[-1] x the inner product of
+  `sparse`'s (unit) rows: several embeddings of the same listings (e.g.
+  ITEm's and an off-the-shelf photo model's) fused with the words."""
+  weights = tuple(float(w) for w in weights)
+  if len(weights) != len(dense_blocks) + 1:
+    raise ValueError(f"{len(weights)} fusion weights for {len(dense_blocks)} "
+                     "embeddings and the words: one each")
+  if min(weights) < 0.0 or abs(sum(weights) - 1.0) > 1e-6:
+    raise ValueError(f"fusion weights {weights} must be >= 0 and sum to 1")
+  for dense in dense_blocks:
+    if dense.shape[0] != sparse.shape[0]:
+      raise ValueError(f"{dense.shape[0]} embedding rows against {sparse.shape[0]} "
+                       "TF-IDF rows")
   fused = scipy.sparse.hstack(
-      [scipy.sparse.csr_matrix(unit_rows(dense) * np.float32(np.sqrt(weight))),
-       scipy.sparse.csr_matrix(sparse, dtype=np.float32)
-       * np.float32(np.sqrt(1.0 - weight))], format="csr")
+      [scipy.sparse.csr_matrix(unit_rows(dense) * np.float32(np.sqrt(weight)))
+       for dense, weight in zip(dense_blocks, weights)]
+      + [scipy.sparse.csr_matrix(sparse, dtype=np.float32)
+         * np.float32(np.sqrt(weights[-1]))], format="csr")
   fused.eliminate_zeros()
   return fused
+
+
+def simplex_weights(parts: int, step: float = 0.1) -> list[tuple[float, ...]]:
+  """Every tuple of `parts` multiples of `step` that sums to 1 (66 for three
+  parts at 0.1), the words' weight last."""
+  units = round(1 / step)
+  return [tuple(round(count * step, 6) for count in (*counts, units - sum(counts)))
+          for counts in itertools.product(range(units + 1), repeat=parts - 1)
+          if sum(counts) <= units]
 
 
 def hybrid_blocks(query_vectors: np.ndarray, query_titles: list[str],
@@ -195,6 +222,27 @@ def fit_weight(dense: np.ndarray, sparse, product_ids: np.ndarray,
     scores[weight] = key[0]
     if best_key is None or key > best_key:
       best, best_key = weight, key
+  return best, scores
+
+
+def fit_weights(dense_blocks, sparse, product_ids: np.ndarray,
+                category_ids: np.ndarray, step: float = 0.1,
+                mesh=None) -> tuple[tuple[float, ...], dict]:
+  """`fit_weight` for several embeddings and the words (`fuse_blocks`):
+  (the best weights, {"w1,w2,...": macro Recall@10}) over `simplex_weights`,
+  the same order of preference (macro Recall@10, then macro MAP@10, then
+  the first tried: the words' largest weight)."""
+  if not len(retrieval_queries(product_ids)):
+    raise ValueError("no listing shares its product with another: nothing to "
+                     "fit fusion weights on")
+  scores, best, best_key = {}, None, None
+  for weights in simplex_weights(len(dense_blocks) + 1, step):
+    result = same_product_retrieval(fuse_blocks(dense_blocks, sparse, weights),
+                                    product_ids, category_ids, mesh=mesh)
+    key = tuple(result[name] for name in FIT_METRICS)
+    scores[",".join(f"{w:.1f}" for w in weights)] = key[0]
+    if best_key is None or key > best_key:
+      best, best_key = weights, key
   return best, scores
 
 

@@ -66,11 +66,13 @@ def training_flops_per_example(config: ModelConfig, title_len: int,
   if any(objectives.weight(task) > 0 for task in PAPER_TASKS):
     forward.update(_encoder_pass(config, joint, image=True))
   if objectives.weight("itc") > 0:
-    # Extra passes over the clean listing: title-only, image-only, and the
-    # joint view when no other task runs the joint pass.
+    # Extra passes over the clean listing: title-only, image-only (and the
+    # crop view's over its other look at the photo), and the joint view when
+    # no other task runs the joint pass.
     views = {view for pair in objectives.itc_view_pairs() for view in pair}
     lengths = {"title": (1 + title_len, False),
                "image": (1 + config.num_patches, True),
+               "crop": (1 + config.num_patches, True),
                "text": (1 + text_len, False)}
     if "joint" in views and not forward:
       lengths["joint"] = (joint, True)

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import optax
 
 from item_jax.model import ItemModel, ModelConfig, patchify
-from item_jax.objectives import masking
+from item_jax.objectives import augment, masking
 
 TASKS = ("itm", "mlm", "mim", "gmlm", "gmim", "itc")
 # The paper's five; ITC is off unless its weight is set.
@@ -26,8 +26,10 @@ PAPER_TASKS = TASKS[:5]
 # listing's other text columns (`prepare --text-columns`, e.g. a
 # description) read alone through the title segment, a second view of the
 # listing's words that exists only in training (the embedding reads titles
-# and photos as ever).
-ITC_VIEWS = ("title", "image", "joint", "text")
+# and photos as ever); and the crop view: the image-only pass over another
+# look at the listing's photo (`augment.crop_view`: a random crop, mirrored
+# half the time, brightness and contrast moved a little), also training only.
+ITC_VIEWS = ("title", "image", "joint", "text", "crop")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,8 +47,11 @@ class ObjectiveConfig:
   # The pairs of [CLS] views ITC contrasts, "a:b" comma-separated, from
   # "title", "image", "joint" and "text" (e.g.
   # "title:image,joint:title,joint:image"; "title:text" needs a dataset
-  # prepared with --text-columns, and config.data.max_text_len).
+  # prepared with --text-columns, and config.data.max_text_len; "crop" reads
+  # the photos' pixels, so not cached stem cells).
   itc_pairs: str = "title:image"
+  # The crop view's smallest share of the photo's area (augment.CropSettings).
+  crop_min_area: float = 0.4
   token_mask_rate: float = 0.15
   patch_mask_ratio: float = 0.4
   patch_mask_block_size: int = 2
@@ -76,6 +81,8 @@ class ObjectiveConfig:
       if not 0.0 <= getattr(self, name) < 1.0:
         raise ValueError(f"objectives.{name} must be in [0, 1)")
     self.itc_view_pairs()  # validates itc_pairs
+    if not 0.0 < self.crop_min_area <= 1.0:
+      raise ValueError("objectives.crop_min_area must be in (0, 1]")
 
   def itc_view_pairs(self) -> tuple[tuple[str, str], ...]:
     """`itc_pairs` parsed: ((view, view), ...)."""
@@ -329,7 +336,7 @@ def pretraining_loss(model: ItemModel, batch: dict, keys: jax.Array,
   if "itc" in active:
     losses.update(_itc_losses(model, batch, objectives, encoded, masked,
                               reconstruction_weight, example_weight,
-                              dropout_key, itc_dropout_keys, cells))
+                              dropout_key, itc_dropout_keys, cells, keys))
   if "itm" in active:
     logits = model.itm_logits(encoded.cls)
     per_example = optax.softmax_cross_entropy_with_integer_labels(
@@ -373,13 +380,16 @@ def pretraining_loss(model: ItemModel, batch: dict, keys: jax.Array,
 def _itc_losses(model: ItemModel, batch: dict, objectives: ObjectiveConfig,
                 encoded, joint_masks: MaskedBatch, joint_weight: jax.Array,
                 example_weight: jax.Array, joint_dropout_key,
-                dropout_keys, cells: jax.Array | None = None) -> dict:
+                dropout_keys, cells: jax.Array | None = None,
+                keys: jax.Array | None = None) -> dict:
   """ITC over `objectives.itc_pairs`: the mean of each pair's InfoNCE.
 
   The title-only and image-only views are extra passes over the clean title
   and image; the text view one over `text_ids` alone through the title
   segment, weighted by `has_text` (dropout key: the title view's folded with
-  3). The joint view is the main (masked, ITM re-paired) pass's
+  3); the crop view one over each photo's crop view (`augment.crop_view`,
+  drawn from the example `keys`; dropout key: the image view's folded with
+  1). The joint view is the main (masked, ITM re-paired) pass's
   [CLS] when another task runs it, counting only matched pairs; otherwise a
   clean joint pass (either way with `joint_masks`' modality dropout). Each
   view counts only the listings that have its inputs (the joint view:
@@ -411,6 +421,14 @@ def _itc_losses(model: ItemModel, batch: dict, objectives: ObjectiveConfig,
                                   dropout_key=dropout_keys[1],
                                   image_tokens_input=cells).cls
     weights["image"] = example_weight * has_image
+  if "crop" in needed:
+    crops = augment.crop_view(batch["image"], keys, augment.CropSettings(
+        min_area=objectives.crop_min_area))
+    views["crop"] = model.encode(
+        None, crops, image_mask=has_image,
+        dropout_key=(None if dropout_keys[1] is None
+                     else jax.random.fold_in(dropout_keys[1], 1))).cls
+    weights["crop"] = example_weight * has_image
   if "joint" in needed:
     if encoded is None:
       views["joint"] = model.encode(title_ids, image,

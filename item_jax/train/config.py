@@ -92,6 +92,8 @@ def base_config() -> ml_collections.ConfigDict:
   config.objectives.normalize_patch_targets = True
   config.objectives.joint_image_dropout = 0.0
   config.objectives.joint_title_dropout = 0.0
+  # ITC's "crop" view: the smallest share of the photo a crop keeps.
+  config.objectives.crop_min_area = 0.4
 
   config.optimizer = ml_collections.ConfigDict()
   config.optimizer.learning_rate = 1e-4
@@ -236,6 +238,10 @@ def _check_stem_cells(config: ml_collections.ConfigDict, model: ModelConfig,
   elif objectives.mim_weight > 0 or objectives.gmim_weight > 0:
     why = ("MIM/GMIM mask pixels before the stem, which cached cells cannot "
            "do: set objectives.mim_weight and gmim_weight to 0")
+  elif objectives.itc_weight > 0 and any(
+      "crop" in pair for pair in objectives.itc_view_pairs()):
+    why = (f"objectives.itc_pairs={objectives.itc_pairs!r}: the crop view "
+           "crops the photos' pixels, which cached cells no longer have")
   elif process_count > 1:
     why = (f"{process_count} processes: the cache is one host's (on "
            "accelerators the frozen stem is a small part of the step)")
@@ -347,7 +353,7 @@ def _check_inputs(objectives: ObjectiveConfig, dataset: dict,
                       f"{where(f'{article} {missing[0]}')}; set it to 0")
   if objectives.itc_weight > 0:
     usable = lambda view: (present["title"] or present["image"]) if view == "joint" \
-        else present[view]
+        else present["image" if view == "crop" else view]
     pairs = objectives.itc_view_pairs()
     idle = [f"{a}:{b}" for a, b in pairs if not (usable(a) and usable(b))]
     if len(idle) == len(pairs):
