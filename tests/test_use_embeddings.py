@@ -236,6 +236,30 @@ def test_every_way_in_gives_the_same_embeddings(workdir, raw, embedded,
     embedder.embed([None], images[:1], view="title")
 
 
+def test_the_concat_view_is_the_title_and_image_passes_side_by_side(workdir, raw):
+  from item_jax.eval.serve import CatalogueEmbedder
+  path, rows = raw
+  embedder = CatalogueEmbedder.from_workdir(str(workdir))
+  complete = [row for row in rows if row["title"] and row["item_id"] != "broken"
+              and row["image"]][:3]
+  titles = [row["title"] for row in complete]
+  images = [(path.parent / row["image"]).read_bytes() for row in complete]
+  title, image = (embedder.embed(titles, images, view=view) for view in ("title", "image"))
+  concat = embedder.embed(titles, images, view="concat")
+  assert concat.shape == (3, 2 * embedder.dim)
+  np.testing.assert_allclose(concat, np.concatenate([title, image], 1) / np.sqrt(2),
+                             atol=1e-5)
+  # Cosines are the mean of the two views' cosines.
+  np.testing.assert_allclose(concat @ concat.T, (title @ title.T + image @ image.T) / 2,
+                             atol=1e-5)
+  # A listing without one input has the other's [CLS] in its place.
+  alone = embedder.embed([titles[0], None], [None, images[0]], view="concat")
+  np.testing.assert_allclose(alone[0], np.concatenate([title[0], title[0]]) / np.sqrt(2),
+                             atol=1e-5)
+  np.testing.assert_allclose(alone[1], np.concatenate([image[0], image[0]]) / np.sqrt(2),
+                             atol=1e-5)
+
+
 def _read_pair(output):
   return np.load(f"{output}.npy"), json.loads(open(f"{output}.ids.json").read()), None
 

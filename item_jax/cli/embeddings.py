@@ -26,8 +26,11 @@ def register(commands):
                      help="writes OUTPUT.npy and OUTPUT.ids.json")
   embed.add_argument("--step", type=int, default=None,
                      help="checkpoint step (default: the latest)")
-  embed.add_argument("--modality", choices=["both", "title", "image"],
-                     default="both")
+  embed.add_argument("--modality", choices=["both", "title", "image", "concat"],
+                     default="both",
+                     help="both: the joint pass's [CLS]; title / image: one "
+                          "input's pass; concat: the title and image passes "
+                          "side by side (2 x hidden)")
   embed.add_argument("--batch-size", type=int, default=None,
                      help="global batch (default: 64 per batch shard)")
   add_catalogue_flags(embed)
@@ -73,7 +76,7 @@ def register(commands):
                           "for the view on the validation split)")
   neighbours.add_argument("--step", type=int, default=None,
                           help="with --catalogue: checkpoint step (default: the latest)")
-  neighbours.add_argument("--modality", choices=["both", "title", "image"],
+  neighbours.add_argument("--modality", choices=["both", "title", "image", "concat"],
                           default=None, help="with --catalogue (default both)")
   neighbours.add_argument("--batch-size", type=int, default=None,
                           help="with --catalogue: global embedding batch")

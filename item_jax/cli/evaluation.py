@@ -72,7 +72,7 @@ def register(commands):
                           "run's data.dir)")
   categorize.add_argument("--refit", action="store_true",
                           help="fit again even when the saved categorizer matches")
-  categorize.add_argument("--modality", choices=["both", "title", "image"],
+  categorize.add_argument("--modality", choices=["both", "title", "image", "concat"],
                           default=None,
                           help="the view (default: the embeddings' modality, or both)")
   categorize.add_argument("--step", type=int, default=None,

@@ -33,8 +33,27 @@ from item_jax.train.config import (TrainSettings, base_config, validate,
                                    validate_without_data)
 from item_jax.train.optimizer import make_optimizer
 
-VIEWS = ("both", "title", "image")
+# "both": the joint pass's [CLS] (title and image together, the paper's);
+# "title", "image": a pass over one input; "concat": the title and image
+# passes side by side (`concat_views`), one more way to embed both inputs.
+VIEWS = ("both", "title", "image", "concat")
 ATTENTION_OUTPUTS = ("image_attention_share", "image_token_share")
+
+
+def concat_views(title: jax.Array, image: jax.Array, has_title: jax.Array,
+                 has_image: jax.Array) -> jax.Array:
+  """(batch, 2 x hidden): the unit title [CLS] beside the unit image [CLS],
+  both scaled by 1 / sqrt(2), so that the cosine of two listings is the
+  mean of their title views' cosine and their image views' cosine. A
+  listing without one input has the other's [CLS] in its place (ITC's
+  title:image pair puts both in one space), so its scores stay on the
+  scale of the others'."""
+  unit = lambda x: x * jax.lax.rsqrt(
+      jnp.maximum(jnp.sum(jnp.square(x.astype(jnp.float32)), -1, keepdims=True), 1e-24))
+  title, image = unit(title), unit(image)
+  title_half = jnp.where(has_title[:, None], title, image)
+  image_half = jnp.where(has_image[:, None], image, title)
+  return jnp.concatenate([title_half, image_half], axis=-1) / jnp.sqrt(2.0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -182,7 +201,8 @@ class Embedder:
   batch["has_image"]): "both" of a title-only listing is its title alone. A
   view whose input a listing lacks ("image" of a title-only listing) is the
   [CLS] of what remains; evaluation scores each view only on the listings
-  that have its inputs (`SplitEmbeddings.has`)."""
+  that have its inputs (`SplitEmbeddings.has`). "concat" runs the title and
+  image passes (`concat_views`)."""
 
   def __init__(self, graphdef: nnx.GraphDef, param_shardings, mesh,
                views=VIEWS, attention: bool = False):
@@ -200,15 +220,22 @@ class Embedder:
       # not share it across the stem's skip-without-photos conditional. With
       # the image view it runs as that view always did (no skip); the joint
       # view and the attention share mask the tokens of listings without one.
+      passes = set(views) - {"concat"}
+      if "concat" in views:
+        passes |= {"title", "image"}
       tokens = None
-      if sum((*(view in views for view in ("both", "image")), attention)) > 1:
+      if sum((*(view in passes for view in ("both", "image")), attention)) > 1:
         tokens = model.embeddings.image_tokens_input(
-            image, None, None if "image" in views else has_image)
+            image, None, None if "image" in passes else has_image)
       inputs = {"both": dict(title_ids=title_ids, image=image, title_mask=title_mask,
                              image_mask=has_image, image_tokens_input=tokens),
                 "title": dict(title_ids=title_ids, title_mask=title_mask),
                 "image": dict(image=image, image_tokens_input=tokens)}
-      outputs = {view: model.embed(**inputs[view]) for view in views}
+      embedded = {view: model.embed(**inputs[view]) for view in VIEWS if view in passes}
+      if "concat" in views:
+        embedded["concat"] = concat_views(embedded["title"], embedded["image"],
+                                          has_title, has_image)
+      outputs = {view: embedded[view] for view in views}
       if attention:
         outputs.update(zip(ATTENTION_OUTPUTS, image_attention_share(
             model, title_ids, image, title_mask, has_image, tokens)))

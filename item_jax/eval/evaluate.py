@@ -36,13 +36,14 @@ from item_jax.eval.metrics import (classification_metrics, fit_balanced_probe,
 BASELINES = ("tfidf", "minilm", "image_baseline", "mobilenet", "random_init")
 # Each embedding fused with TF-IDF (`item_jax.eval.fusion`): the weight is
 # fitted on the validation split's same-product retrieval, scored on test.
-FUSED = {f"{entry}+tfidf": entry for entry in ("both", "title", "image",
+FUSED = {f"{entry}+tfidf": entry for entry in ("both", "title", "image", "concat",
                                                  "minilm", "mobilenet")}
 # ITEm's embedding added to the best hybrid a user can build without it:
 # MobileNetV2 and TF-IDF (both baselines asked for), three weights fitted on
 # the validation split as FUSED's one; same-product retrieval only. What it
 # gains over "mobilenet+tfidf" is what ITEm adds to that stack.
-FUSED_WITH_MOBILENET = {f"{entry}+mobilenet+tfidf": entry for entry in ("both", "image")}
+FUSED_WITH_MOBILENET = {f"{entry}+mobilenet+tfidf": entry
+                        for entry in ("both", "image", "concat")}
 # Each fused entry also holds these metrics of reciprocal rank fusion (no
 # weight, so no labels needed) as "rrf_<name>".
 RRF_METRICS = ("macro_recall@10", "macro_map@10", "map@10", "recall@1")
@@ -53,7 +54,7 @@ SCORED = VIEWS + BASELINES
 ENTRIES = SCORED + tuple(FUSED) + tuple(FUSED_WITH_MOBILENET)
 # The input each entry reads; it scores the listings that have it (None:
 # every listing, each with what it has).
-ENTRY_INPUTS = {"both": None, "title": "title", "image": "image",
+ENTRY_INPUTS = {"both": None, "title": "title", "image": "image", "concat": None,
                 "tfidf": "title", "minilm": "title", "image_baseline": "image",
                 "mobilenet": "image", "random_init": None}
 # The (run, output) whose rows each embedding entry reads.

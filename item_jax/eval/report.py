@@ -16,6 +16,7 @@ LABELS = {
     "both": "ITEm, title + image",
     "title": "ITEm, title only",
     "image": "ITEm, image only",
+    "concat": "ITEm, title | image (two passes)",
     "tfidf": "TF-IDF, title char 2-4-grams",
     "minilm": "all-MiniLM-L6-v2, title",
     "image_baseline": "colour histogram, image",

@@ -301,7 +301,8 @@ class CatalogueEmbedder:
         Files and bytes take exactly `prepare`'s path; PIL images and arrays
         are first made upright RGB and stored losslessly, then the same.
       view: "both" (each listing with what it has), "title" or "image"
-        (every listing must have that input).
+        (every listing must have that input), or "concat" (the title and
+        image views side by side, 2 x dim; `embed.concat_views`).
 
     Raises:
       ValueError naming the listing's position: one with neither a title nor
@@ -344,7 +345,7 @@ class CatalogueEmbedder:
           texts[start:stop], jpegs[start:stop], has_title[start:stop],
           has_image[start:stop], batch))[view])
     if not rows:
-      return np.zeros((0, self.dim), np.float32)
+      return np.zeros((0, self.dim * (2 if view == "concat" else 1)), np.float32)
     return np.concatenate(rows).astype(np.float32)
 
   def _embedder(self, view: str) -> Embedder:
