@@ -29,7 +29,9 @@ listing, then read as data). On fashion_224 that lifts the image view to
 MobileNetV2's own 224 px features (k-NN 0.859 against 0.849, probe 0.850
 against 0.849; 0.776 / 0.791 at 64 px) and the title view's k-NN to 0.951;
 the joint view still trails its title view (BENCHMARKS.md, "224 px on this
-machine"); 86 minutes with other jobs on the cores.
+machine"; the `concat` view, the title and image passes side by side,
+reaches the title view's k-NN, 0.951, not its probe: "Two passes side by
+side"); 86 minutes with other jobs on the cores.
 `:gpu` is one accelerator's (224 px, stride 16: 14 x 14 cells, with
 `convert --image-size 224 --patch-size 16`; 256 listings a step, 5,000
 steps). `:patches` is the paper's linear patch embedding instead of the

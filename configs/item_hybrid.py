@@ -38,9 +38,13 @@ benchmarks/learning_curves.py (BENCHMARKS.md, "A pretrained image side"):
   title view in both), image view 0.559 and 0.525; in-memory curves
   (benchmarks/learning_curves.py, seeds 0 and 1) 0.612 +- 0.007 against
   0.576 +- 0.048 without it (BENCHMARKS.md, "Modality dropout").
+Evaluated as the `concat` view (the title and image passes side by side)
+the same three seeds give 0.674 +- 0.007 against the joint view's 0.622 +-
+0.029, and with ITC's crop view as a fourth pair 0.692 +- 0.005 (one
+catalogue; not taken: BENCHMARKS.md, "Two passes side by side").
 The demo's recommended recipe (item_jax/demo.py; configs/item_recommended.py
-where the wheel is not installed): the demo from nothing takes 330 s on 2
-idle cores, 167 s of it training (10.9 steps/s), and its title + image
+where the wheel is not installed): the demo from nothing takes 378 s on 2
+idle cores, 178 s of it training (12 steps/s), and its title + image
 macro R@10 is 0.658 against MiniLM's 0.593 and MobileNetV2's 0.578 (224
 px). At 1,000 steps the joint view falls below
 MiniLM (0.576 +- 0.024 over three seeds), so the recipe keeps 1,500.
