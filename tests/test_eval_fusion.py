@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import scipy.sparse
 
-from item_jax.eval.fusion import (FUSION_WEIGHTS, fit_weight, fit_weights, fuse,
-                                  fuse_blocks, simplex_weights)
+from item_jax.eval.fusion import (FUSION_WEIGHTS, fit_added_weight, fit_weight, fuse,
+                                  fuse_blocks)
 
 
 def _rows(seed, count=12, dim=5, sparse_dim=9):
@@ -77,15 +77,7 @@ def test_several_embeddings_fuse_with_the_words_as_their_weighted_cosines():
     fuse_blocks([dense, other], tfidf[:11], weights)
 
 
-def test_the_weight_grid_covers_the_simplex():
-  grid = simplex_weights(3)
-  assert len(grid) == 66 == len(set(grid))
-  assert all(abs(sum(w) - 1) < 1e-9 and min(w) >= 0 for w in grid)
-  assert grid[0] == (0.0, 0.0, 1.0) and (0.3, 0.4, 0.3) in grid
-  assert simplex_weights(2) == [(w, round(1 - w, 6)) for w in FUSION_WEIGHTS]
-
-
-def test_fitted_weights_go_to_the_embedding_that_finds_the_products():
+def test_an_embedding_added_to_a_fitted_hybrid_gets_the_share_it_earns():
   count = 40
   products = np.repeat(np.arange(count // 2), 2).astype(str)
   rng = np.random.default_rng(2)
@@ -94,10 +86,16 @@ def test_fitted_weights_go_to_the_embedding_that_finds_the_products():
   noise = rng.normal(size=(count, 16))
   words = np.abs(rng.normal(size=(count, 16)))
   words = scipy.sparse.csr_matrix(words / np.linalg.norm(words, axis=1, keepdims=True))
-  for blocks, found in (([noise, informative], 1), ([informative, noise], 0)):
-    weights, tried = fit_weights(blocks, words, products, np.zeros(count, int))
-    assert len(tried) == 66
-    assert tried[",".join(f"{w:.1f}" for w in weights)] == max(tried.values())
-    assert weights[found] == max(weights) and max(tried.values()) > tried["0.0,0.0,1.0"] + 0.3
+  categories = np.zeros(count, int)
+  # Added to a hybrid of noise, the informative embedding takes the most.
+  weights, tried = fit_added_weight(informative, noise, 0.6, words, products, categories)
+  assert list(tried) == list(FUSION_WEIGHTS)
+  assert tried[weights[0]] == max(tried.values()) > tried[0.0] + 0.3
+  assert weights[0] >= 0.5 and sum(weights) == pytest.approx(1.0)
+  # The hybrid keeps its own ratio of MobileNetV2 to words.
+  assert weights[1] == pytest.approx((1 - weights[0]) * 0.6, abs=1e-6)
+  # Noise added to an informative hybrid earns nothing: a = 0 is that hybrid.
+  weights, tried = fit_added_weight(noise, informative, 1.0, words, products, categories)
+  assert weights == (0.0, 1.0, 0.0) and tried[0.0] == max(tried.values())
   with pytest.raises(ValueError, match="nothing to fit"):
-    fit_weights([noise, noise], words, np.arange(count).astype(str), np.zeros(count, int))
+    fit_added_weight(noise, noise, 0.5, words, np.arange(count).astype(str), categories)

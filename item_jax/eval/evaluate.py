@@ -27,7 +27,7 @@ from item_jax.errors import MissingInputError, UserError
 from item_jax.eval.embed import (ATTENTION_OUTPUTS, VIEWS, Embedder, embed_split,
                                  eval_batch_size, load_model, own_products,
                                  read_split, split_count)
-from item_jax.eval.fusion import (fit_weight, fit_weights, fuse, fuse_blocks,
+from item_jax.eval.fusion import (fit_added_weight, fit_weight, fuse, fuse_blocks,
                                   rrf_retrieval, tfidf_features)
 from item_jax.eval.metrics import (classification_metrics, fit_balanced_probe,
                                    knn_predict, linear_probe, retrieval_queries,
@@ -39,9 +39,10 @@ BASELINES = ("tfidf", "minilm", "image_baseline", "mobilenet", "random_init")
 FUSED = {f"{entry}+tfidf": entry for entry in ("both", "title", "image", "concat",
                                                  "minilm", "mobilenet")}
 # ITEm's embedding added to the best hybrid a user can build without it:
-# MobileNetV2 and TF-IDF (both baselines asked for), three weights fitted on
-# the validation split as FUSED's one; same-product retrieval only. What it
-# gains over "mobilenet+tfidf" is what ITEm adds to that stack.
+# MobileNetV2 + TF-IDF as "mobilenet+tfidf" fitted it, ITEm's share fitted
+# on the validation split as FUSED's weight is (0: that hybrid as it is);
+# same-product retrieval only. What it gains over "mobilenet+tfidf" is what
+# ITEm adds to that stack.
 FUSED_WITH_MOBILENET = {f"{entry}+mobilenet+tfidf": entry
                         for entry in ("both", "image", "concat")}
 # Each fused entry also holds these metrics of reciprocal rank fusion (no
@@ -399,41 +400,41 @@ def _fused_entries(splits: dict, features: dict, report: dict, mesh,
 
 def _entries_fused_with_mobilenet(splits: dict, features: dict, report: dict,
                                   mesh, options: EvalOptions) -> tuple:
-  """({entry: metrics}, {entry: {"w_item,w_mobilenet,w_tfidf": validation
-  macro Recall@10}}) of FUSED_WITH_MOBILENET: ITEm's view, MobileNetV2 and
-  TF-IDF, the three weights (`fusion.fit_weights`) fitted on the validation
-  split and scored on the test split, as `_fused_entries` fits one."""
+  """({entry: metrics}, {entry: {ITEm's share: validation macro Recall@10}})
+  of FUSED_WITH_MOBILENET: ITEm's view added to MobileNetV2 + TF-IDF at the
+  weight "mobilenet+tfidf" was fitted with, ITEm's share a fitted on the
+  validation split (`fusion.fit_added_weight`) and scored on the test
+  split; "fusion_weights" holds the three weights."""
   validation, test = splits.get("validation"), splits["test"]
   fused, fitted = {}, {}
-  labelled = {name: own_products(split.product_ids, split.item_ids)
-              for name, split in (("validation", validation), ("test", test))
-              if split is not None}
-  why = None
-  if validation is None or not len(retrieval_queries(labelled["validation"])):
-    why = "no validation listings of one product to fit the weights on"
-  elif not len(retrieval_queries(labelled["test"])):
-    why = "no product has two test listings"
-  tfidf = None if why else {
-      "validation": _tfidf_pair(splits["train"], validation, options.lexical_text)[1],
-      "test": features["tfidf"][1]}
+  base_weight = report.get("mobilenet+tfidf", {}).get("fusion_weight")
+  why = (None if base_weight is not None else
+         "MobileNetV2 + TF-IDF has no fitted weight")
+  tfidf = labelled = None
+  if not why:
+    labelled = {name: own_products(split.product_ids, split.item_ids)
+                for name, split in (("validation", validation), ("test", test))}
+    tfidf = {"validation": _tfidf_pair(splits["train"], validation,
+                                       options.lexical_text)[1],
+             "test": features["tfidf"][1]}
   for entry, source in FUSED_WITH_MOBILENET.items():
-    if "unavailable" in report[source] or why:
+    if why or "unavailable" in report[source]:
       fused[entry] = {"unavailable": why or f"{source} is not scored"}
       continue
     blocks = {name: [split.outputs[SOURCES[name_of]] * split.has(ENTRY_INPUTS[name_of]
                                                                  or "both")[:, None]
                      for name_of in (source, "mobilenet")]
               for name, split in (("validation", validation), ("test", test))}
-    logging.info("eval: fitting the fusion of %s with MobileNetV2 and TF-IDF", source)
-    weights, tried = fit_weights(blocks["validation"], tfidf["validation"],
-                                 labelled["validation"], validation.category_ids,
-                                 mesh=mesh)
+    logging.info("eval: fitting %s's share beside MobileNetV2 + TF-IDF", source)
+    weights, tried = fit_added_weight(*blocks["validation"], base_weight,
+                                      tfidf["validation"], labelled["validation"],
+                                      validation.category_ids, mesh=mesh)
     fused[entry] = {
         **same_product_retrieval(fuse_blocks(blocks["test"], tfidf["test"], weights),
                                  labelled["test"], test.category_ids, mesh=mesh),
         "fusion_weights": dict(zip(("item", "mobilenet", "tfidf"), weights)),
         "num_test_listings": len(test.item_ids)}
-    fitted[entry] = tried
+    fitted[entry] = {str(added): recall for added, recall in tried.items()}
   return fused, fitted
 
 

@@ -19,8 +19,6 @@ k, if deeper), a listing that shares nothing with the query on one side
 far apart the scores are, which is what a fitted w uses.
 """
 
-import itertools
-
 import numpy as np
 import scipy.sparse
 from sklearn.feature_extraction.text import TfidfVectorizer
@@ -169,15 +167,6 @@ def fuse_blocks(dense_blocks, sparse, weights) -> scipy.sparse.csr_matrix:
   return fused
 
 
-def simplex_weights(parts: int, step: float = 0.1) -> list[tuple[float, ...]]:
-  """Every tuple of `parts` multiples of `step` that sums to 1 (66 for three
-  parts at 0.1), the words' weight last."""
-  units = round(1 / step)
-  return [tuple(round(count * step, 6) for count in (*counts, units - sum(counts)))
-          for counts in itertools.product(range(units + 1), repeat=parts - 1)
-          if sum(counts) <= units]
-
-
 def hybrid_blocks(query_vectors: np.ndarray, query_titles: list[str],
                   index_vectors: np.ndarray | None, index_titles: list[str] | None,
                   k: int, weight: float, *, block_rows: int, start_row: int = 0):
@@ -225,24 +214,28 @@ def fit_weight(dense: np.ndarray, sparse, product_ids: np.ndarray,
   return best, scores
 
 
-def fit_weights(dense_blocks, sparse, product_ids: np.ndarray,
-                category_ids: np.ndarray, step: float = 0.1,
-                mesh=None) -> tuple[tuple[float, ...], dict]:
-  """`fit_weight` for several embeddings and the words (`fuse_blocks`):
-  (the best weights, {"w1,w2,...": macro Recall@10}) over `simplex_weights`,
-  the same order of preference (macro Recall@10, then macro MAP@10, then
-  the first tried: the words' largest weight)."""
+def fit_added_weight(dense: np.ndarray, base_dense: np.ndarray, base_weight: float,
+                     sparse, product_ids: np.ndarray, category_ids: np.ndarray,
+                     weights=FUSION_WEIGHTS, mesh=None) -> tuple[tuple, dict]:
+  """An embedding added to a fitted hybrid of another embedding and the
+  words (`base_dense` at `base_weight`, the words at 1 - `base_weight`):
+  (the best weights (a, (1 - a) base_weight, (1 - a)(1 - base_weight)) for
+  `fuse_blocks([dense, base_dense], sparse, ...)`, {a: macro Recall@10})
+  over a in `weights`, ordered as `fit_weight` (a = 0, the hybrid without
+  the added embedding, wins a draw)."""
   if not len(retrieval_queries(product_ids)):
     raise ValueError("no listing shares its product with another: nothing to "
-                     "fit fusion weights on")
+                     "fit a fusion weight on")
   scores, best, best_key = {}, None, None
-  for weights in simplex_weights(len(dense_blocks) + 1, step):
-    result = same_product_retrieval(fuse_blocks(dense_blocks, sparse, weights),
+  for added in weights:
+    triple = (added, round((1 - added) * base_weight, 6),
+              round((1 - added) * (1 - base_weight), 6))
+    result = same_product_retrieval(fuse_blocks([dense, base_dense], sparse, triple),
                                     product_ids, category_ids, mesh=mesh)
     key = tuple(result[name] for name in FIT_METRICS)
-    scores[",".join(f"{w:.1f}" for w in weights)] = key[0]
+    scores[added] = key[0]
     if best_key is None or key > best_key:
-      best, best_key = weights, key
+      best, best_key = triple, key
   return best, scores
 
 
