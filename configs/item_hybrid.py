@@ -43,8 +43,8 @@ the same three seeds give 0.674 +- 0.007 against the joint view's 0.622 +-
 0.029, and with ITC's crop view as a fourth pair 0.692 +- 0.005 (one
 catalogue; not taken: BENCHMARKS.md, "Two passes side by side").
 The demo's recommended recipe (item_jax/demo.py; configs/item_recommended.py
-where the wheel is not installed): the demo from nothing takes 378 s on 2
-idle cores, 178 s of it training (12 steps/s), and its title + image
+where the wheel is not installed): the demo from nothing takes 360 s on 2
+idle cores, 177 s of it training (12 steps/s), and its title + image
 macro R@10 is 0.658 against MiniLM's 0.593 and MobileNetV2's 0.578 (224
 px). At 1,000 steps the joint view falls below
 MiniLM (0.576 +- 0.024 over three seeds), so the recipe keeps 1,500.

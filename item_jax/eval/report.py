@@ -44,7 +44,7 @@ def entry_label(entry: str, report: dict) -> str:
     label += f" (w = {weight:.1f})"
   weights = report.get(entry, {}).get("fusion_weights")
   if weights:
-    label += f" (w = {' / '.join(f'{w:.1f}' for w in weights.values())})"
+    label += f" (w = {' / '.join(f'{w:.2f}' for w in weights.values())})"
   return label
 
 
@@ -179,9 +179,10 @@ def format_markdown(report: dict, plots: list[str], compare: dict | None) -> str
                     for e in entries]),
       "Fused entries: w x the embedding's cosine + (1 - w) x TF-IDF's, w "
       "fitted on the validation split's same-product macro Recall@10 and "
-      "applied here as it is; with MobileNetV2 too, three weights (ITEm / "
-      "MobileNetV2 / TF-IDF) fitted the same way: what ITEm's embedding adds "
-      "to the best hybrid built without it.",
+      "applied here as it is; + MobileNetV2 + TF-IDF: ITEm's share a added "
+      "to MobileNetV2 + TF-IDF as fitted, a fitted the same way (the weights "
+      "shown are ITEm / MobileNetV2 / TF-IDF): what ITEm's embedding adds to "
+      "the best hybrid built without it.",
       "## Leaf-category prediction (test split)",
       "Accuracy: over the labelled test listings; macro-F1: mean over "
       "categories. Fused entries: the probe on the embedding and the TF-IDF "
