@@ -42,15 +42,12 @@ ATTENTION_OUTPUTS = ("image_attention_share", "image_token_share")
 
 def concat_views(title: jax.Array, image: jax.Array, has_title: jax.Array,
                  has_image: jax.Array) -> jax.Array:
-  """(batch, 2 x hidden): the unit title [CLS] beside the unit image [CLS],
-  both scaled by 1 / sqrt(2), so that the cosine of two listings is the
-  mean of their title views' cosine and their image views' cosine. A
-  listing without one input has the other's [CLS] in its place (ITC's
-  title:image pair puts both in one space), so its scores stay on the
-  scale of the others'."""
-  unit = lambda x: x * jax.lax.rsqrt(
-      jnp.maximum(jnp.sum(jnp.square(x.astype(jnp.float32)), -1, keepdims=True), 1e-24))
-  title, image = unit(title), unit(image)
+  """(batch, 2 x hidden): the title view beside the image view (unit rows,
+  as `ItemModel.embed` gives them), both scaled by 1 / sqrt(2), so that the
+  cosine of two listings is the mean of their title views' cosine and
+  their image views' cosine. A listing without one input has the other's
+  view in its place (ITC's title:image pair puts both in one space), so
+  its scores stay on the scale of the others'."""
   title_half = jnp.where(has_title[:, None], title, image)
   image_half = jnp.where(has_image[:, None], image, title)
   return jnp.concatenate([title_half, image_half], axis=-1) / jnp.sqrt(2.0)

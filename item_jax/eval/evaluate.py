@@ -212,13 +212,17 @@ def evaluate(workdir: str, data_dir: str, options: EvalOptions = EvalOptions()
         report[entry][output] = float(np.mean(test.outputs[(run, output)]))
   fitted = {}
   if fusion and "unavailable" not in report["tfidf"]:
-    fused, fitted, words = _fused_entries(splits, features, report, trained.mesh,
-                                          num_classes, options)
+    # The validation split's TF-IDF rows, fitted as the test split's (on the
+    # training titles and its own), for every fit on the validation split.
+    validation_tfidf = (None if "validation" not in splits else _tfidf_pair(
+        train, splits["validation"], options.lexical_text)[1])
+    fused, fitted, words = _fused_entries(splits, features, validation_tfidf, report,
+                                          trained.mesh, num_classes, options)
     report.update(fused)
     report["tfidf"].update(words)
     if "unavailable" not in report["mobilenet"]:
-      fused, fitted_three = _entries_fused_with_mobilenet(splits, features, report,
-                                                          trained.mesh, options)
+      fused, fitted_three = _entries_fused_with_mobilenet(
+          splits, features, validation_tfidf, report, trained.mesh)
       report.update(fused)
       fitted.update(fitted_three)
     else:
@@ -322,8 +326,8 @@ def _tfidf_of(splits: dict, lexical_text: str = "title") -> dict:
           for name, split in splits.items()}
 
 
-def _fused_entries(splits: dict, features: dict, report: dict, mesh,
-                   num_classes: int, options: EvalOptions) -> tuple:
+def _fused_entries(splits: dict, features: dict, validation_tfidf, report: dict,
+                   mesh, num_classes: int, options: EvalOptions) -> tuple:
   """({fused entry: metrics}, {fused entry: {weight: validation macro
   Recall@10}}): each embedding beside TF-IDF.
 
@@ -341,8 +345,6 @@ def _fused_entries(splits: dict, features: dict, report: dict, mesh,
   score."""
   validation, test = splits.get("validation"), splits["test"]
   train_tfidf, test_tfidf = features["tfidf"]
-  validation_tfidf = (None if validation is None else
-                      _tfidf_pair(splits["train"], validation, options.lexical_text)[1])
   labelled = {name: own_products(split.product_ids, split.item_ids)
               for name, split in (("validation", validation), ("test", test))
               if split is not None}
@@ -398,8 +400,8 @@ def _fused_entries(splits: dict, features: dict, report: dict, mesh,
   return fused, fitted, words
 
 
-def _entries_fused_with_mobilenet(splits: dict, features: dict, report: dict,
-                                  mesh, options: EvalOptions) -> tuple:
+def _entries_fused_with_mobilenet(splits: dict, features: dict, validation_tfidf,
+                                  report: dict, mesh) -> tuple:
   """({entry: metrics}, {entry: {ITEm's share: validation macro Recall@10}})
   of FUSED_WITH_MOBILENET: ITEm's view added to MobileNetV2 + TF-IDF at the
   weight "mobilenet+tfidf" was fitted with, ITEm's share a fitted on the
@@ -414,9 +416,7 @@ def _entries_fused_with_mobilenet(splits: dict, features: dict, report: dict,
   if not why:
     labelled = {name: own_products(split.product_ids, split.item_ids)
                 for name, split in (("validation", validation), ("test", test))}
-    tfidf = {"validation": _tfidf_pair(splits["train"], validation,
-                                       options.lexical_text)[1],
-             "test": features["tfidf"][1]}
+    tfidf = {"validation": validation_tfidf, "test": features["tfidf"][1]}
   for entry, source in FUSED_WITH_MOBILENET.items():
     if why or "unavailable" in report[source]:
       fused[entry] = {"unavailable": why or f"{source} is not scored"}
