@@ -98,6 +98,12 @@ def test_itm_counts_another_photo_of_the_same_product_as_a_match():
 
 def _loss(model, batch, objectives, seed=0):
   keys = _keys(batch["title_ids"].shape[0], seed)
+  return _jitted_loss(model, batch, keys, objectives)
+
+
+# Compiled once per objectives (op by op, a step of every task takes seconds).
+@nnx.jit(static_argnums=3)
+def _jitted_loss(model, batch, keys, objectives):
   return pretraining_loss(model, batch, keys, objectives, TOKENS)
 
 
@@ -143,7 +149,9 @@ def test_all_weights_zero_is_a_config_error():
 def test_global_heads_ignore_the_masked_positions_own_outputs(monkeypatch):
   model, batch = tiny_model(), tiny_batch(batch=8)
   objectives = ObjectiveConfig(itm_weight=0.0)
-  baseline = _loss(model, batch, objectives)[1]
+  # Op by op: a compiled loss would not see the patched encode.
+  eager = lambda: pretraining_loss(model, batch, _keys(8, 0), objectives, TOKENS)[1]
+  baseline = eager()
   original_encode = ItemModel.encode
 
   def perturbed_encode(self, *args, **kwargs):
@@ -153,7 +161,7 @@ def test_global_heads_ignore_the_masked_positions_own_outputs(monkeypatch):
                             patch_states=encoded.patch_states - 3.0)
 
   monkeypatch.setattr(ItemModel, "encode", perturbed_encode)
-  perturbed = _loss(model, batch, objectives)[1]
+  perturbed = eager()
   assert float(perturbed["gmlm"]) == pytest.approx(float(baseline["gmlm"]), rel=1e-6)
   assert float(perturbed["gmim"]) == pytest.approx(float(baseline["gmim"]), rel=1e-6)
   assert abs(float(perturbed["mlm"]) - float(baseline["mlm"])) > 1e-3
@@ -382,15 +390,15 @@ def test_a_title_only_batch_trains_its_text_tasks_only():
     return pretraining_loss(nnx.merge(graphdef, params), batch, keys,
                             ObjectiveConfig(itc_weight=1.0, itc_pairs=pairs), TOKENS)
 
-  (_, metrics), grads = jax.value_and_grad(
-      lambda params: loss_fn(params, "title:image,joint:image"), has_aux=True)(params)
+  (_, metrics), grads = jax.jit(jax.value_and_grad(
+      lambda params: loss_fn(params, "title:image,joint:image"), has_aux=True))(params)
   # No image: ITM, MIM, GMIM and ITC pairs with an image weigh nothing, and
   # nothing reaches the patch embedding.
   for task in ("itm", "mim", "gmim", "itc"):
     assert float(metrics[task]) == 0.0, task
   assert float(metrics["mlm"]) > 1.0 and float(metrics["gmlm"]) > 1.0
   # The masked title against the clean one is a pair a title-only listing has.
-  assert float(loss_fn(params)[1]["itc"]) > 1.0
+  assert float(jax.jit(loss_fn)(params)[1]["itc"]) > 1.0
   patch_grad = grads["embeddings"]["patch_embedding"]["kernel"].value
   assert not np.asarray(patch_grad).any()
   optimizer = optax.adam(2e-3)

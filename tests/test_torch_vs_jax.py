@@ -33,7 +33,18 @@ TOLERANCE = 1e-4
                     itc_pairs="title:image,image:crop", crop_min_area=0.5),
 ], ids=["all", "no-itm-no-mim", "all-and-itc", "itc-only", "itc-text", "itc-crop"])
 def test_torch_losses_and_gradients_match_item_jax(objectives):
-  config = tiny_config()
+  _check_parity(tiny_config(), objectives)
+
+
+def test_torch_matches_with_the_stem_neighbourhoods():
+  """The stem's pooled cells teach the image view's neighbours (stem_kd)."""
+  _check_parity(tiny_config(image_stem="mobilenet_v2", image_size=32, patch_size=8),
+                ObjectiveConfig(itm_weight=0.0, mim_weight=0.0, gmim_weight=0.0,
+                                itc_weight=0.5, itc_pairs="joint:title",
+                                stem_kd_weight=2.0, stem_kd_temperature=0.2))
+
+
+def _check_parity(config, objectives):
   torch_model = random_torch_model(config, seed=1).train()
   params, _ = torch_layout.from_torch(torch_model.state_dict(), config)
   graphdef, state = nnx.split(model_from_params(params, config))
@@ -57,7 +68,8 @@ def test_torch_losses_and_gradients_match_item_jax(objectives):
             for name, value in loss_inputs(masked, batch, crops).items()}
   torch_total, losses = item_losses(
       torch_model, inputs, {task: objectives.weight(task) for task in TASKS},
-      objectives.normalize_patch_targets, objectives.itc_view_pairs())
+      objectives.normalize_patch_targets, objectives.itc_view_pairs(),
+      (objectives.stem_kd_weight, objectives.stem_kd_temperature))
   torch_total.backward()
 
   active = [task for task in TASKS if objectives.weight(task) > 0]

@@ -333,9 +333,26 @@ def contrastive_loss(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor,
   return _weighted_mean(per_example, weight)
 
 
+def stem_neighbourhood_loss(student: torch.Tensor, teacher: torch.Tensor,
+                            temperature: float,
+                            weight: torch.Tensor) -> torch.Tensor:
+  """item_jax.objectives.stem_neighbourhood_loss."""
+  batch = student.shape[0]
+  excluded = (weight[None, :] <= 0) | torch.eye(batch, dtype=torch.bool)
+  def logits(x):
+    x = F.normalize(x, dim=-1, eps=1e-12)
+    return (x @ x.T / temperature).masked_fill(excluded, -1e9)
+  target = F.softmax(logits(teacher).detach(), -1)
+  per_row = -(target * F.log_softmax(logits(student), -1)).sum(-1)
+  per_row = per_row + (target * torch.log(target.clamp_min(1e-30))).sum(-1)
+  per_row = torch.where((weight > 0) & ((weight > 0).sum() > 1), per_row, 0.0)
+  return _weighted_mean(per_row, weight)
+
+
 def item_losses(model: ItemTorch, inputs: dict, weights: dict | None = None,
                 normalize_patch_targets: bool = True,
-                itc_pairs: tuple = (("title", "image"),)):
+                itc_pairs: tuple = (("title", "image"),),
+                stem_kd: tuple[float, float] = (0.0, 0.05)):
   """(total, {task: loss}) as item_jax.objectives.pretraining_loss computes them.
 
   Args:
@@ -346,6 +363,7 @@ def item_losses(model: ItemTorch, inputs: dict, weights: dict | None = None,
       paper's five at 1.
     normalize_patch_targets: as ObjectiveConfig's.
     itc_pairs: ObjectiveConfig.itc_view_pairs().
+    stem_kd: ObjectiveConfig's (stem_kd_weight, stem_kd_temperature).
   """
   weights = dict.fromkeys(PAPER_TASKS, 1.0) if weights is None else weights
   active = {task for task in TASKS if weights.get(task, 0) > 0}
@@ -365,6 +383,8 @@ def item_losses(model: ItemTorch, inputs: dict, weights: dict | None = None,
   if "itc" in active:
     views = {}
     needed = {view for pair in itc_pairs for view in pair}
+    if stem_kd[0]:
+      needed.add("image")
     if "title" in needed:
       views["title"] = (model.encode(inputs["clean_title_ids"])[0], example_weight)
     if "image" in needed:
@@ -385,6 +405,13 @@ def item_losses(model: ItemTorch, inputs: dict, weights: dict | None = None,
                                  torch.minimum(views[a][1], views[b][1]))
                 for a, b in itc_pairs]
     losses["itc"] = sum(per_pair) / len(per_pair)
+    if stem_kd[0]:
+      with torch.no_grad():
+        teacher = model.bert.embeddings.stem(
+            inputs["clean_pixel_values"]).flatten(2).mean(-1)
+      losses["itc"] = losses["itc"] + stem_kd[0] / weights["itc"] * (
+          stem_neighbourhood_loss(views["image"][0], teacher, stem_kd[1],
+                                  views["image"][1]))
   if "itm" in active:
     per_example = _cross_entropy(model.itm_logits(cls), matched.long())
     losses["itm"] = _weighted_mean(per_example, example_weight)

@@ -70,6 +70,8 @@ def training_flops_per_example(config: ModelConfig, title_len: int,
     # crop view's over its other look at the photo), and the joint view when
     # no other task runs the joint pass.
     views = {view for pair in objectives.itc_view_pairs() for view in pair}
+    if objectives.stem_kd_weight:   # its student is the image view
+      views.add("image")
     lengths = {"title": (1 + title_len, False),
                "image": (1 + config.num_patches, True),
                "crop": (1 + config.num_patches, True),

@@ -66,6 +66,12 @@ class ObjectiveConfig:
   # MLM/GMLM for a title, MIM/GMIM for a photo). 0 is the paper's recipe.
   joint_image_dropout: float = 0.0
   joint_title_dropout: float = 0.0
+  # Stem neighbourhoods (a convolutional image stem only): the image view's
+  # in-batch similarities are taught those of the frozen stem's pooled
+  # features (`stem_neighbourhood_loss`), so that what ImageNet tells apart
+  # stays apart; part of ITC's image view, so ITC must be on. 0 is off.
+  stem_kd_weight: float = 0.0
+  stem_kd_temperature: float = 0.05
 
   def __post_init__(self):
     for task in TASKS:
@@ -83,6 +89,13 @@ class ObjectiveConfig:
     self.itc_view_pairs()  # validates itc_pairs
     if not 0.0 < self.crop_min_area <= 1.0:
       raise ValueError("objectives.crop_min_area must be in (0, 1]")
+    if self.stem_kd_weight < 0:
+      raise ValueError("objectives.stem_kd_weight must be >= 0")
+    if self.stem_kd_weight and not self.itc_weight:
+      raise ValueError("objectives.stem_kd_weight needs ITC on "
+                       "(objectives.itc_weight > 0): it teaches ITC's image view")
+    if not self.stem_kd_temperature > 0:
+      raise ValueError("objectives.stem_kd_temperature must be > 0")
 
   def itc_view_pairs(self) -> tuple[tuple[str, str], ...]:
     """`itc_pairs` parsed: ((view, view), ...)."""
@@ -166,6 +179,39 @@ def contrastive_loss(a: jax.Array, b: jax.Array, scale: jax.Array,
       jnp.where(excluded, _EXCLUDED_LOGIT, logits.T), labels)
   per_example = jnp.where(weight > 0, 0.5 * (a_to_b + b_to_a), 0.0)
   return _weighted_mean(per_example, weight)
+
+
+def stem_neighbourhood_loss(student: jax.Array, teacher: jax.Array,
+                            temperature: float,
+                            weight: jax.Array) -> jax.Array:
+  """Cross-entropy of the student's in-batch neighbour distribution against
+  the teacher's (relational distillation; no projection, so any widths).
+
+  Each row's distribution over the batch's other rows is the softmax of its
+  cosines / temperature; the teacher's is the target. A row's own column and
+  rows of weight 0 are no neighbours; rows of weight 0 ask nothing.
+
+  Args:
+    student: (batch, dim) the image view's [CLS].
+    teacher: (batch, channels) the frozen stem's pooled features.
+    temperature: the softmax temperature of both.
+    weight: (batch,) float.
+  """
+  normalize = lambda x: x * jax.lax.rsqrt(
+      jnp.maximum(jnp.sum(jnp.square(x), -1, keepdims=True), 1e-24))
+  batch = student.shape[0]
+  excluded = (weight[None, :] <= 0) | jnp.eye(batch, dtype=bool)
+  logits = lambda x: jnp.where(
+      excluded, _EXCLUDED_LOGIT,
+      jnp.einsum("id,jd->ij", normalize(x), normalize(x)) / temperature)
+  target = jax.nn.softmax(
+      jax.lax.stop_gradient(logits(teacher.astype(jnp.float32))), -1)
+  per_row = -jnp.sum(target * jax.nn.log_softmax(
+      logits(student.astype(jnp.float32)), -1), -1)
+  # The target's own entropy makes a perfect student score 0.
+  per_row = per_row + jnp.sum(target * jnp.log(jnp.maximum(target, 1e-30)), -1)
+  per_row = jnp.where((weight > 0) & (jnp.sum(weight > 0) > 1), per_row, 0.0)
+  return _weighted_mean(per_row, weight)
 
 
 def _gather(states: jax.Array, indices: jax.Array) -> jax.Array:
@@ -399,6 +445,8 @@ def _itc_losses(model: ItemModel, batch: dict, objectives: ObjectiveConfig,
   """
   pairs = objectives.itc_view_pairs()
   needed = {view for pair in pairs for view in pair}
+  if objectives.stem_kd_weight:
+    needed.add("image")
   title_ids, image = batch["title_ids"], _image(batch)
   has_title, has_image = presence(batch)
   title_mask = (title_ids != model.config.pad_token_id) & has_title[:, None]
@@ -440,10 +488,23 @@ def _itc_losses(model: ItemModel, batch: dict, objectives: ObjectiveConfig,
     else:
       views["joint"] = encoded.cls
       weights["joint"] = joint_weight * (has_title | has_image)
+  losses = {}
+  if objectives.stem_kd_weight:
+    if cells is None:
+      raise ValueError("objectives.stem_kd_weight needs a convolutional image "
+                       "stem (model.image_stem): the patch embedding has no "
+                       "pretrained features to keep")
+    teacher = jnp.mean(cells.astype(jnp.float32), axis=1)
+    losses["stem_kd"] = stem_neighbourhood_loss(
+        views["image"], teacher, objectives.stem_kd_temperature,
+        example_weight * has_image)
   scale = model.itc_scale()
   per_pair = [contrastive_loss(views[a], views[b], scale,
                                jnp.minimum(weights[a], weights[b]),
                                batch.get("product_id"))
               for a, b in pairs]
-  return {"itc": sum(per_pair) / len(per_pair),
-          "itc_temperature": 1.0 / scale}
+  itc = sum(per_pair) / len(per_pair)
+  if objectives.stem_kd_weight:
+    # Weighted inside ITC's loss, so that every task's weight stays as it was.
+    itc = itc + objectives.stem_kd_weight / objectives.itc_weight * losses["stem_kd"]
+  return {"itc": itc, "itc_temperature": 1.0 / scale, **losses}

@@ -17,6 +17,7 @@ from etils import epath
 
 from item_jax.errors import MissingInputError, UserError
 from item_jax.model import ModelConfig, model_config
+from item_jax.model.config import STEM_STRIDES
 from item_jax.objectives import ObjectiveConfig
 from item_jax.train.optimizer import OptimizerConfig
 
@@ -94,6 +95,10 @@ def base_config() -> ml_collections.ConfigDict:
   config.objectives.joint_title_dropout = 0.0
   # ITC's "crop" view: the smallest share of the photo a crop keeps.
   config.objectives.crop_min_area = 0.4
+  # Stem neighbourhoods (convolutional stems): the image view's in-batch
+  # neighbours taught those of the frozen stem's pooled features; 0 is off.
+  config.objectives.stem_kd_weight = 0.0
+  config.objectives.stem_kd_temperature = 0.05
 
   config.optimizer = ml_collections.ConfigDict()
   config.optimizer.learning_rate = 1e-4
@@ -301,6 +306,18 @@ def _settings(config: ml_collections.ConfigDict, dataset: dict,
                     f"does not fit model.max_title_positions={model.max_title_positions}")
   objectives = _fields_of(config.objectives, "objectives", ObjectiveConfig)
   _check_stem_cells(config, model, objectives, process_count)
+  if objectives.stem_kd_weight and model.image_stem == "patches":
+    raise UserError(
+        f"config.objectives.stem_kd_weight={objectives.stem_kd_weight} needs a "
+        "convolutional image stem (model.image_stem='mobilenet_v2'): the patch "
+        "embedding has no pretrained features to keep")
+  if objectives.stem_kd_weight and model.patch_size < max(STEM_STRIDES):
+    logging.warning(
+        "objectives.stem_kd_weight with the stem cut at stride %d: the teacher "
+        "is MobileNetV2's intermediate features, not its embedding (stride %d); "
+        "on the hard synthetic split at stride 16 it lowered the image view "
+        "(BENCHMARKS.md, 'Keeping what ImageNet tells apart')",
+        model.patch_size, max(STEM_STRIDES))
   _check_text_view(objectives, dataset, config, model)
   _check_inputs(objectives, dataset, config)
   optimizer = _fields_of(config.optimizer, "optimizer", OptimizerConfig,
