@@ -213,29 +213,6 @@ def test_torch_reference_matches_with_the_stem_and_round_trips():
   assert all(np.array_equal(back[name], params[name]) for name in params)
 
 
-def test_a_new_run_starts_its_stem_from_imagenet_and_keeps_it(
-    wheel_module, prepared_catalogue, tmp_path):
-  """configs/item_hybrid.py:runlocal through `train`: the weights file is
-  written into the workdir, and every checkpoint holds the stem unchanged."""
-  from item_jax.convert import workdir as workdir_lib
-  from item_jax.train.config import load_config, validate
-  from item_jax.train.image_stem import STEM_FILE, pretrained_stem_flat
-  from item_jax.train.loop import train
-  config = load_config("configs/item_hybrid.py:runlocal", [
-      f"--config.data.dir={prepared_catalogue[1]}", "--config.total_steps=2",
-      "--config.checkpoint_every_steps=1", "--config.log_every_steps=1"])
-  settings = validate(config, num_devices=8)
-  assert settings.model.image_stem == "mobilenet_v2"
-  history = train(settings, str(tmp_path / "run"))
-  assert [row["step"] for row in history] == [1, 2]
-  assert all(np.isfinite(row["loss"]) for row in history)
-  assert (tmp_path / "run" / STEM_FILE).exists()
-  stem = pretrained_stem_flat(settings.model, tmp_path / "run")
-  for step in (1, 2):
-    _, params, _ = workdir_lib.workdir_params(tmp_path / "run", step=step)
-    assert all(np.array_equal(params[name], value) for name, value in stem.items())
-
-
 def _convolutions(jaxpr) -> int:
   """conv_general_dilated equations in a jaxpr, its sub-jaxprs (cond
   branches, custom rules) included."""

@@ -129,9 +129,10 @@ def _train(data_dir, workdir, cells_dir, stem_cells, *overrides):
 def test_training_on_cached_cells_follows_the_stem_in_the_step(
     wheel, prepared_catalogue, tmp_path):
   """A run on the cache takes the steps the stem-in-step run takes (up to
-  float16's rounding), and keeps the ImageNet stem unchanged."""
+  float16's rounding). Both start their stem from ImageNet (its weights
+  file written into each workdir) and keep it unchanged."""
   from item_jax.convert import workdir as workdir_lib
-  from item_jax.train.image_stem import pretrained_stem_flat
+  from item_jax.train.image_stem import STEM_FILE, pretrained_stem_flat
   data_dir = prepared_catalogue[1]
   cells_dir = tmp_path / "cells"
   in_step = _train(data_dir, tmp_path / "step", cells_dir, "step")
@@ -143,9 +144,11 @@ def test_training_on_cached_cells_follows_the_stem_in_the_step(
   assert not (tmp_path / "step" / "stem_cells").exists()
   info = json.loads((cells_dir / "train.json").read_text())
   assert (info["image_size"], info["stride"], info["cells"]) == (32, 16, 4)
-  model, trained, _ = workdir_lib.workdir_params(tmp_path / "cached")
-  flat = pretrained_stem_flat(model, tmp_path / "cached")
-  assert all(np.array_equal(trained[name], value) for name, value in flat.items())
+  for run in ("step", "cached"):
+    assert (tmp_path / run / STEM_FILE).exists()
+    model, trained, _ = workdir_lib.workdir_params(tmp_path / run)
+    flat = pretrained_stem_flat(model, tmp_path / run)
+    assert all(np.array_equal(trained[name], value) for name, value in flat.items())
 
 
 def _settings(data_dir, image_size=32):
