@@ -48,7 +48,9 @@ BEAM = ["apache-beam==2.77.0"]
 EXTRAS_REQUIRE = {
     # sentence-transformers: the reference the MiniLM baseline is checked
     # against (tests only; the baseline itself runs on our own encoder).
-    "test": ["pytest==9.2.0", "pytest-timeout==2.4.0", *TORCH_STACK,
+    # pytest-xdist: two workers, one test file each at a time (pytest.ini).
+    "test": ["pytest==9.2.0", "pytest-timeout==2.4.0", "pytest-xdist==3.8.0",
+             "execnet==2.1.2", *TORCH_STACK,
              "sentence-transformers==6.2.0", *BEAM],
     "torch": TORCH_STACK,
     "beam": BEAM,
