@@ -98,7 +98,7 @@ def base_config() -> ml_collections.ConfigDict:
   # Stem neighbourhoods (convolutional stems): the image view's in-batch
   # neighbours taught those of the frozen stem's pooled features; 0 is off.
   config.objectives.stem_kd_weight = 0.0
-  config.objectives.stem_kd_temperature = 0.05
+  config.objectives.stem_kd_temperature = 0.1
 
   config.optimizer = ml_collections.ConfigDict()
   config.optimizer.learning_rate = 1e-4
