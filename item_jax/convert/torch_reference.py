@@ -352,7 +352,7 @@ def stem_neighbourhood_loss(student: torch.Tensor, teacher: torch.Tensor,
 def item_losses(model: ItemTorch, inputs: dict, weights: dict | None = None,
                 normalize_patch_targets: bool = True,
                 itc_pairs: tuple = (("title", "image"),),
-                stem_kd: tuple[float, float] = (0.0, 0.05)):
+                stem_kd: tuple[float, float] = (0.0, 0.1)):
   """(total, {task: loss}) as item_jax.objectives.pretraining_loss computes them.
 
   Args:

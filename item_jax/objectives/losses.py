@@ -186,8 +186,8 @@ def contrastive_loss(a: jax.Array, b: jax.Array, scale: jax.Array,
 def stem_neighbourhood_loss(student: jax.Array, teacher: jax.Array,
                             temperature: float,
                             weight: jax.Array) -> jax.Array:
-  """Cross-entropy of the student's in-batch neighbour distribution against
-  the teacher's (relational distillation; no projection, so any widths).
+  """KL divergence from the teacher's in-batch neighbour distribution to the
+  student's (relational distillation; no projection, so any widths).
 
   Each row's distribution over the batch's other rows is the softmax of its
   cosines / temperature; the teacher's is the target. A row's own column and
@@ -437,9 +437,11 @@ def _itc_losses(model: ItemModel, batch: dict, objectives: ObjectiveConfig,
   segment, weighted by `has_text` (dropout key: the title view's folded with
   3); the crop view one over each photo's crop view (`augment.crop_view`,
   drawn from the example `keys`; dropout key: the image view's folded with
-  1). The joint view is the main (masked, ITM re-paired) pass's
-  [CLS] when another task runs it, counting only matched pairs; otherwise a
-  clean joint pass (either way with `joint_masks`' modality dropout). Each
+  1). With `objectives.stem_kd_weight`, the image view's stem
+  neighbourhood loss (reported as `stem_kd`) is added to ITC's at
+  stem_kd_weight / itc_weight. The joint view is the main (masked, ITM
+  re-paired) pass's [CLS] when another task runs it, counting only matched
+  pairs; otherwise a clean joint pass (either way with `joint_masks`' modality dropout). Each
   view counts only the listings that have its inputs (the joint view:
   either), and a pair only those that have both its views:
   for a title-only listing, joint:title contrasts its masked title (the main
