@@ -441,9 +441,10 @@ def _itc_losses(model: ItemModel, batch: dict, objectives: ObjectiveConfig,
   neighbourhood loss (reported as `stem_kd`) is added to ITC's at
   stem_kd_weight / itc_weight. The joint view is the main (masked, ITM
   re-paired) pass's [CLS] when another task runs it, counting only matched
-  pairs; otherwise a clean joint pass (either way with `joint_masks`' modality dropout). Each
-  view counts only the listings that have its inputs (the joint view:
-  either), and a pair only those that have both its views:
+  pairs; otherwise a clean joint pass (either way with `joint_masks`'
+  modality dropout). Each view counts only the listings that have its
+  inputs (the joint view: either), and a pair only those that have both its
+  views:
   for a title-only listing, joint:title contrasts its masked title (the main
   pass) with its clean one, which still teaches the title side.
   """
