@@ -200,18 +200,8 @@ def fit_weight(dense: np.ndarray, sparse, product_ids: np.ndarray,
                mesh=None) -> tuple[float, dict]:
   """(the best weight, {weight: macro Recall@10}) for same-product
   retrieval on these labelled listings."""
-  if not len(retrieval_queries(product_ids)):
-    raise ValueError("no listing shares its product with another: nothing to "
-                     "fit a fusion weight on")
-  scores, best, best_key = {}, None, None
-  for weight in weights:
-    result = same_product_retrieval(fuse(dense, sparse, weight), product_ids,
-                                    category_ids, mesh=mesh)
-    key = tuple(result[name] for name in FIT_METRICS)
-    scores[weight] = key[0]
-    if best_key is None or key > best_key:
-      best, best_key = weight, key
-  return best, scores
+  return _best_fusion(((weight, weight, lambda weight=weight: fuse(dense, sparse, weight))
+                       for weight in weights), product_ids, category_ids, mesh)
 
 
 def fit_added_weight(dense: np.ndarray, base_dense: np.ndarray, base_weight: float,
@@ -223,19 +213,29 @@ def fit_added_weight(dense: np.ndarray, base_dense: np.ndarray, base_weight: flo
   `fuse_blocks([dense, base_dense], sparse, ...)`, {a: macro Recall@10})
   over a in `weights`, ordered as `fit_weight` (a = 0, the hybrid without
   the added embedding, wins a draw)."""
+  def tries():
+    for added in weights:
+      triple = (added, round((1 - added) * base_weight, 6),
+                round((1 - added) * (1 - base_weight), 6))
+      yield added, triple, lambda: fuse_blocks([dense, base_dense], sparse, triple)
+  return _best_fusion(tries(), product_ids, category_ids, mesh)
+
+
+def _best_fusion(tries, product_ids: np.ndarray, category_ids: np.ndarray,
+                 mesh) -> tuple:
+  """(the best weights, {label: macro Recall@10}) over `tries`, (label,
+  weights, rows()) in order of preference: the higher macro Recall@10, then
+  macro MAP@10, then the first tried wins."""
   if not len(retrieval_queries(product_ids)):
     raise ValueError("no listing shares its product with another: nothing to "
                      "fit a fusion weight on")
   scores, best, best_key = {}, None, None
-  for added in weights:
-    triple = (added, round((1 - added) * base_weight, 6),
-              round((1 - added) * (1 - base_weight), 6))
-    result = same_product_retrieval(fuse_blocks([dense, base_dense], sparse, triple),
-                                    product_ids, category_ids, mesh=mesh)
+  for label, weights, rows in tries:
+    result = same_product_retrieval(rows(), product_ids, category_ids, mesh=mesh)
     key = tuple(result[name] for name in FIT_METRICS)
-    scores[added] = key[0]
+    scores[label] = key[0]
     if best_key is None or key > best_key:
-      best, best_key = triple, key
+      best, best_key = weights, key
   return best, scores
 
 

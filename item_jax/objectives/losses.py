@@ -144,6 +144,13 @@ def _weighted_mean(values: jax.Array, weights: jax.Array) -> jax.Array:
 _EXCLUDED_LOGIT = -1e9
 
 
+def _unit_rows(x: jax.Array) -> jax.Array:
+  """Rows scaled to unit length in float32 (a zero row stays zero)."""
+  x = x.astype(jnp.float32)
+  return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(jnp.square(x), -1, keepdims=True),
+                                       1e-24))
+
+
 def contrastive_loss(a: jax.Array, b: jax.Array, scale: jax.Array,
                      weight: jax.Array,
                      product_ids: jax.Array | None = None) -> jax.Array:
@@ -162,10 +169,7 @@ def contrastive_loss(a: jax.Array, b: jax.Array, scale: jax.Array,
     weight: (batch,) float, 0 for rows that take no part.
     product_ids: optional (batch,) int.
   """
-  normalize = lambda x: x * jax.lax.rsqrt(
-      jnp.maximum(jnp.sum(jnp.square(x), -1, keepdims=True), 1e-24))
-  a = normalize(a.astype(jnp.float32))
-  b = normalize(b.astype(jnp.float32))
+  a, b = _unit_rows(a), _unit_rows(b)
   logits = scale * jnp.einsum("id,jd->ij", a, b)
   batch = a.shape[0]
   # Candidates (columns, both ways) of weight 0 are excluded; a row's own
@@ -199,17 +203,14 @@ def stem_neighbourhood_loss(student: jax.Array, teacher: jax.Array,
     temperature: the softmax temperature of both.
     weight: (batch,) float.
   """
-  normalize = lambda x: x * jax.lax.rsqrt(
-      jnp.maximum(jnp.sum(jnp.square(x), -1, keepdims=True), 1e-24))
   batch = student.shape[0]
   excluded = (weight[None, :] <= 0) | jnp.eye(batch, dtype=bool)
-  logits = lambda x: jnp.where(
-      excluded, _EXCLUDED_LOGIT,
-      jnp.einsum("id,jd->ij", normalize(x), normalize(x)) / temperature)
-  target = jax.nn.softmax(
-      jax.lax.stop_gradient(logits(teacher.astype(jnp.float32))), -1)
-  per_row = -jnp.sum(target * jax.nn.log_softmax(
-      logits(student.astype(jnp.float32)), -1), -1)
+  def logits(x):
+    x = _unit_rows(x)
+    return jnp.where(excluded, _EXCLUDED_LOGIT,
+                     jnp.einsum("id,jd->ij", x, x) / temperature)
+  target = jax.nn.softmax(jax.lax.stop_gradient(logits(teacher)), -1)
+  per_row = -jnp.sum(target * jax.nn.log_softmax(logits(student), -1), -1)
   # The target's own entropy makes a perfect student score 0.
   per_row = per_row + jnp.sum(target * jnp.log(jnp.maximum(target, 1e-30)), -1)
   per_row = jnp.where((weight > 0) & (jnp.sum(weight > 0) > 1), per_row, 0.0)
@@ -493,23 +494,20 @@ def _itc_losses(model: ItemModel, batch: dict, objectives: ObjectiveConfig,
     else:
       views["joint"] = encoded.cls
       weights["joint"] = joint_weight * (has_title | has_image)
-  losses = {}
-  if objectives.stem_kd_weight:
-    if cells is None:
-      raise ValueError("objectives.stem_kd_weight needs a convolutional image "
-                       "stem (model.image_stem): the patch embedding has no "
-                       "pretrained features to keep")
-    teacher = jnp.mean(cells.astype(jnp.float32), axis=1)
-    losses["stem_kd"] = stem_neighbourhood_loss(
-        views["image"], teacher, objectives.stem_kd_temperature,
-        example_weight * has_image)
   scale = model.itc_scale()
   per_pair = [contrastive_loss(views[a], views[b], scale,
                                jnp.minimum(weights[a], weights[b]),
                                batch.get("product_id"))
               for a, b in pairs]
-  itc = sum(per_pair) / len(per_pair)
+  losses = {"itc": sum(per_pair) / len(per_pair), "itc_temperature": 1.0 / scale}
   if objectives.stem_kd_weight:
+    if cells is None:
+      raise ValueError("objectives.stem_kd_weight needs a convolutional image "
+                       "stem (model.image_stem): the patch embedding has no "
+                       "pretrained features to keep")
+    losses["stem_kd"] = stem_neighbourhood_loss(
+        views["image"], jnp.mean(cells.astype(jnp.float32), axis=1),
+        objectives.stem_kd_temperature, example_weight * has_image)
     # Weighted inside ITC's loss, so that every task's weight stays as it was.
-    itc = itc + objectives.stem_kd_weight / objectives.itc_weight * losses["stem_kd"]
-  return {"itc": itc, "itc_temperature": 1.0 / scale, **losses}
+    losses["itc"] += objectives.stem_kd_weight / objectives.itc_weight * losses["stem_kd"]
+  return losses
