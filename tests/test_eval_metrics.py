@@ -333,3 +333,19 @@ def test_sparse_rows_give_the_dense_rows_metrics():
   np.testing.assert_array_equal(
       knn_predict(sparse[:300], labels[:300], sparse[300:], k=5),
       knn_predict(rows[:300], labels[:300], rows[300:], k=5))
+
+
+def test_top_k_rows_orders_ties_by_position_across_groups():
+  # Scores of few distinct values: most of a row ties with its k-th best,
+  # across the strided groups; a row of one value, a row of -inf but three.
+  rng = np.random.default_rng(3)
+  scores = rng.integers(0, 4, size=(9, 16 * 40)).astype(np.float32)
+  scores[1] = 2.0
+  scores[2] = -np.inf
+  scores[2, [600, 7, 300]] = [1.0, 1.0, 5.0]
+  for k in (1, 5, 39):
+    values, positions = metrics_lib._top_k_rows(scores, k)
+    expected = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    np.testing.assert_array_equal(positions, expected)
+    np.testing.assert_array_equal(values, np.take_along_axis(scores, expected, 1))
+  assert positions[2, :3].tolist() == [300, 7, 600]

@@ -452,9 +452,9 @@ class SparseCandidates:
   array, summed from two products: the columns that many candidates use (the
   common n-grams, which make the scores dense anyway) as a dense BLAS matmul,
   the others as a sparse product, whose far sparser result is added in. The top k
-  are then picked exactly: the best k groups of 16 neighbouring candidates by
-  their maxima (a candidate outside them has k group maxima ahead of it in
-  the (score, then index) order), then the best k within those groups.
+  are then picked exactly (`_top_k_rows`): each row's k-th largest maximum
+  over groups of candidates bounds its k-th best score from below, and only
+  the candidates at or above it are ordered.
   """
 
   def __init__(self, candidates):
@@ -506,19 +506,33 @@ class SparseCandidates:
 
 def _top_k_rows(scores: np.ndarray, k: int):
   """(values, positions) of each row's k largest scores, by (score desc, then
-  position asc); the row length is a multiple of _GROUP."""
+  position asc); the row length is a multiple of _GROUP.
+
+  Each row's positions fall into groups (group j: j, j + G, j + 2G, ..., G =
+  length / _GROUP), whose maxima are an elementwise maximum of _GROUP
+  contiguous slices of the row (vectorised: an order of magnitude faster
+  than the maxima of contiguous runs). The k groups with the largest maxima
+  each hold a score at least the k-th largest maximum, so the row's k best
+  scores are all at least it: only the positions at or above it, in the
+  groups that reach it (about k of them, more with ties), are ordered."""
   rows, width = scores.shape
   if width // _GROUP <= k:
     positions = _top_k_positions(scores, k)
     return np.take_along_axis(scores, positions, axis=1), positions
-  groups = scores.reshape(rows, width // _GROUP, _GROUP)
-  best_groups = np.sort(_top_k_positions(groups.max(axis=2), k), axis=1)
-  # In ascending group order, so a candidate's position orders its index too.
-  values = np.take_along_axis(groups, best_groups[..., None], axis=1).reshape(rows, -1)
-  candidate_index = (best_groups[..., None] * _GROUP + np.arange(_GROUP)).reshape(rows, -1)
-  best = _top_k_positions(values, k)
-  return (np.take_along_axis(values, best, axis=1),
-          np.take_along_axis(candidate_index, best, axis=1))
+  num_groups = width // _GROUP
+  maxima = scores.reshape(rows, _GROUP, num_groups).max(axis=1)
+  floor = -np.partition(-maxima, k - 1, axis=1)[:, k - 1]
+  # The groups whose maximum reaches the floor, then their members that do.
+  group_row, group = np.nonzero(maxima >= floor[:, None])
+  members = group[:, None] + num_groups * np.arange(_GROUP)
+  values = scores[group_row[:, None], members]
+  kept = values >= floor[group_row, None]
+  row = np.broadcast_to(group_row[:, None], members.shape)[kept]
+  position, value = members[kept], values[kept]
+  order = np.lexsort((position, -value, row))   # by row, score desc, position
+  first = np.searchsorted(row[order], np.arange(rows))
+  best = order[first[:, None] + np.arange(k)]   # every row has k at least
+  return value[best], position[best]
 
 
 def _top_k_positions(values: np.ndarray, k: int) -> np.ndarray:
