@@ -2,18 +2,22 @@
 `lexical`) against the embedding alone, on N listings searched against
 themselves, in alternating turns in one process.
 
-  python benchmarks/hybrid_neighbours.py --sizes 10000,30000,100000 --dim 384
+  python benchmarks/hybrid_neighbours.py --sizes 10000,30000,100000 --dim 384 \
+      --lexical char:2-4,char_wb:3-3
 
 The listings: random unit rows (as benchmarks/neighbours.py) and titles of
 6-12 words drawn from a Zipf-distributed vocabulary of 20,000 made-up words
 plus a model code, about the length and n-gram spread of marketplace titles
-(TF-IDF over their character 2-4-grams, as `item-jax eval`'s baseline).
-Each turn runs `neighbours_command` to a CSV (k = 10), the embedding's
-search on the devices, the lexical and hybrid ones on the host
+(TF-IDF over their character n-grams: each lexical side of --lexical,
+`item_jax.eval.fusion.lexical_side`; char:2-4 is `item-jax eval`'s
+baseline). Each turn runs `neighbours_command` to a CSV (k = 10): the
+embedding's search on the devices, then for each lexical side the hybrid
+(and, with --lexical-alone, the lexical ranking) on the host
 (`item_jax.eval.fusion.hybrid_blocks`: every candidate scored). A size whose
 predicted time exceeds what is left of --budget-seconds is skipped; 1M is
-extrapolated quadratically from the largest size run. The last line is
-`hybrid_over_dense_time_<N>: <ratio>` for the largest N run.
+extrapolated quadratically from the largest size run. The last lines are
+`hybrid_over_dense_time_<N>_<side>: <ratio>` for the largest N run, one
+per lexical side, the first side's last.
 """
 
 import argparse
@@ -49,9 +53,14 @@ def main():
   parser.add_argument("--dim", type=int, default=384)
   parser.add_argument("--k", type=int, default=10)
   parser.add_argument("--weight", type=float, default=0.5)
+  parser.add_argument("--lexical", default="char:2-4",
+                      help="comma-separated lexical sides, ANALYZER:LOW-HIGH")
+  parser.add_argument("--lexical-alone", action="store_true",
+                      help="also time ranking by each lexical side alone")
   parser.add_argument("--budget-seconds", type=float, default=1800)
   parser.add_argument("--seed", type=int, default=0)
   args = parser.parse_args()
+  sides = [side.strip() for side in args.lexical.split(",") if side.strip()]
   started, results, last = time.perf_counter(), {}, None
   for size in (int(text) for text in args.sizes.split(",")):
     if last is not None:
@@ -67,25 +76,34 @@ def main():
       with open(path + ".ids.json", "w", encoding="utf-8") as file:
         json.dump({"item_id": [str(row) for row in range(size)], "title": titles}, file)
       seconds = {}
-      for rank_by, weight in (("embedding", None), ("lexical", None),
-                              ("hybrid", args.weight)):
+      turns = [("embedding", None, "char:2-4")]
+      for side in sides:
+        turns.append(("hybrid", args.weight, side))
+        if args.lexical_alone:
+          turns.append(("lexical", None, side))
+      for rank_by, weight, side in turns:
+        name = rank_by if rank_by == "embedding" else f"{rank_by} {side}"
         begin = time.perf_counter()
-        summary = neighbours_command(path, os.path.join(folder, f"{rank_by}.csv"),
-                                     k=args.k, rank_by=rank_by, fusion_weight=weight)
-        seconds[rank_by] = time.perf_counter() - begin
+        summary = neighbours_command(path, os.path.join(folder, "out.csv"),
+                                     k=args.k, rank_by=rank_by, fusion_weight=weight,
+                                     lexical=side)
+        seconds[name] = time.perf_counter() - begin
         assert summary["complete"] and summary["pairs"] == size * args.k
     results[size] = seconds
     last = (size, seconds)
-    print(f"N={size:,}: embedding {seconds['embedding']:.1f} s, lexical "
-          f"{seconds['lexical']:.1f} s, hybrid {seconds['hybrid']:.1f} s "
-          f"({seconds['hybrid'] / seconds['embedding']:.1f}x the embedding's)",
-          flush=True)
+    print(f"N={size:,}: " + ", ".join(f"{name} {value:.1f} s"
+                                      for name, value in seconds.items())
+          + " (hybrid / embedding: " + ", ".join(
+              f"{side} {seconds[f'hybrid {side}'] / seconds['embedding']:.2f}x"
+              for side in sides) + ")", flush=True)
   size, seconds = last
   million = {name: value * (1_000_000 / size) ** 2 / 3600
              for name, value in seconds.items()}
   print(f"1M x 1M extrapolated from N={size:,}: " + ", ".join(
       f"{name} {hours:.1f} h" for name, hours in million.items()))
-  print(f"hybrid_over_dense_time_{size}: {seconds['hybrid'] / seconds['embedding']:.2f}")
+  for side in sides[::-1]:
+    print(f"hybrid_over_dense_time_{size}_{side.replace(':', '')}: "
+          f"{seconds[f'hybrid {side}'] / seconds['embedding']:.2f}")
 
 
 if __name__ == "__main__":

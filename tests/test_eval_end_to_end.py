@@ -14,7 +14,7 @@ from item_jax.eval.evaluate import (FUSED, FUSED_WITH_MOBILENET, RRF_METRICS, SC
                                     PeriodicRetrieval, colour_histograms)
 from item_jax.errors import UserError
 from item_jax.eval.fusion import FUSION_WEIGHTS
-from item_jax.eval.report import eval_command
+from item_jax.eval.report import entry_label, eval_command
 from item_jax.train.loop import train
 
 IN_UNIT_RANGE = ("macro_recall@10", "map@10", "knn_accuracy", "probe_accuracy",
@@ -204,6 +204,18 @@ def test_eval_scores_each_entry_on_the_listings_that_have_its_input(run, mixed_d
   assert with_text["meta"]["lexical_text"] == "title+text"
   with pytest.raises(UserError, match="lexical_text must be one of"):
     evaluate_lib.EvalOptions(lexical_text="description")
+  # The lexical side's n-grams within words: other columns, named in the
+  # report; the embeddings' entries are untouched.
+  within = evaluate_lib.evaluate(str(workdir), mixed_data, evaluate_lib.EvalOptions(
+      probe_steps=20, baselines=("tfidf",), fusion=False, lexical="char_wb:3-3"))
+  assert within["meta"]["lexical"] == "char_wb:3-3"
+  assert only["meta"]["lexical"] == "char:2-4"
+  assert within["meta"]["tfidf_dim"] < only["meta"]["tfidf_dim"]
+  assert within["both"]["macro_recall@10"] == only["both"]["macro_recall@10"]
+  assert entry_label("tfidf", within) == "TF-IDF, title in-word char 3-3-grams"
+  assert entry_label("tfidf", only) == "TF-IDF, title char 2-4-grams"
+  with pytest.raises(UserError, match="expected ANALYZER:LOW-HIGH"):
+    evaluate_lib.EvalOptions(lexical="word:1-2")
 
 
 def test_embed_of_one_view_leaves_out_listings_without_its_input(run, mixed_data,

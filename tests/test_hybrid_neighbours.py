@@ -8,7 +8,8 @@ import pytest
 
 from item_jax.cli import main
 from item_jax.errors import UserError
-from item_jax.eval.fusion import (HybridIndex, hybrid_blocks, reciprocal_rank_fusion,
+from item_jax.eval.fusion import (HybridIndex, hybrid_blocks, lexical_side,
+                                  lexical_vectorizer, reciprocal_rank_fusion,
                                   rrf_blocks, tfidf_features, tfidf_vectorizer)
 from item_jax.eval.neighbours import neighbours_command
 
@@ -34,10 +35,11 @@ def _write(path, vectors, titles, **meta) -> str:
   return str(path)
 
 
-def _reference_scores(queries, query_titles, index, index_titles, weight):
+def _reference_scores(queries, query_titles, index, index_titles, weight,
+                      lexical="char:2-4"):
   titles = {"queries": query_titles} if index is None else {
       "queries": query_titles, "index": index_titles}
-  tfidf = tfidf_features(titles)
+  tfidf = tfidf_features(titles, lexical=lexical)
   q_tfidf = tfidf["queries"].toarray().astype(np.float64)
   i_tfidf = q_tfidf if index is None else tfidf["index"].toarray().astype(np.float64)
   i_dense = queries if index is None else index
@@ -48,17 +50,20 @@ def _reference_scores(queries, query_titles, index, index_titles, weight):
   return scores
 
 
-@pytest.mark.parametrize("weight, self_search", [(0.4, True), (0.0, True),
-                                                 (0.7, False)])
-def test_blocks_are_the_exact_fused_top_k(weight, self_search):
+@pytest.mark.parametrize("weight, self_search, lexical", [
+    (0.4, True, "char:2-4"), (0.0, True, "char:2-4"), (0.7, False, "char:2-4"),
+    (0.0, True, "char_wb:3-3"), (0.5, False, "char_wb:2-4")])
+def test_blocks_are_the_exact_fused_top_k(weight, self_search, lexical):
   queries, query_titles = _listings(57, 0)
   index, index_titles = (None, None) if self_search else _listings(33, 1)
-  reference = _reference_scores(queries, query_titles, index, index_titles, weight)
+  reference = _reference_scores(queries, query_titles, index, index_titles, weight,
+                                lexical)
   k = 5
   rows = 0
   for first, scores, indices in hybrid_blocks(queries, query_titles, index,
                                               index_titles, k, weight,
-                                              block_rows=10, start_row=10):
+                                              block_rows=10, start_row=10,
+                                              lexical=lexical):
     for row in range(scores.shape[0]):
       expected = np.sort(reference[first + row])[::-1][:k]
       np.testing.assert_allclose(scores[row], expected, atol=1e-5)
@@ -99,6 +104,12 @@ def test_a_hybrid_run_resumes_to_the_same_bytes(files):
                             block_rows=5, rank_by="hybrid", fusion_weight=0.3)
   assert last["resumed_at"] == 18 and last["complete"]
   assert (tmp / "resumed.csv").read_bytes() == (tmp / "whole.csv").read_bytes()
+  # So is another lexical side.
+  wb = neighbours_command(files["path"], str(tmp / "resumed.csv"), k=4,
+                          block_rows=9, rank_by="hybrid", fusion_weight=0.3,
+                          lexical="char_wb:3-3")
+  assert wb["resumed_at"] == 0 and wb["lexical"] == "char_wb:3-3"
+  assert (tmp / "resumed.csv").read_bytes() != (tmp / "whole.csv").read_bytes()
   embedding = neighbours_command(files["path"], str(tmp / "dense.csv"), k=4)
   assert embedding["rank_by"] == "embedding"
   assert (tmp / "dense.csv").read_bytes() != (tmp / "whole.csv").read_bytes()
@@ -110,6 +121,8 @@ def test_a_hybrid_run_resumes_to_the_same_bytes(files):
     (dict(rank_by="lexical", fusion_weight=0.5), "needs --rank-by hybrid"),
     (dict(fusion_weight=0.5), "needs --rank-by hybrid"),
     (dict(rank_by="words"), "rank_by must be one of"),
+    (dict(rank_by="lexical", lexical="word:1-2"), "expected ANALYZER:LOW-HIGH"),
+    (dict(rank_by="rrf", lexical="char:4-2"), "1 <= LOW <= HIGH <= 8"),
 ])
 def test_bad_rankings_are_named(files, arguments, message):
   with pytest.raises(UserError, match=message):
@@ -144,6 +157,31 @@ def test_the_command_takes_the_weight_eval_fitted(files, capsys):
   neighbours_command(files["path"], by_hand, k=3, rank_by="hybrid",
                      fusion_weight=0.3)
   assert open(output).read() == open(by_hand).read()
+  # The weight goes with the lexical side it was fitted with.
+  (tmp / "run" / "eval" / "report.json").write_text(json.dumps(
+      {"both+tfidf": {"fusion_weight": 0.3}, "meta": {"lexical": "char_wb:3-3"}}))
+  main(command)
+  assert "(w = 0.3), lexical side char_wb:3-3" in capsys.readouterr().out
+  neighbours_command(files["path"], by_hand, k=3, rank_by="hybrid",
+                     fusion_weight=0.3, lexical="char_wb:3-3")
+  assert open(output).read() == open(by_hand).read()
+  with pytest.raises(SystemExit) as raised:
+    main(command + ["--lexical", "char:2-4"])
+  assert raised.value.code == 2
+  assert "fitted the fusion weight 0.3 with the lexical side char_wb:3-3" in (
+      capsys.readouterr().err)
+
+
+def test_lexical_sides_within_and_across_words():
+  assert lexical_side() == ("char", (2, 4))
+  assert lexical_side("char_wb:3") == ("char_wb", (3, 3))
+  across = lexical_vectorizer("char:3-3").build_analyzer()("Ab  c")
+  within = lexical_vectorizer("char_wb:3-3").build_analyzer()("Ab  c")
+  assert "b c" in across and " ab" in across
+  assert sorted(within) == [" ab", " c ", "ab "]
+  for bad in ("char", "char:x-3", "words:1-2", "char_wb:0-2", "char:2-9"):
+    with pytest.raises(ValueError, match="expected ANALYZER:LOW-HIGH"):
+      lexical_side(bad)
 
 
 def test_the_python_index_ranks_new_listings_by_the_fused_score():
@@ -162,6 +200,15 @@ def test_the_python_index_ranks_new_listings_by_the_fused_score():
     np.testing.assert_allclose(reference[row, rows[row]], scores[row], atol=1e-5)
   with pytest.raises(ValueError, match="7 embeddings but 6 titles"):
     index.search(queries, query_titles[:6], k=4)
+  # Another lexical side: its own n-grams.
+  index = HybridIndex(index_vectors, index_titles, weight=0.6, lexical="char_wb:3-4")
+  vectorizer = lexical_vectorizer("char_wb:3-4").fit(index_titles)
+  words = (vectorizer.transform([t or "" for t in query_titles])
+           @ vectorizer.transform(index_titles).T).toarray()
+  reference = 0.6 * queries.astype(np.float64) @ index_vectors.T + 0.4 * words
+  scores, rows = index.search(queries, query_titles, k=4)
+  np.testing.assert_allclose(scores, np.sort(reference, axis=1)[:, ::-1][:, :4],
+                             atol=1e-5)
 
 
 def _reference_rrf(dense: np.ndarray, words: np.ndarray, k: int, depth: int,

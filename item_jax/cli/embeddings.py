@@ -74,6 +74,12 @@ def register(commands):
                           help="with --rank-by hybrid: W x cosine + (1 - W) x "
                           "TF-IDF (default: the weight `item-jax eval` fitted "
                           "for the view on the validation split)")
+  neighbours.add_argument("--lexical", default=None,
+                          help="the lexical side's n-grams, ANALYZER:LOW-HIGH "
+                          "(char: across words, char_wb: within words; "
+                          "default: the one `item-jax eval` of the run fitted "
+                          "its weights with, else char:2-4, the TF-IDF "
+                          "baseline's)")
   neighbours.add_argument("--step", type=int, default=None,
                           help="with --catalogue: checkpoint step (default: the latest)")
   neighbours.add_argument("--modality", choices=["both", "title", "image", "concat"],
@@ -115,14 +121,17 @@ def _embed(args):
         f"{' '.join(summary['paths'])}")
 
 
-def _fitted_weight(args, queries: str) -> float | None:
-  """The fusion weight `item-jax eval` fitted for the run and view the query
-  embeddings come from (None when there is none)."""
-  from item_jax.eval.neighbours import fitted_fusion_weight, open_embeddings
+def _fitted(args, queries: str) -> tuple[float | None, str | None]:
+  """(fusion weight, lexical side) `item-jax eval` fitted for the run and
+  view the query embeddings come from (None where there is no report)."""
+  from item_jax.eval.neighbours import (fitted_fusion_weight, fitted_lexical,
+                                        open_embeddings)
   meta = open_embeddings(queries).meta or {}
   workdir = args.workdir or meta.get("workdir")
   view = meta.get("modality") or args.modality or "both"
-  return None if workdir is None else fitted_fusion_weight(workdir, view)
+  if workdir is None:
+    return None, None
+  return fitted_fusion_weight(workdir, view), fitted_lexical(workdir)
 
 
 def _neighbours(args):
@@ -162,18 +171,29 @@ def _neighbours(args):
                 f"{queries}.skipped.json)")
   block_flags = {name: getattr(args, name) for name in
                  ("block_rows", "index_block_rows") if getattr(args, name)}
-  weight = args.fusion_weight
-  if args.rank_by == "hybrid" and weight is None:
-    weight = _fitted_weight(args, queries)
+  weight, lexical = args.fusion_weight, args.lexical
+  if args.rank_by != "embedding":
+    fitted_weight, fitted_lexical = _fitted(args, queries)
+    if args.rank_by == "hybrid" and weight is None and fitted_weight is not None:
+      weight = fitted_weight
+      if lexical is not None and lexical != fitted_lexical:
+        raise UserError(f"--lexical {lexical}: `item-jax eval` fitted the fusion "
+                        f"weight {weight:g} with the lexical side {fitted_lexical}; "
+                        "give --fusion-weight with this side, or evaluate again "
+                        f"with --lexical {lexical}")
+    from item_jax.eval.fusion import LEXICAL
+    lexical = lexical or fitted_lexical or LEXICAL
   result = neighbours_command(queries, args.output, index=args.index, k=args.k,
                               min_score=args.min_score, max_blocks=args.max_blocks,
                               rank_by=args.rank_by, fusion_weight=weight,
+                              **({"lexical": lexical} if lexical else {}),
                               **block_flags)
   import jax
   if jax.process_index():
     return
   ranked = ("" if args.rank_by == "embedding" else f", ranked by {args.rank_by}"
-            + (f" (w = {weight:g})" if args.rank_by == "hybrid" else ""))
+            + (f" (w = {weight:g})" if args.rank_by == "hybrid" else "")
+            + f", lexical side {lexical}")
   if result["complete"]:
     print(f"neighbours: {result['pairs']:,} pairs for {result['queries']:,} "
           f"queries (k {result['k']}, {result['index_rows']:,} index rows"

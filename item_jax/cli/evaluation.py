@@ -33,6 +33,13 @@ def register(commands):
                         help="what TF-IDF (and every entry fused with it) reads: "
                         "the title, or the title and the other text columns "
                         "`prepare --text-columns` kept (e.g. a description)")
+  evaluate.add_argument("--lexical", default="char:2-4",
+                        help="the lexical side's n-grams, ANALYZER:LOW-HIGH: "
+                        "char (across words, the TF-IDF baseline's: char:2-4, "
+                        "the default) or char_wb (within words, e.g. "
+                        "char_wb:3-3: cheaper, and better on the catalogues "
+                        "in BENCHMARKS.md); neighbours --rank-by hybrid reads "
+                        "it with the fitted weights")
   evaluate.add_argument("--retrieval-only", default="",
                         help="photo baselines (image_baseline, mobilenet) scored "
                         "on same-product retrieval only, without k-NN or probe: "
@@ -105,6 +112,7 @@ def _eval(args):
                         baselines=baselines,
                         mobilenet_image_size=args.mobilenet_image_size,
                         fusion=args.fusion, lexical_text=args.lexical_text,
+                        lexical=args.lexical,
                         retrieval_only=tuple(name.strip() for name in
                                              args.retrieval_only.split(",")
                                              if name.strip()))

@@ -27,8 +27,9 @@ from item_jax.errors import MissingInputError, UserError
 from item_jax.eval.embed import (ATTENTION_OUTPUTS, VIEWS, Embedder, embed_split,
                                  eval_batch_size, load_model, own_products,
                                  read_split, split_count)
-from item_jax.eval.fusion import (fit_added_weight, fit_weight, fuse, fuse_blocks,
-                                  rrf_retrieval, tfidf_features)
+from item_jax.eval.fusion import (LEXICAL, fit_added_weight, fit_weight, fuse,
+                                  fuse_blocks, lexical_side, rrf_retrieval,
+                                  tfidf_features)
 from item_jax.eval.metrics import (classification_metrics, fit_balanced_probe,
                                    knn_predict, linear_probe, retrieval_queries,
                                    same_product_retrieval)
@@ -93,11 +94,19 @@ class EvalOptions:
   # it) reads: the title, or "title+text" the title and the record's other
   # text columns (`prepare --text-columns`, e.g. a description).
   lexical_text: str = "title"
+  # Its n-grams, "ANALYZER:LOW-HIGH" (`fusion.lexical_side`): the baseline's
+  # "char:2-4" by default, which keeps reports comparable; `neighbours`
+  # takes the same side with the weights fitted here.
+  lexical: str = LEXICAL
 
   def __post_init__(self):
     if self.lexical_text not in LEXICAL_TEXTS:
       raise UserError(f"lexical_text must be one of {LEXICAL_TEXTS}, got "
                       f"{self.lexical_text!r}")
+    try:
+      lexical_side(self.lexical)
+    except ValueError as error:
+      raise UserError(str(error)) from None
     unknown = set(self.baselines) - set(BASELINES)
     if set(self.retrieval_only) - set(RETRIEVAL_ONLY):
       raise UserError(f"retrieval_only takes {', '.join(RETRIEVAL_ONLY)} (the photo "
@@ -175,7 +184,8 @@ def evaluate(workdir: str, data_dir: str, options: EvalOptions = EvalOptions()
     for split in splits.values():
       split.outputs[("minilm", "title")] = pretrained["minilm"].embed(split.titles)
   features = _features_by_entry(train, test, [e for e in SCORED if e not in unavailable],
-                                options.retrieval_only, options.lexical_text)
+                                options.retrieval_only, options.lexical_text,
+                                options.lexical)
   num_classes = len(trained.settings.dataset["categories"])
   report = {}
   for entry in SCORED:
@@ -215,7 +225,7 @@ def evaluate(workdir: str, data_dir: str, options: EvalOptions = EvalOptions()
     # The validation split's TF-IDF rows, fitted as the test split's (on the
     # training titles and its own), for every fit on the validation split.
     validation_tfidf = (None if "validation" not in splits else _tfidf_pair(
-        train, splits["validation"], options.lexical_text)[1])
+        train, splits["validation"], options.lexical_text, options.lexical)[1])
     fused, fitted, words = _fused_entries(splits, features, validation_tfidf, report,
                                           trained.mesh, num_classes, options)
     report.update(fused)
@@ -237,6 +247,7 @@ def evaluate(workdir: str, data_dir: str, options: EvalOptions = EvalOptions()
       "probe_steps": options.probe_steps,
       "mobilenet_image_size": options.mobilenet_image_size,
       "lexical_text": options.lexical_text,
+      "lexical": options.lexical,
       "fusion_validation_macro_recall@10": fitted,
       "tfidf_dim": (int(features["tfidf"][0].shape[1]) if "tfidf" in features
                     else None),
@@ -289,14 +300,14 @@ def _rows(rows, mask: np.ndarray):
 
 
 def _features_by_entry(train, test, entries, retrieval_only=(),
-                       lexical_text: str = "title") -> dict:
+                       lexical_text: str = "title", lexical: str = LEXICAL) -> dict:
   """{entry: (train rows, test rows)} of `entries` (train rows None for
   those scored on retrieval only)."""
   features = {entry: (None if entry in retrieval_only else train.outputs[SOURCES[entry]],
                       test.outputs[SOURCES[entry]])
               for entry in entries if entry in SOURCES}
   if "tfidf" in entries:
-    features["tfidf"] = _tfidf_pair(train, test, lexical_text)
+    features["tfidf"] = _tfidf_pair(train, test, lexical_text, lexical)
   return features
 
 
@@ -308,20 +319,23 @@ def _lexical_texts(split, lexical_text: str = "title") -> list[str]:
           for title, text in zip(split.titles, split.texts or [""] * len(split.titles))]
 
 
-def _tfidf_pair(train, other, lexical_text: str = "title") -> tuple:
+def _tfidf_pair(train, other, lexical_text: str = "title",
+                lexical: str = LEXICAL) -> tuple:
   """(train rows, `other`'s rows) of TF-IDF fitted on both splits' titles
   (of the listings that have one; the others get empty rows), with their
-  other text columns for lexical_text "title+text"."""
-  tfidf = _tfidf_of({"train": train, "other": other}, lexical_text)
+  other text columns for lexical_text "title+text", as n-grams `lexical`."""
+  tfidf = _tfidf_of({"train": train, "other": other}, lexical_text, lexical)
   return tfidf["train"], tfidf["other"]
 
 
-def _tfidf_of(splits: dict, lexical_text: str = "title") -> dict:
+def _tfidf_of(splits: dict, lexical_text: str = "title",
+              lexical: str = LEXICAL) -> dict:
   """{name: rows} of TF-IDF fitted on every given split's titles together
   (one column space), as `_tfidf_pair`."""
   tfidf = tfidf_features({name: [t for t, kept in zip(_lexical_texts(split, lexical_text),
                                                       split.has_title)
-                                 if kept] for name, split in splits.items()})
+                                 if kept] for name, split in splits.items()},
+                         lexical=lexical)
   return {name: _scatter(tfidf[name], split.has_title)
           for name, split in splits.items()}
 
@@ -379,7 +393,7 @@ def _fused_entries(splits: dict, features: dict, validation_tfidf, report: dict,
       fitted[entry] = {str(w): recall for w, recall in tried.items()}
     if source not in options.retrieval_only:
       if probe_tfidf is None:   # one column space for the probe's three splits
-        probe_tfidf = (_tfidf_of(splits, options.lexical_text)
+        probe_tfidf = (_tfidf_of(splits, options.lexical_text, options.lexical)
                        if validation is not None
                        else {"train": train_tfidf, "test": test_tfidf})
       metrics.update(_hybrid_probe(

@@ -28,6 +28,11 @@ from item_jax.eval.metrics import (NO_NEIGHBOUR, SparseCandidates,
                                    same_product_retrieval, top_k_neighbours)
 
 NGRAM_RANGE = (2, 4)   # character n-grams of 2, 3 and 4
+# The lexical side, as "ANALYZER:LOW-HIGH": "char" n-grams run across words
+# (the evaluation's TF-IDF baseline, the default), "char_wb" n-grams stay
+# within words (each word padded by a space). `lexical_side` reads it.
+LEXICAL = "char:2-4"
+ANALYZERS = ("char", "char_wb")
 
 # w = 0 is TF-IDF alone, w = 1 the embedding alone.
 FUSION_WEIGHTS = tuple(round(0.1 * i, 1) for i in range(11))
@@ -38,7 +43,24 @@ RRF_CONSTANT = 60
 RRF_DEPTH = 100
 
 
-def tfidf_vectorizer(ngram_range=NGRAM_RANGE) -> TfidfVectorizer:
+def lexical_side(spec: str = LEXICAL) -> tuple[str, tuple[int, int]]:
+  """(analyzer, (low, high)) of a lexical side "ANALYZER:LOW-HIGH" (LEXICAL);
+  a malformed one is a ValueError naming what is expected."""
+  analyzer, _, sizes = str(spec).partition(":")
+  low, _, high = sizes.partition("-")
+  try:
+    ngram_range = (int(low), int(high or low))
+  except ValueError:
+    ngram_range = None
+  if analyzer not in ANALYZERS or ngram_range is None or not (
+      1 <= ngram_range[0] <= ngram_range[1] <= 8):
+    raise ValueError(f"lexical side {spec!r}: expected ANALYZER:LOW-HIGH with "
+                     f"ANALYZER one of {', '.join(ANALYZERS)} and 1 <= LOW <= "
+                     "HIGH <= 8, e.g. char:2-4 (the default) or char_wb:3-3")
+  return analyzer, ngram_range
+
+
+def tfidf_vectorizer(ngram_range=NGRAM_RANGE, analyzer: str = "char") -> TfidfVectorizer:
   """scikit-learn's TF-IDF over character n-grams, as the baseline uses it.
 
   Each title is lower-cased, its whitespace runs made single spaces, and a
@@ -48,25 +70,38 @@ def tfidf_vectorizer(ngram_range=NGRAM_RANGE) -> TfidfVectorizer:
   L2-normalised. This reproduces the hand-written n-grams and weights it
   replaces (cosines equal to 1e-6), so earlier reports' TF-IDF figures stand.
 
-  sklearn's `analyzer="char_wb"` pads every word instead and never crosses a
-  space. On 12,000 synthetic listings split by sibling group it retrieves
+  `analyzer="char_wb"` (sklearn's) pads every word instead and never crosses
+  a space. On 12,000 synthetic listings split by sibling group it retrieves
   better (macro R@10 0.868 against 0.857 with groups of 2-3, 0.677 against
   0.661 with groups of 5-8 as in the demo; MAP@10 +2.6 and +5.0 points) but
   classifies a little worse (k-NN 0.951 against 0.954, 0.937 against 0.945;
-  probe equal): a stronger retrieval bar, and a change of the baseline.
+  probe equal): a stronger retrieval bar, and a change of the baseline, so
+  the baseline keeps "char"; the lexical side of the fused entries and of
+  `neighbours` can take either (`lexical_side`; BENCHMARKS.md, "Hybrid
+  neighbours").
   """
-  return TfidfVectorizer(analyzer="char", preprocessor=_padded_title,
+  if analyzer not in ANALYZERS:
+    raise ValueError(f"analyzer {analyzer!r}: expected one of {', '.join(ANALYZERS)}")
+  return TfidfVectorizer(analyzer=analyzer, preprocessor=_padded_title,
                          ngram_range=tuple(ngram_range), sublinear_tf=True,
                          smooth_idf=True, norm="l2", dtype=np.float32)
+
+
+def lexical_vectorizer(spec: str = LEXICAL) -> TfidfVectorizer:
+  """`tfidf_vectorizer` of a lexical side "ANALYZER:LOW-HIGH"."""
+  analyzer, ngram_range = lexical_side(spec)
+  return tfidf_vectorizer(ngram_range, analyzer)
 
 
 def _padded_title(title: str) -> str:
   return " " + " ".join(title.lower().split()) + " "
 
 
-def tfidf_features(titles_by_split: dict, ngram_range=NGRAM_RANGE) -> dict:
+def tfidf_features(titles_by_split: dict, ngram_range=NGRAM_RANGE, *,
+                   lexical: str | None = None) -> dict:
   """{split: (n, features) scipy CSR float32} TF-IDF rows of every split's
-  titles (`tfidf_vectorizer`).
+  titles (`tfidf_vectorizer`; `lexical`, "ANALYZER:LOW-HIGH", overrides
+  `ngram_range` and the analyzer, see `lexical_side`).
 
   The vocabulary and document frequencies come from all the given titles
   together (no labels are read). Rows are L2-normalised over every n-gram,
@@ -79,7 +114,9 @@ def tfidf_features(titles_by_split: dict, ngram_range=NGRAM_RANGE) -> dict:
   titles = [title for split in splits for title in titles_by_split[split]]
   if not titles:
     raise ValueError("tfidf_features needs at least one title")
-  matrix = tfidf_vectorizer(ngram_range).fit_transform(titles).tocsr()
+  vectorizer = (tfidf_vectorizer(ngram_range) if lexical is None
+                else lexical_vectorizer(lexical))
+  matrix = vectorizer.fit_transform(titles).tocsr()
   document_frequency = np.bincount(matrix.indices, minlength=matrix.shape[1])
   matrix = matrix[:, np.flatnonzero(document_frequency >= 2)]
   features, start = {}, 0
@@ -169,7 +206,8 @@ def fuse_blocks(dense_blocks, sparse, weights) -> scipy.sparse.csr_matrix:
 
 def hybrid_blocks(query_vectors: np.ndarray, query_titles: list[str],
                   index_vectors: np.ndarray | None, index_titles: list[str] | None,
-                  k: int, weight: float, *, block_rows: int, start_row: int = 0):
+                  k: int, weight: float, *, block_rows: int, start_row: int = 0,
+                  lexical: str = LEXICAL):
   """(first query row, scores, indices) of each block of `block_rows` query
   rows from `start_row` on, ranked by the fused score (`fuse`; weight 0 is
   TF-IDF alone), exactly: every candidate is scored. The arrays are as
@@ -178,12 +216,14 @@ def hybrid_blocks(query_vectors: np.ndarray, query_titles: list[str],
   `index_vectors=None` searches the queries against themselves, each row's
   own excluded.
 
-  TF-IDF is fitted on the queries' and the index's titles together; both
+  TF-IDF (the lexical side `lexical`, "ANALYZER:LOW-HIGH") is fitted on
+  the queries' and the index's titles together; both
   sides' fused rows are held in memory (the embedding as float32, the
   n-grams sparse), the candidates prepared once for every block
   (`SparseCandidates`).
   """
-  tfidf = _paired_tfidf(query_vectors, query_titles, index_vectors, index_titles)
+  tfidf = _paired_tfidf(query_vectors, query_titles, index_vectors, index_titles,
+                        lexical)
   queries = fuse(np.asarray(query_vectors, np.float32), tfidf["queries"], weight)
   candidates = queries if index_vectors is None else fuse(
       np.asarray(index_vectors, np.float32), tfidf["index"], weight)
@@ -254,13 +294,15 @@ class HybridIndex:
   (`reciprocal_rank_fusion`, each side exact to `depth` rows) for a
   catalogue without labels to fit a weight on. `exclude` (one index row per
   query, or -1) leaves a row out, e.g. each listing itself when the queries
-  are the index.
+  are the index. `lexical` is the lexical side ("ANALYZER:LOW-HIGH",
+  `lexical_side`), the one the weight was fitted with.
   """
 
   def __init__(self, embeddings: np.ndarray, titles, weight: float | None,
-               depth: int = RRF_DEPTH):
+               depth: int = RRF_DEPTH, lexical: str = LEXICAL):
     self.weight = None if weight is None else float(weight)
-    self.vectorizer = tfidf_vectorizer()
+    self.lexical = lexical
+    self.vectorizer = lexical_vectorizer(lexical)
     if self.weight is None:
       self.candidates = _RankedSides(*self._sides(embeddings, titles, fit=True), depth)
     else:
@@ -332,7 +374,8 @@ class _RankedSides:
     return reciprocal_rank_fusion(rankings, k)
 
 
-def _paired_tfidf(query_vectors, query_titles, index_vectors, index_titles) -> dict:
+def _paired_tfidf(query_vectors, query_titles, index_vectors, index_titles,
+                  lexical: str = LEXICAL) -> dict:
   """TF-IDF rows of the queries' titles and the index's, fitted on both."""
   if len(query_titles) != len(query_vectors) or (
       index_vectors is not None and len(index_titles) != len(index_vectors)):
@@ -340,16 +383,17 @@ def _paired_tfidf(query_vectors, query_titles, index_vectors, index_titles) -> d
   titles = {"queries": query_titles}
   if index_vectors is not None:
     titles["index"] = index_titles
-  return tfidf_features(titles)
+  return tfidf_features(titles, lexical=lexical)
 
 
 def rrf_blocks(query_vectors: np.ndarray, query_titles: list[str],
                index_vectors: np.ndarray | None, index_titles: list[str] | None,
                k: int, *, block_rows: int, start_row: int = 0,
-               depth: int = RRF_DEPTH):
+               depth: int = RRF_DEPTH, lexical: str = LEXICAL):
   """`hybrid_blocks` ranked by reciprocal rank fusion of the embedding's
   cosine ranking and TF-IDF's, each exact to max(depth, k) listings."""
-  tfidf = _paired_tfidf(query_vectors, query_titles, index_vectors, index_titles)
+  tfidf = _paired_tfidf(query_vectors, query_titles, index_vectors, index_titles,
+                        lexical)
   queries = (unit_rows(np.asarray(query_vectors, np.float32)), tfidf["queries"])
   candidates = queries if index_vectors is None else (
       unit_rows(np.asarray(index_vectors, np.float32)), tfidf["index"])

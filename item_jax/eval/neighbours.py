@@ -66,7 +66,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from item_jax.errors import MissingDependencyError, MissingInputError, UserError
 from item_jax.eval import search as search_lib
-from item_jax.eval.fusion import RRF_CONSTANT, RRF_DEPTH, hybrid_blocks, rrf_blocks
+from item_jax.eval.fusion import (LEXICAL, RRF_CONSTANT, RRF_DEPTH, hybrid_blocks,
+                                  lexical_side, rrf_blocks)
 from item_jax.eval.search import NO_NEIGHBOUR
 
 CSV_HEADER = "query_item_id,rank,item_id,score\n"
@@ -279,7 +280,7 @@ def csv_rows(query_ids: list[str], scores: np.ndarray, indices: np.ndarray,
 
 def _fingerprint(queries: EmbeddingsFile, index: EmbeddingsFile | None, k: int,
                  min_score: float | None, rank_by: str = "embedding",
-                 weight: float | None = None) -> dict:
+                 weight: float | None = None, lexical: str = LEXICAL) -> dict:
   """What a resumed run must share with the interrupted one."""
   def identity(file: EmbeddingsFile) -> dict:
     stats = [os.stat(path) for path in (file.array_path, file.ids_path)]
@@ -291,6 +292,8 @@ def _fingerprint(queries: EmbeddingsFile, index: EmbeddingsFile | None, k: int,
           "min_score": min_score, "score_digits": SCORE_DIGITS,
           **({} if rank_by == "embedding" else
              {"rank_by": rank_by, "fusion_weight": weight}),
+          **({} if rank_by == "embedding" or lexical == LEXICAL else
+             {"lexical": lexical}),
           **({"rrf": [RRF_DEPTH, RRF_CONSTANT]} if rank_by == "rrf" else {})}
 
 
@@ -343,7 +346,8 @@ def neighbours_command(queries: str, output: str, index: str | None = None,
                        index_block_rows: int = DEFAULT_INDEX_BLOCK_ROWS,
                        mesh: Mesh | None = None, max_blocks: int | None = None,
                        log_every_blocks: int = 8, rank_by: str = "embedding",
-                       fusion_weight: float | None = None) -> dict:
+                       fusion_weight: float | None = None,
+                       lexical: str = LEXICAL) -> dict:
   """`item-jax neighbours`: the k nearest index listings of every query
   listing, as a CSV (or Parquet) at `output`; see the module docstring for
   the files, resuming and several processes.
@@ -370,6 +374,9 @@ def neighbours_command(queries: str, output: str, index: str | None = None,
       and search on the host (`item_jax.eval.fusion.hybrid_blocks`,
       `rrf_blocks`).
     fusion_weight: the hybrid's weight in [0, 1] (see `fitted_fusion_weight`).
+    lexical: the lexical side's n-grams, "ANALYZER:LOW-HIGH"
+      (`item_jax.eval.fusion.lexical_side`; the one the weight was fitted
+      with, see `fitted_lexical`).
 
   Returns:
     a summary: query and index rows, dim, k, pairs written (counted on
@@ -390,6 +397,10 @@ def neighbours_command(queries: str, output: str, index: str | None = None,
     raise UserError(f"{query_file.array_path} has {query_file.dim} dimensions "
                     f"but the index {index_file.array_path} has {index_file.dim}")
   weight = _check_ranking(rank_by, fusion_weight, query_file, index_file)
+  try:
+    lexical_side(lexical)
+  except ValueError as error:
+    raise UserError(str(error)) from None
   parquet = os.fspath(output).endswith(".parquet")
   if parquet:
     try:
@@ -404,7 +415,8 @@ def neighbours_command(queries: str, output: str, index: str | None = None,
 
   output = os.fspath(output)
   partial, progress_path = output + ".partial", output + ".progress.json"
-  fingerprint = _fingerprint(query_file, index_file, k, min_score, rank_by, weight)
+  fingerprint = _fingerprint(query_file, index_file, k, min_score, rank_by, weight,
+                             lexical)
   writer = jax.process_index() == 0
   start, length, pairs, file = 0, 0, 0, None
   if writer:
@@ -463,7 +475,7 @@ def neighbours_command(queries: str, output: str, index: str | None = None,
         query_file.vectors, query_file.titles,
         None if index_file is None else index_file.vectors,
         None if index_file is None else index_file.titles, search_k,
-        block_rows=block_rows, start_row=start)
+        block_rows=block_rows, start_row=start, lexical=lexical)
   elif rank_by == "embedding":
     searched = neighbour_blocks(
         query_file.vectors, None if index_file is None else index_file.vectors,
@@ -475,7 +487,7 @@ def neighbours_command(queries: str, output: str, index: str | None = None,
         query_file.vectors, query_file.titles,
         None if index_file is None else index_file.vectors,
         None if index_file is None else index_file.titles, search_k, weight,
-        block_rows=block_rows, start_row=start)
+        block_rows=block_rows, start_row=start, lexical=lexical)
   try:
     for first, scores, indices in searched:
       done = first + scores.shape[0]
@@ -507,7 +519,8 @@ def neighbours_command(queries: str, output: str, index: str | None = None,
       os.replace(partial, output)
     os.remove(progress_path)
   return {"queries": total, "index_rows": index_rows, "dim": query_file.dim,
-          "k": k, "rank_by": rank_by, "fusion_weight": weight, "pairs": pairs,
+          "k": k, "rank_by": rank_by, "fusion_weight": weight,
+          "lexical": None if rank_by == "embedding" else lexical, "pairs": pairs,
           "resumed_at": start, "complete": complete,
           "path": output if complete else partial,
           "seconds": time.perf_counter() - began}
@@ -544,6 +557,19 @@ def _check_ranking(rank_by: str, fusion_weight: float | None,
   if not 0.0 <= fusion_weight <= 1.0:
     raise UserError(f"--fusion-weight {fusion_weight}: must be in [0, 1]")
   return float(fusion_weight)
+
+
+def fitted_lexical(workdir: str) -> str | None:
+  """The lexical side `item-jax eval` of the run fitted its weights with
+  (WORKDIR/eval/report.json; reports before the choice used LEXICAL), or
+  None without a report."""
+  path = os.path.join(os.fspath(workdir), "eval", "report.json")
+  try:
+    with open(path, encoding="utf-8") as file:
+      meta = json.load(file).get("meta", {})
+  except (OSError, ValueError):
+    return None
+  return str(meta.get("lexical", LEXICAL)) if isinstance(meta, dict) else LEXICAL
 
 
 def fitted_fusion_weight(workdir: str, view: str) -> float | None:

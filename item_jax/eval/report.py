@@ -10,6 +10,7 @@ from etils import epath
 
 from item_jax.eval import evaluate as evaluate_lib
 from item_jax.eval.evaluate import ENTRIES, HEADLINE, VIEWS, scored_entries
+from item_jax.eval.fusion import LEXICAL, lexical_side
 from item_jax.eval.metrics import RETRIEVAL_KS
 
 LABELS = {
@@ -33,10 +34,16 @@ REPORT_JSON, REPORT_MD = "report.json", "report.md"
 
 
 def entry_label(entry: str, report: dict) -> str:
-  """LABELS[entry], with the side MobileNetV2 saw the photos at and a fused
-  entry's weight."""
+  """LABELS[entry], with the side MobileNetV2 saw the photos at, the lexical
+  side's n-grams where they are not the baseline's, and a fused entry's
+  weight."""
   size = report.get("meta", {}).get("mobilenet_image_size")
   label = LABELS[entry]
+  lexical = report.get("meta", {}).get("lexical", LEXICAL)
+  if entry == "tfidf" and lexical != LEXICAL:
+    analyzer, (low, high) = lexical_side(lexical)
+    label = (f"TF-IDF, title {'char' if analyzer == 'char' else 'in-word char'} "
+             f"{low}-{high}-grams")
   if entry in ("mobilenet", "mobilenet+tfidf") and size:
     label = label.replace("image", f"image {size} px", 1)
   weight = report.get(entry, {}).get("fusion_weight")
