@@ -207,7 +207,7 @@ def test_eval_scores_each_entry_on_the_listings_that_have_its_input(run, mixed_d
   # The lexical side's n-grams within words: other columns, named in the
   # report; the embeddings' entries are untouched.
   within = evaluate_lib.evaluate(str(workdir), mixed_data, evaluate_lib.EvalOptions(
-      probe_steps=20, baselines=("tfidf",), fusion=False, lexical="char_wb:3-3"))
+      probe_steps=20, baselines=("tfidf",), fusion=False, lexical="char_wb:3"))
   assert within["meta"]["lexical"] == "char_wb:3-3"
   assert only["meta"]["lexical"] == "char:2-4"
   assert within["meta"]["tfidf_dim"] < only["meta"]["tfidf_dim"]

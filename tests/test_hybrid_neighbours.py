@@ -8,9 +8,10 @@ import pytest
 
 from item_jax.cli import main
 from item_jax.errors import UserError
-from item_jax.eval.fusion import (HybridIndex, hybrid_blocks, lexical_side,
-                                  lexical_vectorizer, reciprocal_rank_fusion,
-                                  rrf_blocks, tfidf_features, tfidf_vectorizer)
+from item_jax.eval.fusion import (HybridIndex, hybrid_blocks, lexical_name,
+                                  lexical_side, lexical_vectorizer,
+                                  reciprocal_rank_fusion, rrf_blocks,
+                                  tfidf_features, tfidf_vectorizer)
 from item_jax.eval.neighbours import neighbours_command
 
 WORDS = "red blue black steel cotton lamp mug shirt kettle cable".split()
@@ -165,6 +166,8 @@ def test_the_command_takes_the_weight_eval_fitted(files, capsys):
   neighbours_command(files["path"], by_hand, k=3, rank_by="hybrid",
                      fusion_weight=0.3, lexical="char_wb:3-3")
   assert open(output).read() == open(by_hand).read()
+  main(command + ["--lexical", "char_wb:3"])   # the same side, spelt short
+  assert "lexical side char_wb:3-3" in capsys.readouterr().out
   with pytest.raises(SystemExit) as raised:
     main(command + ["--lexical", "char:2-4"])
   assert raised.value.code == 2
@@ -175,6 +178,7 @@ def test_the_command_takes_the_weight_eval_fitted(files, capsys):
 def test_lexical_sides_within_and_across_words():
   assert lexical_side() == ("char", (2, 4))
   assert lexical_side("char_wb:3") == ("char_wb", (3, 3))
+  assert lexical_name("char_wb:3") == "char_wb:3-3"
   across = lexical_vectorizer("char:3-3").build_analyzer()("Ab  c")
   within = lexical_vectorizer("char_wb:3-3").build_analyzer()("Ab  c")
   assert "b c" in across and " ab" in across

@@ -173,6 +173,11 @@ def _neighbours(args):
                  ("block_rows", "index_block_rows") if getattr(args, name)}
   weight, lexical = args.fusion_weight, args.lexical
   if args.rank_by != "embedding":
+    from item_jax.eval.fusion import LEXICAL, lexical_name
+    try:
+      lexical = None if lexical is None else lexical_name(lexical)
+    except ValueError as error:
+      raise UserError(f"--lexical: {error}") from None
     fitted_weight, fitted_lexical = _fitted(args, queries)
     if args.rank_by == "hybrid" and weight is None and fitted_weight is not None:
       weight = fitted_weight
@@ -181,7 +186,6 @@ def _neighbours(args):
                         f"weight {weight:g} with the lexical side {fitted_lexical}; "
                         "give --fusion-weight with this side, or evaluate again "
                         f"with --lexical {lexical}")
-    from item_jax.eval.fusion import LEXICAL
     lexical = lexical or fitted_lexical or LEXICAL
   result = neighbours_command(queries, args.output, index=args.index, k=args.k,
                               min_score=args.min_score, max_blocks=args.max_blocks,

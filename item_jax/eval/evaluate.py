@@ -28,7 +28,7 @@ from item_jax.eval.embed import (ATTENTION_OUTPUTS, VIEWS, Embedder, embed_split
                                  eval_batch_size, load_model, own_products,
                                  read_split, split_count)
 from item_jax.eval.fusion import (LEXICAL, fit_added_weight, fit_weight, fuse,
-                                  fuse_blocks, lexical_side, rrf_retrieval,
+                                  fuse_blocks, lexical_name, rrf_retrieval,
                                   tfidf_features)
 from item_jax.eval.metrics import (classification_metrics, fit_balanced_probe,
                                    knn_predict, linear_probe, retrieval_queries,
@@ -103,8 +103,8 @@ class EvalOptions:
     if self.lexical_text not in LEXICAL_TEXTS:
       raise UserError(f"lexical_text must be one of {LEXICAL_TEXTS}, got "
                       f"{self.lexical_text!r}")
-    try:
-      lexical_side(self.lexical)
+    try:   # one spelling, as the report and `neighbours` read it
+      object.__setattr__(self, "lexical", lexical_name(self.lexical))
     except ValueError as error:
       raise UserError(str(error)) from None
     unknown = set(self.baselines) - set(BASELINES)

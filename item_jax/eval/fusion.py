@@ -60,6 +60,13 @@ def lexical_side(spec: str = LEXICAL) -> tuple[str, tuple[int, int]]:
   return analyzer, ngram_range
 
 
+def lexical_name(spec: str = LEXICAL) -> str:
+  """A lexical side's one spelling, "ANALYZER:LOW-HIGH" ("char_wb:3" ->
+  "char_wb:3-3"), checked as `lexical_side` checks it."""
+  analyzer, (low, high) = lexical_side(spec)
+  return f"{analyzer}:{low}-{high}"
+
+
 def tfidf_vectorizer(ngram_range=NGRAM_RANGE, analyzer: str = "char") -> TfidfVectorizer:
   """scikit-learn's TF-IDF over character n-grams, as the baseline uses it.
 

@@ -67,7 +67,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from item_jax.errors import MissingDependencyError, MissingInputError, UserError
 from item_jax.eval import search as search_lib
 from item_jax.eval.fusion import (LEXICAL, RRF_CONSTANT, RRF_DEPTH, hybrid_blocks,
-                                  lexical_side, rrf_blocks)
+                                  lexical_name, rrf_blocks)
 from item_jax.eval.search import NO_NEIGHBOUR
 
 CSV_HEADER = "query_item_id,rank,item_id,score\n"
@@ -398,7 +398,7 @@ def neighbours_command(queries: str, output: str, index: str | None = None,
                     f"but the index {index_file.array_path} has {index_file.dim}")
   weight = _check_ranking(rank_by, fusion_weight, query_file, index_file)
   try:
-    lexical_side(lexical)
+    lexical = lexical_name(lexical)
   except ValueError as error:
     raise UserError(str(error)) from None
   parquet = os.fspath(output).endswith(".parquet")
@@ -569,7 +569,11 @@ def fitted_lexical(workdir: str) -> str | None:
       meta = json.load(file).get("meta", {})
   except (OSError, ValueError):
     return None
-  return str(meta.get("lexical", LEXICAL)) if isinstance(meta, dict) else LEXICAL
+  side = str(meta.get("lexical", LEXICAL)) if isinstance(meta, dict) else LEXICAL
+  try:
+    return lexical_name(side)
+  except ValueError:
+    return side   # named by the search that reads it
 
 
 def fitted_fusion_weight(workdir: str, view: str) -> float | None:
