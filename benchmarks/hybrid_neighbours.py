@@ -28,6 +28,7 @@ import time
 
 import numpy as np
 
+from item_jax.eval.fusion import lexical_name
 from item_jax.eval.neighbours import neighbours_command
 
 
@@ -60,7 +61,9 @@ def main():
   parser.add_argument("--budget-seconds", type=float, default=1800)
   parser.add_argument("--seed", type=int, default=0)
   args = parser.parse_args()
-  sides = [side.strip() for side in args.lexical.split(",") if side.strip()]
+  # Checked and spelt one way before any turn runs; each side once.
+  sides = list(dict.fromkeys(lexical_name(side.strip())
+                             for side in args.lexical.split(",") if side.strip()))
   started, results, last = time.perf_counter(), {}, None
   for size in (int(text) for text in args.sizes.split(",")):
     if last is not None:

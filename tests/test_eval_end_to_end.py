@@ -214,6 +214,9 @@ def test_eval_scores_each_entry_on_the_listings_that_have_its_input(run, mixed_d
   assert within["both"]["macro_recall@10"] == only["both"]["macro_recall@10"]
   assert entry_label("tfidf", within) == "TF-IDF, title in-word char 3-3-grams"
   assert entry_label("tfidf", only) == "TF-IDF, title char 2-4-grams"
+  assert entry_label("both+tfidf", within).startswith(
+      "ITEm, title + image + TF-IDF char_wb:3-3")
+  assert entry_label("both+tfidf", only).startswith("ITEm, title + image + TF-IDF")
   with pytest.raises(UserError, match="expected ANALYZER:LOW-HIGH"):
     evaluate_lib.EvalOptions(lexical="word:1-2")
 

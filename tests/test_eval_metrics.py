@@ -349,3 +349,22 @@ def test_top_k_rows_orders_ties_by_position_across_groups():
     np.testing.assert_array_equal(positions, expected)
     np.testing.assert_array_equal(values, np.take_along_axis(scores, expected, 1))
   assert positions[2, :3].tolist() == [300, 7, 600]
+
+
+def test_top_k_rows_of_mostly_tied_rows_against_a_stable_argsort():
+  # Rows of mostly one value (a title sharing no n-gram with most
+  # candidates), where many groups tie at the floor and a row is selected
+  # without ordering all of it; a few values above it, several in one group.
+  rng = np.random.default_rng(4)
+  for _ in range(200):
+    rows, width = int(rng.integers(1, 5)), 16 * int(rng.integers(2, 120))
+    k = int(rng.integers(1, 30))
+    scores = np.where(rng.random((rows, width)) < 0.9, 0.0,
+                      rng.integers(0, 4, (rows, width))).astype(np.float32)
+    scores[0, 5::width // 16] = 7.0   # one group's members all above the rest
+    if rng.random() < 0.3:
+      scores[-1] = -np.inf
+    values, positions = metrics_lib._top_k_rows(scores, k)
+    expected = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    np.testing.assert_array_equal(positions, expected)
+    np.testing.assert_array_equal(values, np.take_along_axis(scores, expected, 1))

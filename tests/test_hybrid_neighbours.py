@@ -183,7 +183,8 @@ def test_lexical_sides_within_and_across_words():
   within = lexical_vectorizer("char_wb:3-3").build_analyzer()("Ab  c")
   assert "b c" in across and " ab" in across
   assert sorted(within) == [" ab", " c ", "ab "]
-  for bad in ("char", "char:x-3", "words:1-2", "char_wb:0-2", "char:2-9"):
+  for bad in ("char", "char:x-3", "words:1-2", "char_wb:0-2", "char:2-9", "char:2-",
+              "char: 2-4"):
     with pytest.raises(ValueError, match="expected ANALYZER:LOW-HIGH"):
       lexical_side(bad)
 

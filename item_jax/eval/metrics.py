@@ -424,8 +424,11 @@ def top_k_neighbours(queries, candidates, k: int, *, exclude=None, mesh=None,
 _DENSE_COLUMN_SHARE = 0.05
 _MAX_DENSE_COLUMNS = 1024
 _DENSE_BYTES = _BLOCK_BYTES = 2 ** 29
-# Scores per group in the two-stage selection (as in item_jax.eval.search).
+# Scores per group in the two-stage selection (as in item_jax.eval.search);
+# a row with more than _TIED_GROUPS x k groups reaching its floor (ties) is
+# selected whole.
 _GROUP = 16
+_TIED_GROUPS = 4
 
 
 def sparse_top_k_search(queries, candidates, k: int, *, exclude=None,
@@ -514,7 +517,9 @@ def _top_k_rows(scores: np.ndarray, k: int):
   than the maxima of contiguous runs). The k groups with the largest maxima
   each hold a score at least the k-th largest maximum, so the row's k best
   scores are all at least it: only the positions at or above it, in the
-  groups that reach it (about k of them, more with ties), are ordered."""
+  groups that reach it (about k of them), are ordered. A row where many
+  groups tie at it (e.g. a title that shares no n-gram with any candidate:
+  all zeros) is selected by `_top_k_tied_row` instead."""
   rows, width = scores.shape
   if width // _GROUP <= k:
     positions = _top_k_positions(scores, k)
@@ -522,17 +527,47 @@ def _top_k_rows(scores: np.ndarray, k: int):
   num_groups = width // _GROUP
   maxima = scores.reshape(rows, _GROUP, num_groups).max(axis=1)
   floor = -np.partition(-maxima, k - 1, axis=1)[:, k - 1]
+  reached = maxima >= floor[:, None]
+  tied_rows = np.flatnonzero(reached.sum(axis=1) > _TIED_GROUPS * k)
+  values = np.empty((rows, k), scores.dtype)
+  positions = np.empty((rows, k), np.int64)
+  for tied in tied_rows:
+    values[tied], positions[tied] = _top_k_tied_row(scores[tied], maxima[tied],
+                                                    floor[tied], k)
+  reached[tied_rows] = False
   # The groups whose maximum reaches the floor, then their members that do.
-  group_row, group = np.nonzero(maxima >= floor[:, None])
+  group_row, group = np.nonzero(reached)
   members = group[:, None] + num_groups * np.arange(_GROUP)
-  values = scores[group_row[:, None], members]
-  kept = values >= floor[group_row, None]
+  member_values = scores[group_row[:, None], members]
+  kept = member_values >= floor[group_row, None]
   row = np.broadcast_to(group_row[:, None], members.shape)[kept]
-  position, value = members[kept], values[kept]
+  position, value = members[kept], member_values[kept]
   order = np.lexsort((position, -value, row))   # by row, score desc, position
-  first = np.searchsorted(row[order], np.arange(rows))
+  others = np.setdiff1d(np.arange(rows), tied_rows)
+  first = np.searchsorted(row[order], others)
   best = order[first[:, None] + np.arange(k)]   # every row has k at least
-  return value[best], position[best]
+  values[others], positions[others] = value[best], position[best]
+  return values, positions
+
+
+def _top_k_tied_row(row: np.ndarray, maxima: np.ndarray, floor, k: int):
+  """`_top_k_rows` for one row where many groups' maxima tie at its floor:
+  the scores above the floor (in the fewer than k groups whose maximum is
+  above it), best first, then the lowest positions that equal the floor,
+  found in a prefix of the row where there are enough of them (all of the
+  row otherwise), never ordering the whole row."""
+  num_groups = len(maxima)
+  above = (np.flatnonzero(maxima > floor)[:, None]
+           + num_groups * np.arange(_GROUP)).ravel()
+  above = above[row[above] > floor]
+  above = above[np.lexsort((above, -row[above]))][:k]
+  needed = k - len(above)
+  prefix = min(len(row), max(1024, 64 * needed))
+  ties = np.flatnonzero(row[:prefix] == floor)
+  if len(ties) < needed:
+    ties = np.flatnonzero(row == floor)
+  positions = np.concatenate([above, ties[:needed]])
+  return row[positions], positions
 
 
 def _top_k_positions(values: np.ndarray, k: int) -> np.ndarray:

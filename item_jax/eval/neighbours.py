@@ -567,7 +567,7 @@ def fitted_lexical(workdir: str) -> str | None:
   try:
     with open(path, encoding="utf-8") as file:
       meta = json.load(file).get("meta", {})
-  except (OSError, ValueError):
+  except (OSError, ValueError, AttributeError):   # AttributeError: not an object
     return None
   side = str(meta.get("lexical", LEXICAL)) if isinstance(meta, dict) else LEXICAL
   try:

@@ -44,6 +44,8 @@ def entry_label(entry: str, report: dict) -> str:
     analyzer, (low, high) = lexical_side(lexical)
     label = (f"TF-IDF, title {'char' if analyzer == 'char' else 'in-word char'} "
              f"{low}-{high}-grams")
+  elif lexical != LEXICAL:   # fused with another lexical side than the baseline's
+    label = label.replace("TF-IDF", f"TF-IDF {lexical}")
   if entry in ("mobilenet", "mobilenet+tfidf") and size:
     label = label.replace("image", f"image {size} px", 1)
   weight = report.get(entry, {}).get("fusion_weight")
