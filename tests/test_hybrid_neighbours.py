@@ -166,6 +166,15 @@ def test_the_command_takes_the_weight_eval_fitted(files, capsys):
   neighbours_command(files["path"], by_hand, k=3, rank_by="hybrid",
                      fusion_weight=0.3, lexical="char_wb:3-3")
   assert open(output).read() == open(by_hand).read()
+  with pytest.raises(SystemExit) as raised:
+    main(["neighbours", "--embeddings", files["path"], "--output", output,
+          "--lexical", "char_wb:3-3"])
+  assert raised.value.code == 2
+  assert "--lexical needs --rank-by lexical, hybrid or rrf" in capsys.readouterr().err
+  with pytest.raises(SystemExit) as raised:
+    main(command + ["--lexical", "words:1"])
+  assert raised.value.code == 2
+  assert "--lexical: lexical side 'words:1': expected" in capsys.readouterr().err
   main(command + ["--lexical", "char_wb:3"])   # the same side, spelt short
   assert "lexical side char_wb:3-3" in capsys.readouterr().out
   with pytest.raises(SystemExit) as raised:

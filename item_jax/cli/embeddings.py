@@ -137,6 +137,15 @@ def _fitted(args, queries: str) -> tuple[float | None, str | None]:
 def _neighbours(args):
   at_least(args, k=1, block_rows=1, index_block_rows=1, max_blocks=1, step=0,
            batch_size=1, workers=0, num_processes=1, process_id=0)
+  if args.lexical is not None:   # checked before anything is embedded
+    if args.rank_by == "embedding":
+      raise UserError("--lexical needs --rank-by lexical, hybrid or rrf (the "
+                      "embedding alone reads no words)")
+    from item_jax.eval.fusion import lexical_name
+    try:
+      args.lexical = lexical_name(args.lexical)
+    except ValueError as error:
+      raise UserError(f"--lexical: {error}") from None
   embed_flags = ["step", "batch_size", "modality", *CATALOGUE_FLAGS]
   if args.embeddings is not None:
     if args.workdir is not None or args.catalogue is not None:
@@ -173,11 +182,7 @@ def _neighbours(args):
                  ("block_rows", "index_block_rows") if getattr(args, name)}
   weight, lexical = args.fusion_weight, args.lexical
   if args.rank_by != "embedding":
-    from item_jax.eval.fusion import LEXICAL, lexical_name
-    try:
-      lexical = None if lexical is None else lexical_name(lexical)
-    except ValueError as error:
-      raise UserError(f"--lexical: {error}") from None
+    from item_jax.eval.fusion import LEXICAL
     fitted_weight, fitted_lexical = _fitted(args, queries)
     if args.rank_by == "hybrid" and weight is None and fitted_weight is not None:
       weight = fitted_weight
