@@ -162,6 +162,7 @@ def _neighbours(args):
   if is_local(args.output) and os.path.isdir(args.output):
     raise UserError(f"--output {args.output} is a folder; expected a .csv or "
                     ".parquet file")
+  from item_jax.eval.fusion import LEXICAL
   from item_jax.eval.neighbours import neighbours_command
   initialize_distributed(args)
   queries, embedded = args.embeddings, ""
@@ -182,7 +183,6 @@ def _neighbours(args):
                  ("block_rows", "index_block_rows") if getattr(args, name)}
   weight, lexical = args.fusion_weight, args.lexical
   if args.rank_by != "embedding":
-    from item_jax.eval.fusion import LEXICAL
     fitted_weight, fitted_lexical = _fitted(args, queries)
     if args.rank_by == "hybrid" and weight is None and fitted_weight is not None:
       weight = fitted_weight
@@ -191,12 +191,12 @@ def _neighbours(args):
                         f"weight {weight:g} with the lexical side {fitted_lexical}; "
                         "give --fusion-weight with this side, or evaluate again "
                         f"with --lexical {lexical}")
-    lexical = lexical or fitted_lexical or LEXICAL
+    lexical = lexical or fitted_lexical
+  lexical = lexical or LEXICAL
   result = neighbours_command(queries, args.output, index=args.index, k=args.k,
                               min_score=args.min_score, max_blocks=args.max_blocks,
                               rank_by=args.rank_by, fusion_weight=weight,
-                              **({"lexical": lexical} if lexical else {}),
-                              **block_flags)
+                              lexical=lexical, **block_flags)
   import jax
   if jax.process_index():
     return

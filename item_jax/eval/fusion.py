@@ -85,8 +85,6 @@ def tfidf_vectorizer(ngram_range=NGRAM_RANGE, analyzer: str = "char") -> TfidfVe
   `neighbours` can take either (`lexical_side`; BENCHMARKS.md, "Hybrid
   neighbours").
   """
-  if analyzer not in ANALYZERS:
-    raise ValueError(f"analyzer {analyzer!r}: expected one of {', '.join(ANALYZERS)}")
   return TfidfVectorizer(analyzer=analyzer, preprocessor=_padded_title,
                          ngram_range=tuple(ngram_range), sublinear_tf=True,
                          smooth_idf=True, norm="l2", dtype=np.float32)
@@ -102,11 +100,10 @@ def _padded_title(title: str) -> str:
   return " " + " ".join(title.lower().split()) + " "
 
 
-def tfidf_features(titles_by_split: dict, ngram_range=NGRAM_RANGE, *,
-                   lexical: str | None = None) -> dict:
+def tfidf_features(titles_by_split: dict, lexical: str = LEXICAL) -> dict:
   """{split: (n, features) scipy CSR float32} TF-IDF rows of every split's
-  titles (`tfidf_vectorizer`; `lexical`, "ANALYZER:LOW-HIGH", overrides
-  `ngram_range` and the analyzer, see `lexical_side`).
+  titles (`lexical_vectorizer`: the lexical side "ANALYZER:LOW-HIGH",
+  `lexical_side`; the baseline's by default).
 
   The vocabulary and document frequencies come from all the given titles
   together (no labels are read). Rows are L2-normalised over every n-gram,
@@ -119,9 +116,7 @@ def tfidf_features(titles_by_split: dict, ngram_range=NGRAM_RANGE, *,
   titles = [title for split in splits for title in titles_by_split[split]]
   if not titles:
     raise ValueError("tfidf_features needs at least one title")
-  vectorizer = (tfidf_vectorizer(ngram_range) if lexical is None
-                else lexical_vectorizer(lexical))
-  matrix = vectorizer.fit_transform(titles).tocsr()
+  matrix = lexical_vectorizer(lexical).fit_transform(titles).tocsr()
   document_frequency = np.bincount(matrix.indices, minlength=matrix.shape[1])
   matrix = matrix[:, np.flatnonzero(document_frequency >= 2)]
   features, start = {}, 0
@@ -306,7 +301,6 @@ class HybridIndex:
   def __init__(self, embeddings: np.ndarray, titles, weight: float | None,
                depth: int = RRF_DEPTH, lexical: str = LEXICAL):
     self.weight = None if weight is None else float(weight)
-    self.lexical = lexical
     self.vectorizer = lexical_vectorizer(lexical)
     if self.weight is None:
       self.candidates = _RankedSides(*self._sides(embeddings, titles, fit=True), depth)

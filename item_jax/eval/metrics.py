@@ -426,7 +426,7 @@ _MAX_DENSE_COLUMNS = 1024
 _DENSE_BYTES = _BLOCK_BYTES = 2 ** 29
 # Scores per group in the two-stage selection (as in item_jax.eval.search);
 # a row with more than _TIED_GROUPS x k groups reaching its floor (ties) is
-# selected whole.
+# selected on its own (`_top_k_tied_row`).
 _GROUP = 16
 _TIED_GROUPS = 4
 
