@@ -28,7 +28,7 @@ benchmarks/learning_curves.py (BENCHMARKS.md, "A pretrained image side"):
   demo (BENCHMARKS.md, "224 px on this machine").
 - total_steps = 1,500: a step cost 2.7x the patch recipe's on 2 CPU cores
   with XLA's grouped convolutions, 1.3x with the depthwise ones as shifted
-  sums (benchmarks/stem_cost.py); on an accelerator the stem is under 1 %
+  sums (benchmarks/studies/stem_cost.py); on an accelerator the stem is under 1 %
   of the step.
 - objectives.joint_image_dropout = joint_title_dropout = 0.25 (modality
   dropout: the joint pass sees a quarter of the listings without their

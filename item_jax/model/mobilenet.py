@@ -142,7 +142,7 @@ def run_blocks(params, images: jax.Array, blocks: Sequence[Block],
   On CPU the depthwise convolutions are sums of shifted, scaled copies of
   their input (`depthwise_by_shifts`): XLA's CPU backend runs a grouped
   convolution several times slower than those nine multiply-adds
-  (benchmarks/depthwise_cpu.py). Accelerators keep the convolution.
+  (benchmarks/studies/depthwise_cpu.py). Accelerators keep the convolution.
   `depthwise` ("shifts" or "conv") forces one way."""
   if depthwise not in (None, "shifts", "conv"):
     raise ValueError(f"depthwise must be 'shifts' or 'conv', not {depthwise!r}")

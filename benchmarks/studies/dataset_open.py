@@ -2,7 +2,7 @@
 index files `prepare` writes beside each shard against a scan of the shards'
 framing (datasets prepared before the index files existed).
 
-  python benchmarks/dataset_open.py --listings 1000000 --shards 64
+  python benchmarks/studies/dataset_open.py --listings 1000000 --shards 64
 
 Writes a split of `--listings` small records (a title and a 1 KiB stand-in
 for a photo, as `prepare`'s writer frames them) over `--shards` shards in a

@@ -1,7 +1,7 @@
 """Can an exact lexical search skip the common n-grams? A study of the
 bound-and-prune idea for `item-jax neighbours --rank-by lexical|hybrid`.
 
-  python benchmarks/hybrid_pruning.py --size 30000 --groups 16,64
+  python benchmarks/studies/hybrid_pruning.py --size 30000 --groups 16,64
 
 For each query: its exact score over the rare n-gram columns (set in at most
 --rare-share of the titles) is a lower bound of its TF-IDF cosine with a
@@ -15,10 +15,13 @@ that survive (1.0: nothing pruned) for each G; the last line is
 """
 
 import argparse
+import pathlib
+import sys
 
 import numpy as np
 import scipy.sparse
 
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # benchmarks/
 from hybrid_neighbours import listings
 from item_jax.eval.fusion import tfidf_features
 

@@ -1,6 +1,6 @@
 """The step with our attention and GELU against `jax.nn`'s, in one process.
 
-  python benchmarks/attention_ab.py --config tiny [--rounds 10 --steps 5]
+  python benchmarks/studies/attention_ab.py --config tiny [--rounds 10 --steps 5]
 
 Builds benchmarks/train_step.py's step twice for the same model and batch as
 benchmarks/torch_vs_jax.py: once as the model is (`item_jax.model.layers.
@@ -14,11 +14,14 @@ The last line is `jax_nn_over_ours_<config>: <median ms with jax.nn / ours>`.
 """
 
 import argparse
+import pathlib
 import statistics
+import sys
 
 import jax
 import numpy as np
 
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # benchmarks/
 import torch_vs_jax
 import train_step as jax_bench
 from item_jax.model import layers, model_config

@@ -1,6 +1,6 @@
 """How low can the masked-word loss get in N steps, without a transformer?
 
-  python benchmarks/masked_word_floor.py --data runs/demo/prepared \
+  python benchmarks/studies/masked_word_floor.py --data runs/demo/prepared \
       [--features neighbours|context] [--steps 300] [--batch 32] [--lr 2e-3]
 
 A yardstick for the pre-training loss goals. It trains a model that needs no
@@ -18,6 +18,8 @@ handed, so its MLM loss at the same step and batch should not be lower.
 """
 
 import argparse
+import pathlib
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -27,6 +29,7 @@ from etils import epath
 
 from item_jax.data.tokenizer import load_tokenizer
 from item_jax.train.config import load_config
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # benchmarks/
 from learning import load_split
 
 NUM_SPECIAL_IDS = 5  # pad, unk, [CLS], [SEP], [MASK]

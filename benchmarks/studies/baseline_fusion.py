@@ -1,6 +1,6 @@
 """How much can photos add to titles on a catalogue? Baselines and their fusion.
 
-  python benchmarks/baseline_fusion.py --data runs/demo/prepared \
+  python benchmarks/studies/baseline_fusion.py --data runs/demo/prepared \
       [--split test] [--synth-products 1250 --synth-seed 0 --synth-group-sizes 2-3]
 
 Same-product retrieval on one split with `item-jax eval`'s two baselines: TF-IDF

@@ -2,7 +2,7 @@
 against the sums of shifted copies `item_jax.model.mobilenet` uses there, in
 alternating turns in one process.
 
-  python benchmarks/depthwise_cpu.py --image-size 224 --stride 32 --batch 32
+  python benchmarks/studies/depthwise_cpu.py --image-size 224 --stride 32 --batch 32
 
 Times the network (`run_blocks`, random weights) cut at `--stride` on a
 batch of random photos, forward only (a frozen stem, evaluation and the

@@ -3,7 +3,7 @@ without (a titles-only catalogue such as abt_buy), against the patch
 embedding, and against reading the stem's cells from a per-listing cache
 (`data.stem_cells="cached"`), in alternating turns in one process.
 
-  python benchmarks/stem_cost.py --layers 6 --hidden 384 --mlp 1536 \
+  python benchmarks/studies/stem_cost.py --layers 6 --hidden 384 --mlp 1536 \
       --batch 32 --image-size 64 --patch-size 16
 
 The model is `configs/item_catalogue.py`'s shape (all-MiniLM-L6-v2's: 6
@@ -17,11 +17,14 @@ batch with a photo (`Embeddings.image_tokens_input`). The last line is
 """
 
 import argparse
+import pathlib
 import statistics
+import sys
 
 import jax
 import numpy as np
 
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # benchmarks/
 from train_step import build_step, synthetic_batch, synthetic_tokens, time_steps
 
 from item_jax.model import ModelConfig

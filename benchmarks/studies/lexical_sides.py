@@ -1,7 +1,7 @@
 """Which lexical side finds the same product: TF-IDF against BM25, over each
 side's character n-grams, on a prepared catalogue's validation and test splits.
 
-  python benchmarks/lexical_sides.py --data runs/demo/prepared \
+  python benchmarks/studies/lexical_sides.py --data runs/demo/prepared \
       --lexical char:2-4,char_wb:3-3,char_wb:3-4
 
 Same-product retrieval as `item-jax eval` scores its TF-IDF baseline: every
