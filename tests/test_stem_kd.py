@@ -160,6 +160,7 @@ def test_the_224_recipe_keeps_the_neighbourhoods_on_cached_cells(prepared_catalo
   assert (settings.model.image_size, settings.model.patch_size) == (224, 32)
   assert settings.objectives.stem_kd_weight == 1.0
   assert config.data.stem_cells == "cached"
+  assert config.total_steps == 3000
   # The default is the demo's 64 px recipe, without it.
   assert load_config("configs/item_hybrid.py").objectives.stem_kd_weight == 0.0
   with pytest.raises(ValueError, match="unknown variant 'gpu'"):
