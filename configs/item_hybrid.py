@@ -52,7 +52,7 @@ MiniLM (0.576 +- 0.024 over three seeds), so the recipe keeps 1,500.
 accelerator: photos read at 224 px, the stem cut at stride 32 (7 x 7 cells
 of MobileNetV2's 1,280 final channels, what its pooled features average)
 and computed once per training listing (`data.stem_cells="cached"`: 6.5
-minutes for the hard split's 3,938 photos here, then 1,500 steps in 5-8),
+minutes for the hard split's 3,938 photos here, then 3,000 steps in 5.5),
 and the stem's neighbourhoods taught to the image view
 (`objectives.stem_kd_weight=1`, temperature 0.1: the image view's in-batch
 neighbours those of the pooled cells). On the hard split, three seeds
@@ -60,7 +60,7 @@ neighbours those of the pooled cells). On the hard split, three seeds
 + image 0.698 +- 0.013 against 0.648 +- 0.007 without the neighbourhoods,
 image 0.604 +- 0.010 against 0.526 (MobileNetV2's own features: 0.554),
 image + TF-IDF 0.856 +- 0.004 against 0.797 and MobileNetV2 + TF-IDF's
-0.829. It trains 3,000 steps (7 minutes on 2 idle cores): on the validation
+0.829. It trains 3,000 steps (5.5 minutes on 2 idle cores): on the validation
 split every view is above the 1,500-step run's (title + image 0.674 +-
 0.005 against 0.649, `concat` 0.681 against 0.672, image 0.567 against
 0.560) and the joint and `concat` views still rise at 3,000; on the test

@@ -11,10 +11,10 @@ from train_helpers import tensorboard_scalars, tiny_settings
 from item_jax.cli import main
 from item_jax.eval import evaluate as evaluate_lib
 from item_jax.eval.evaluate import (FUSED, FUSED_WITH_MOBILENET, RRF_METRICS, SCORED,
-                                    PeriodicRetrieval, colour_histograms)
+                                    VIEWS, PeriodicRetrieval, colour_histograms)
 from item_jax.errors import UserError
 from item_jax.eval.fusion import FUSION_WEIGHTS
-from item_jax.eval.report import entry_label, eval_command
+from item_jax.eval.report import adds_table, entry_label, eval_command, what_item_adds
 from item_jax.train.loop import train
 
 IN_UNIT_RANGE = ("macro_recall@10", "map@10", "knn_accuracy", "probe_accuracy",
@@ -101,6 +101,17 @@ def test_eval_writes_the_report(run, capsys):
   assert "TF-IDF alone, weighed the same way, gives probe accuracy" in markdown
   weight = report["both+tfidf"]["fusion_weight"]
   assert f"ITEm, title + image + TF-IDF (w = {weight:.1f})" in markdown
+  # What ITEm adds: each side's best row, in the report and on the screen.
+  adds = what_item_adds(report)
+  best_view = max(VIEWS, key=lambda view: report[view]["macro_recall@10"])
+  alone = adds["macro_recall@10"]["alone"]
+  assert alone["item"] == (best_view, report[best_view]["macro_recall@10"])
+  assert alone["margin"] == pytest.approx(
+      report[best_view]["macro_recall@10"]
+      - max(report[entry]["macro_recall@10"] for entry in ("tfidf", "minilm",
+            "image_baseline", "mobilenet") if "unavailable" not in report[entry]))
+  assert "## What ITEm adds" in markdown and adds_table(report) in markdown
+  assert "What ITEm adds" in printed
   for plot in ("headline.png", "recall_at_k.png"):
     assert (workdir / "eval" / plot).read_bytes()[:4] == b"\x89PNG"
   written = tensorboard_scalars(workdir / "eval", "eval/tfidf/map@10")
@@ -267,3 +278,39 @@ def test_without_a_validation_split_the_fused_entries_keep_their_probe(run, tmp_
     assert report[entry]["probe_tfidf_balance"] == 1.0   # nothing to choose it on
   assert report["meta"]["fusion_validation_macro_recall@10"] == {}
   assert "minilm is not scored" in report["minilm+tfidf"]["unavailable"]
+
+
+def test_what_item_adds_sets_each_sides_best_entry_against_the_other():
+  row = lambda recall, average_precision, **more: {
+      "macro_recall@10": recall, "macro_map@10": average_precision, **more}
+  report = {
+      "meta": {"mobilenet_image_size": 224},
+      "both": row(0.60, 0.40), "title": row(0.55, 0.35), "image": {"unavailable": "no"},
+      "concat": row(0.77, 0.53),
+      "tfidf": row(0.75, 0.54), "minilm": row(0.59, 0.37), "mobilenet": row(0.55, 0.36),
+      "random_init": row(0.95, 0.95),     # never a side: nobody runs it
+      "both+tfidf": row(0.80, 0.59, fusion_weight=0.5),
+      "mobilenet+tfidf": row(0.83, 0.63, fusion_weight=0.6),
+      "concat+mobilenet+tfidf": row(0.85, 0.62, fusion_weights={
+          "item": 0.2, "mobilenet": 0.48, "tfidf": 0.32})}
+  adds = what_item_adds(report)
+  recall, precision = adds["macro_recall@10"], adds["macro_map@10"]
+  assert recall["alone"]["item"] == ("concat", 0.77)
+  assert recall["alone"]["others"] == ("tfidf", 0.75)
+  assert recall["alone"]["margin"] == pytest.approx(0.02)
+  assert precision["alone"]["item"] == ("concat", 0.53)
+  assert precision["alone"]["margin"] == pytest.approx(-0.01)
+  assert recall["fused"]["item"] == ("concat+mobilenet+tfidf", 0.85)
+  assert recall["fused"]["others"] == ("mobilenet+tfidf", 0.83)
+  # Each metric takes its own best row: MAP@10's ITEm hybrid is another one.
+  assert precision["fused"]["item"] == ("concat+mobilenet+tfidf", 0.62)
+  assert precision["fused"]["margin"] == pytest.approx(-0.01)
+  table = adds_table(report)
+  assert "+0.0200" in table and "-0.0100" in table
+  assert "0.8500 (ITEm, title | image (two passes) + MobileNetV2 + TF-IDF" in table
+  assert "0.8300 (MobileNetV2 ImageNet, image 224 px + TF-IDF (w = 0.6))" in table
+  # TF-IDF alone is a hybrid a user has (its weight 0); without any fused
+  # ITEm entry the fused rows are left out.
+  unfused = {name: value for name, value in report.items() if "+" not in name}
+  assert set(what_item_adds(unfused)["macro_recall@10"]) == {"alone"}
+  assert "-" in adds_table(unfused).splitlines()[-1]

@@ -21,7 +21,7 @@ def _demo(args, overrides):
   at_least(args, num_products=1, seed=0)
   output_folder("--workdir", args.workdir)
   from item_jax.demo import RECIPES, run_demo
-  from item_jax.eval.report import recipes_table
+  from item_jax.eval.report import adds_table, recipes_table
   from item_jax.train.config import load_config
   for _, config_file, _ in RECIPES:  # a bad --config.* fails now, not after prepare
     load_config(str(config_file), overrides)
@@ -43,6 +43,10 @@ def _demo(args, overrides):
   print(f"\nEvaluation ({steps}; test split; k-NN and probe trained on the "
         "training split)")
   print(recipes_table(summary["reports"], markdown=False))
+  name, report = next(iter(summary["reports"].items()))
+  print(f"\nWhat ITEm adds ({name} recipe; each side's best row above, macro over "
+        "leaf categories)")
+  print(adds_table(report, markdown=False))
   for name, recipe in summary["recipes"].items():
     print(f"report ({name}): {recipe['eval'].get('markdown')}")
   print(f"TensorBoard: tensorboard --logdir {summary['workdir']}")

@@ -101,8 +101,8 @@ def _eval(args):
            max_train_examples=1, num_processes=1, process_id=0,
            mobilenet_image_size=32)
   from item_jax.eval.evaluate import BASELINES, EvalOptions
-  from item_jax.eval.report import (compare_table, eval_command, headline_table,
-                                    unavailable_lines)
+  from item_jax.eval.report import (adds_table, compare_table, eval_command,
+                                    headline_table, unavailable_lines)
   baselines = BASELINES if args.baselines == "all" else tuple(
       name.strip() for name in args.baselines.split(",") if name.strip())
   # A bad value fails here, before any model is loaded.
@@ -122,6 +122,9 @@ def _eval(args):
   print(headline_table(report, markdown=False))
   for line in unavailable_lines(report):
     print(line)
+  print("\nWhat ITEm adds (same-product retrieval; each side's best entry, "
+        "alone and fused; macro over leaf categories)")
+  print(adds_table(report, markdown=False))
   if compared:
     print("\n" + compare_table(compared, markdown=False))
   if paths:
