@@ -306,9 +306,9 @@ def test_what_item_adds_sets_each_sides_best_entry_against_the_other():
   assert precision["fused"]["item"] == ("concat+mobilenet+tfidf", 0.62)
   assert precision["fused"]["margin"] == pytest.approx(-0.01)
   table = adds_table(report)
-  assert "+0.0200" in table and "-0.0100" in table
-  assert "0.8500 (ITEm, title | image (two passes) + MobileNetV2 + TF-IDF" in table
-  assert "0.8300 (MobileNetV2 ImageNet, image 224 px + TF-IDF (w = 0.6))" in table
+  assert "+0.020" in table and "-0.010" in table
+  assert "0.850 (ITEm, title | image (two passes) + MobileNetV2 + TF-IDF" in table
+  assert "0.830 (MobileNetV2 ImageNet, image 224 px + TF-IDF (w = 0.6))" in table
   # TF-IDF alone is a hybrid a user has (its weight 0); without any fused
   # ITEm entry the fused rows are left out.
   unfused = {name: value for name, value in report.items() if "+" not in name}

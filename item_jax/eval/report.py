@@ -163,10 +163,10 @@ def adds_table(report: dict, markdown: bool = True) -> str:
   for kind, name in (("alone", "embedding alone"), ("fused", "fused with the words")):
     for side, who in (("item", "best ITEm"), ("others", "best without ITEm")):
       rows.append([f"{who}, {name}"] + [
-          f"{adds[m][kind][side][1]:.4f} ({entry_label(adds[m][kind][side][0], report)})"
+          f"{adds[m][kind][side][1]:.3f} ({entry_label(adds[m][kind][side][0], report)})"
           if kind in adds.get(m, {}) else "-" for m in ADDS_METRICS])
     rows.append([f"ITEm's margin, {name}"] + [
-        f"{adds[m][kind]['margin']:+.4f}" if kind in adds.get(m, {}) else "-"
+        f"{adds[m][kind]['margin']:+.3f}" if kind in adds.get(m, {}) else "-"
         for m in ADDS_METRICS])
   return format_table(["", *ADDS_METRICS.values()], rows, markdown)
 
