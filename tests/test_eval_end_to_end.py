@@ -314,3 +314,7 @@ def test_what_item_adds_sets_each_sides_best_entry_against_the_other():
   unfused = {name: value for name, value in report.items() if "+" not in name}
   assert set(what_item_adds(unfused)["macro_recall@10"]) == {"alone"}
   assert "-" in adds_table(unfused).splitlines()[-1]
+  # A catalogue without product ids has no retrieval to compare.
+  unpaired = {name: {"num_queries": 0} for name in report if name != "meta"}
+  assert what_item_adds({"meta": {}, **unpaired}) == {}
+  assert adds_table({"meta": {}, **unpaired}).startswith("No entry has same-product")

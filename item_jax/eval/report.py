@@ -157,8 +157,12 @@ def what_item_adds(report: dict) -> dict:
 
 def adds_table(report: dict, markdown: bool = True) -> str:
   """`what_item_adds` as rows (alone, fused) x metrics: ITEm's best, the
-  best without it, and the margin."""
+  best without it, and the margin (a line saying why where no entry has
+  same-product queries, e.g. a catalogue without product ids)."""
   adds = what_item_adds(report)
+  if not adds:
+    return ("No entry has same-product retrieval on this split (no product "
+            "with two test listings): nothing to compare.")
   rows = []
   for kind, name in (("alone", "embedding alone"), ("fused", "fused with the words")):
     for side, who in (("item", "best ITEm"), ("others", "best without ITEm")):
