@@ -293,6 +293,8 @@ def test_what_item_adds_sets_each_sides_best_entry_against_the_other():
       "mobilenet+tfidf": row(0.83, 0.63, fusion_weight=0.6),
       "concat+mobilenet+tfidf": row(0.85, 0.62, fusion_weights={
           "item": 0.2, "mobilenet": 0.48, "tfidf": 0.32})}
+  for entry in ("both", "title", "concat", "tfidf", "minilm", "mobilenet"):
+    report[entry]["knn_accuracy"] = report[entry]["macro_recall@10"] / 2
   adds = what_item_adds(report)
   recall, precision = adds["macro_recall@10"], adds["macro_map@10"]
   assert recall["alone"]["item"] == ("concat", 0.77)
@@ -307,14 +309,32 @@ def test_what_item_adds_sets_each_sides_best_entry_against_the_other():
   assert precision["fused"]["margin"] == pytest.approx(-0.01)
   table = adds_table(report)
   assert "+0.020" in table and "-0.010" in table
-  assert "0.850 (ITEm, title | image (two passes) + MobileNetV2 + TF-IDF" in table
+  # Markdown: the concat view's "|" is escaped, so each row keeps its cells.
+  assert "0.850 (ITEm, title \\| image (two passes) + MobileNetV2 + TF-IDF" in table
+  pipes = {line.replace("\\|", "").count("|") for line in table.splitlines()}
+  assert pipes == {table.splitlines()[0].count("|")}
+  assert "0.850 (ITEm, title | image" in adds_table(report, markdown=False)
   assert "0.830 (MobileNetV2 ImageNet, image 224 px + TF-IDF (w = 0.6))" in table
   # TF-IDF alone is a hybrid a user has (its weight 0); without any fused
   # ITEm entry the fused rows are left out.
   unfused = {name: value for name, value in report.items() if "+" not in name}
   assert set(what_item_adds(unfused)["macro_recall@10"]) == {"alone"}
   assert "-" in adds_table(unfused).splitlines()[-1]
-  # A catalogue without product ids has no retrieval to compare.
+  # Categories: k-NN of the embeddings alone (the fused entries have none);
+  # beside the fused probes, TF-IDF's probe with its weight chosen.
+  knn = adds["knn_accuracy"]
+  assert knn["alone"]["item"] == ("concat", 0.385) and set(knn) == {"alone"}
+  probed = {**report, "tfidf": {**report["tfidf"], "probe_accuracy": 0.90,
+                                "probe_tuned_accuracy": 0.97},
+            "concat": {**report["concat"], "probe_accuracy": 0.93},
+            "concat+tfidf": row(0.80, 0.58, probe_accuracy=0.98, fusion_weight=0.8)}
+  probe = what_item_adds(probed)["probe_accuracy"]
+  assert probe["alone"]["margin"] == pytest.approx(0.03)
+  assert probe["fused"]["others"] == ("tfidf", 0.97)
+  assert probe["fused"]["margin"] == pytest.approx(0.01)
+  # A catalogue without product ids or categories has nothing to compare.
   unpaired = {name: {"num_queries": 0} for name in report if name != "meta"}
   assert what_item_adds({"meta": {}, **unpaired}) == {}
-  assert adds_table({"meta": {}, **unpaired}).startswith("No entry has same-product")
+  assert adds_table({"meta": {}, **unpaired}).startswith("No entry is scored")
+  assert "macro R@10" not in adds_table({"meta": {}, **{
+      name: {"probe_accuracy": 0.5} for name in ("concat", "tfidf")}})

@@ -44,8 +44,8 @@ def _demo(args, overrides):
         "training split)")
   print(recipes_table(summary["reports"], markdown=False))
   name, report = next(iter(summary["reports"].items()))
-  print(f"\nWhat ITEm adds ({name} recipe; each side's best row above, macro over "
-        "leaf categories)")
+  print(f"\nWhat ITEm adds ({name} recipe; each side's best row above; macro: "
+        "over leaf categories, micro: over test listings)")
   print(adds_table(report, markdown=False))
   for name, recipe in summary["recipes"].items():
     print(f"report ({name}): {recipe['eval'].get('markdown')}")

@@ -122,8 +122,8 @@ def _eval(args):
   print(headline_table(report, markdown=False))
   for line in unavailable_lines(report):
     print(line)
-  print("\nWhat ITEm adds (same-product retrieval; each side's best entry, "
-        "alone and fused; macro over leaf categories)")
+  print("\nWhat ITEm adds (each side's best entry, alone and fused; macro: "
+        "over leaf categories, micro: over test listings)")
   print(adds_table(report, markdown=False))
   if compared:
     print("\n" + compare_table(compared, markdown=False))

@@ -91,8 +91,9 @@ def format_table(header: list[str], rows: list[list], markdown: bool = True) -> 
   cells = [[f"{cell:.3f}" if isinstance(cell, float) else
             "-" if cell is None else str(cell) for cell in row]
            for row in [header, *rows]]
-  if markdown:
-    lines = ["| " + " | ".join(row) + " |" for row in cells]
+  if markdown:   # a "|" inside a cell (the concat view's label) is escaped
+    lines = ["| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |"
+             for row in cells]
     lines.insert(1, "|" + "|".join(" --- " for _ in header) + "|")
     return "\n".join(lines)
   widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
@@ -121,13 +122,23 @@ ITEM_FUSED = (tuple(entry for entry, source in evaluate_lib.FUSED.items() if sou
               + tuple(evaluate_lib.FUSED_WITH_MOBILENET))
 OTHERS_FUSED = ("tfidf",) + tuple(entry for entry, source in evaluate_lib.FUSED.items()
                                   if source in OTHERS_ALONE)
-ADDS_METRICS = {"macro_recall@10": "macro R@10", "macro_map@10": "macro MAP@10"}
+ADDS_METRICS = {"macro_recall@10": "macro R@10", "macro_map@10": "macro MAP@10",
+                "knn_accuracy": "k-NN accuracy (micro)",
+                "probe_accuracy": "probe accuracy (micro)"}
 
 
-def _best(report: dict, entries, metric: str):
+def _value(report: dict, entry: str, metric: str, fused: bool):
+  """`metric` of `entry`; beside the fused probes, TF-IDF's is its probe
+  with the words' weight chosen as theirs is (their bar)."""
+  if fused and entry == "tfidf" and metric == "probe_accuracy":
+    metric = "probe_tuned_accuracy"
+  return report.get(entry, {}).get(metric)
+
+
+def _best(report: dict, entries, metric: str, fused: bool = False):
   """(entry, value) of the entry with the highest `metric`, or None."""
-  scored = [(report[entry][metric], entry) for entry in entries
-            if entry in report and report[entry].get(metric) is not None]
+  scored = [(_value(report, entry, metric, fused), entry) for entry in entries
+            if _value(report, entry, metric, fused) is not None]
   if not scored:
     return None
   value, entry = max(scored, key=lambda pair: pair[0])
@@ -135,20 +146,24 @@ def _best(report: dict, entries, metric: str):
 
 
 def what_item_adds(report: dict) -> dict:
-  """{metric: {"alone": ..., "fused": ...}} for same-product retrieval: each
-  side's best entry ({"item": (entry, value), "others": (entry, value),
-  "margin": item - others}), ITEm's embedding alone against the inputs a
-  user has without it alone (TF-IDF, MiniLM, MobileNetV2, the colour
-  histogram), then ITEm's best hybrid against the best hybrid without it
-  (TF-IDF alone counts: a weight of 0 is a hybrid). Each side's best row
-  of this split, chosen the same way for both; a side with no scored entry
-  is left out."""
+  """{metric: {"alone": ..., "fused": ...}} for same-product retrieval and
+  leaf categories (ADDS_METRICS): each side's best entry ({"item": (entry,
+  value), "others": (entry, value), "margin": item - others}), ITEm's
+  embedding alone against the inputs a user has without it alone (TF-IDF,
+  MiniLM, MobileNetV2, the colour histogram), then ITEm's best hybrid
+  against the best hybrid without it (TF-IDF alone counts: a weight of 0
+  is a hybrid; beside the fused probes, its probe with the words' weight
+  chosen as theirs is). Each side's best row of this split, chosen the
+  same way for both; a metric or side with no scored entry is left out
+  (the fused entries have no k-NN)."""
   adds = {}
   for metric in ADDS_METRICS:
     for kind, item_entries, other_entries in (
         ("alone", ITEM_ALONE, OTHERS_ALONE),
         ("fused", ITEM_FUSED, OTHERS_FUSED)):
-      item, others = _best(report, item_entries, metric), _best(report, other_entries, metric)
+      fused = kind == "fused"
+      item = _best(report, item_entries, metric, fused)
+      others = _best(report, other_entries, metric, fused)
       if item and others:
         adds.setdefault(metric, {})[kind] = {
             "item": item, "others": others, "margin": item[1] - others[1]}
@@ -156,23 +171,23 @@ def what_item_adds(report: dict) -> dict:
 
 
 def adds_table(report: dict, markdown: bool = True) -> str:
-  """`what_item_adds` as rows (alone, fused) x metrics: ITEm's best, the
-  best without it, and the margin (a line saying why where no entry has
-  same-product queries, e.g. a catalogue without product ids)."""
+  """`what_item_adds` as rows (alone, fused) x the metrics some entry has
+  (retrieval needs product ids): ITEm's best, the best without it, and the
+  margin."""
   adds = what_item_adds(report)
   if not adds:
-    return ("No entry has same-product retrieval on this split (no product "
-            "with two test listings): nothing to compare.")
+    return "No entry is scored on this split: nothing to compare."
+  metrics = {metric: name for metric, name in ADDS_METRICS.items() if metric in adds}
   rows = []
   for kind, name in (("alone", "embedding alone"), ("fused", "fused with the words")):
     for side, who in (("item", "best ITEm"), ("others", "best without ITEm")):
       rows.append([f"{who}, {name}"] + [
           f"{adds[m][kind][side][1]:.3f} ({entry_label(adds[m][kind][side][0], report)})"
-          if kind in adds.get(m, {}) else "-" for m in ADDS_METRICS])
+          if kind in adds[m] else "-" for m in metrics])
     rows.append([f"ITEm's margin, {name}"] + [
-        f"{adds[m][kind]['margin']:+.3f}" if kind in adds.get(m, {}) else "-"
-        for m in ADDS_METRICS])
-  return format_table(["", *ADDS_METRICS.values()], rows, markdown)
+        f"{adds[m][kind]['margin']:+.3f}" if kind in adds[m] else "-"
+        for m in metrics])
+  return format_table(["", *metrics.values()], rows, markdown)
 
 
 def unavailable_lines(report: dict) -> list[str]:
@@ -256,12 +271,6 @@ def format_markdown(report: dict, plots: list[str], compare: dict | None) -> str
       "to MobileNetV2 + TF-IDF as fitted, a fitted the same way (the weights "
       "shown are ITEm / MobileNetV2 / TF-IDF): what ITEm's embedding adds to "
       "the best hybrid built without it.",
-      "## What ITEm adds (same-product retrieval, test split)",
-      "Each side's best row of the table above: ITEm's views, alone and "
-      "fused, against the inputs a user has without it (TF-IDF, MiniLM, "
-      "MobileNetV2, the colour histogram), alone and fused with TF-IDF. "
-      "Macro: mean of each leaf category's mean.",
-      adds_table(report),
       "## Leaf-category prediction (test split)",
       "Accuracy: over the labelled test listings; macro-F1: mean over "
       "categories. Fused entries: the probe on the embedding and the TF-IDF "
@@ -273,6 +282,14 @@ def format_markdown(report: dict, plots: list[str], compare: dict | None) -> str
                     for e in entries if e not in evaluate_lib.FUSED_WITH_MOBILENET
                     and (e not in evaluate_lib.FUSED or "probe_accuracy" in report[e])]),
       *_tuned_words_line(report),
+      "## What ITEm adds (test split)",
+      "Each side's best row of the tables: ITEm's views, alone and fused, "
+      "against the inputs a user has without it (TF-IDF, MiniLM, "
+      "MobileNetV2, the colour histogram), alone and fused with TF-IDF "
+      "(beside the fused probes, TF-IDF's probe with the words' weight chosen "
+      "as theirs is). Macro: mean of each leaf category's mean; micro: over "
+      "the test listings.",
+      adds_table(report),
       "## Where [CLS] looks (last block, mean over heads and test listings)",
       "Share of [CLS] attention on image patches, beside the patches' share "
       "of the attended tokens (what uniform attention would give).",
