@@ -20,7 +20,12 @@ def test_demo_trains_both_recipes_on_the_hard_split_and_names_the_recommended(
     assert row in printed, row
   # The fused entries are the recommended recipe's; the baselines are shown once.
   assert "paper: ITEm, title + image + TF-IDF" not in printed
-  assert printed.count("TF-IDF, title char 2-4-grams") == 1
+  table, adds = printed.split("What ITEm adds")
+  assert table.count("TF-IDF, title char 2-4-grams") == 1
+  # Then the recommended recipe's best rows against the best without it.
+  for row in ("best ITEm, embedding alone", "best without ITEm, embedding alone",
+              "ITEm's margin, embedding alone", "ITEm's margin, fused with the words"):
+    assert row in adds, row
   # The photo anchor, at the demo's resolution, wherever its weights are.
   from item_jax.model.mobilenet import weights_path
   import importlib.util
