@@ -23,8 +23,8 @@ def test_demo_trains_both_recipes_on_the_hard_split_and_names_the_recommended(
   table, adds = printed.split("What ITEm adds")
   assert table.count("TF-IDF, title char 2-4-grams") == 1
   # Then the recommended recipe's best rows against the best without it.
-  for row in ("best ITEm, embedding alone", "best without ITEm, embedding alone",
-              "ITEm's margin, embedding alone", "ITEm's margin, fused with the words"):
+  for row in ("best ITEm", "best without ITEm", "ITEm's margin",
+              "macro R@10, embedding alone", "macro R@10, fused with the words"):
     assert row in adds, row
   # The photo anchor, at the demo's resolution, wherever its weights are.
   from item_jax.model.mobilenet import weights_path

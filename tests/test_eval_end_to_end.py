@@ -319,7 +319,12 @@ def test_what_item_adds_sets_each_sides_best_entry_against_the_other():
   # ITEm entry the fused rows are left out.
   unfused = {name: value for name, value in report.items() if "+" not in name}
   assert set(what_item_adds(unfused)["macro_recall@10"]) == {"alone"}
-  assert "-" in adds_table(unfused).splitlines()[-1]
+  assert "fused with the words" not in adds_table(unfused)
+  # One row per metric and kind: R@10 and MAP@10, then k-NN alone, then fused.
+  assert [line.split(" | ")[0].strip("| ") for line in table.splitlines()[2:]] == [
+      "macro R@10, embedding alone", "macro MAP@10, embedding alone",
+      "k-NN accuracy (micro), embedding alone",
+      "macro R@10, fused with the words", "macro MAP@10, fused with the words"]
   # Categories: k-NN of the embeddings alone (the fused entries have none);
   # beside the fused probes, TF-IDF's probe with its weight chosen.
   knn = adds["knn_accuracy"]
@@ -337,4 +342,6 @@ def test_what_item_adds_sets_each_sides_best_entry_against_the_other():
   assert what_item_adds({"meta": {}, **unpaired}) == {}
   assert adds_table({"meta": {}, **unpaired}).startswith("No entry is scored")
   assert "macro R@10" not in adds_table({"meta": {}, **{
+      name: {"probe_accuracy": 0.5} for name in ("concat", "tfidf")}})
+  assert "probe accuracy (micro), embedding alone" in adds_table({"meta": {}, **{
       name: {"probe_accuracy": 0.5} for name in ("concat", "tfidf")}})

@@ -171,23 +171,23 @@ def what_item_adds(report: dict) -> dict:
 
 
 def adds_table(report: dict, markdown: bool = True) -> str:
-  """`what_item_adds` as rows (alone, fused) x the metrics some entry has
-  (retrieval needs product ids): ITEm's best, the best without it, and the
-  margin."""
+  """`what_item_adds` as one row per metric some entry has (retrieval needs
+  product ids) and kind (the embeddings alone, fused with the words):
+  ITEm's best, the best without it, and the margin."""
   adds = what_item_adds(report)
   if not adds:
     return "No entry is scored on this split: nothing to compare."
-  metrics = {metric: name for metric, name in ADDS_METRICS.items() if metric in adds}
   rows = []
   for kind, name in (("alone", "embedding alone"), ("fused", "fused with the words")):
-    for side, who in (("item", "best ITEm"), ("others", "best without ITEm")):
-      rows.append([f"{who}, {name}"] + [
-          f"{adds[m][kind][side][1]:.3f} ({entry_label(adds[m][kind][side][0], report)})"
-          if kind in adds[m] else "-" for m in metrics])
-    rows.append([f"ITEm's margin, {name}"] + [
-        f"{adds[m][kind]['margin']:+.3f}" if kind in adds[m] else "-"
-        for m in metrics])
-  return format_table(["", *metrics.values()], rows, markdown)
+    for metric, metric_name in ADDS_METRICS.items():
+      if kind in adds.get(metric, {}):
+        found = adds[metric][kind]
+        rows.append([f"{metric_name}, {name}",
+                     *(f"{found[side][1]:.3f} ({entry_label(found[side][0], report)})"
+                       for side in ("item", "others")),
+                     f"{found['margin']:+.3f}"])
+  return format_table(["", "best ITEm", "best without ITEm", "ITEm's margin"],
+                      rows, markdown)
 
 
 def unavailable_lines(report: dict) -> list[str]:
