@@ -30,17 +30,18 @@ WEIGHTS = (0.0, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.7, 1.0)
 
 
 def read(data_dir: str, split: str, image_size: int) -> dict:
-  """Titles, images, product and category ids of a split's valid listings."""
+  """Titles, images, product, item and category ids of a split's valid listings."""
   dataset = pipeline.make_dataset(data_dir, split, 256, image_size, 8,
                                   training=False, process_index=0,
                                   process_count=1, keep_titles=True)
   parts = collections.defaultdict(list)
   for batch in dataset.as_numpy_iterator():
-    for name in ("title", "image", "product_id", "category_id"):
+    for name in ("title", "image", "product_id", "item_id", "category_id"):
       parts[name].append(batch[name][batch["valid"]])
   rows = {name: np.concatenate(values) for name, values in parts.items()}
   rows["title"] = [title.decode("utf-8") for title in rows["title"]]
-  rows["product_id"] = np.asarray([p.decode("utf-8") for p in rows["product_id"]])
+  for name in ("product_id", "item_id"):
+    rows[name] = np.asarray([value.decode("utf-8") for value in rows[name]])
   return rows
 
 

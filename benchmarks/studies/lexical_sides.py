@@ -21,12 +21,14 @@ would make the choice.
 
 import argparse
 import collections
+import pathlib
+import sys
 
 import numpy as np
-import scipy.sparse
 from sklearn.feature_extraction.text import CountVectorizer
 
-from item_jax.data import pipeline
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))  # benchmarks/studies/
+import baseline_fusion
 from item_jax.eval.embed import own_products
 from item_jax.eval.fusion import _padded_title, lexical_name, lexical_side, tfidf_features
 from item_jax.eval.metrics import (retrieval_metrics, retrieval_queries,
@@ -37,17 +39,10 @@ METRICS = ("macro_recall@10", "macro_map@10", "recall@1", "map@10")
 
 def read(data_dir: str, split: str) -> dict:
   """Titles, product (own ones where empty) and category ids of a split."""
-  dataset = pipeline.make_dataset(data_dir, split, 256, 32, 8, training=False,
-                                  process_index=0, process_count=1, keep_titles=True)
-  parts = collections.defaultdict(list)
-  for batch in dataset.as_numpy_iterator():
-    for name in ("title", "product_id", "item_id", "category_id"):
-      parts[name].append(batch[name][batch["valid"]])
-  joined = {name: np.concatenate(values) for name, values in parts.items()}
-  text = lambda values: np.asarray([v.decode("utf-8") for v in values], dtype=str)
-  return {"titles": list(text(joined["title"])),
-          "products": own_products(text(joined["product_id"]), text(joined["item_id"])),
-          "categories": joined["category_id"].astype(np.int64)}
+  rows = baseline_fusion.read(data_dir, split, image_size=32)
+  return {"titles": rows["title"],
+          "products": own_products(rows["product_id"], rows["item_id"]),
+          "categories": rows["category_id"].astype(np.int64)}
 
 
 def bm25_rows(titles: list[str], side: str, k1: float, b: float):

@@ -116,7 +116,6 @@ def headline_table(report: dict, markdown: bool = True) -> str:
 # ITEm's: its views, each view + TF-IDF, each view + MobileNetV2 + TF-IDF;
 # without it: the baselines a user already has (not the untrained model) and
 # their fusions with TF-IDF.
-ITEM_ALONE = VIEWS
 OTHERS_ALONE = ("tfidf", "minilm", "image_baseline", "mobilenet")
 ITEM_FUSED = (tuple(entry for entry, source in evaluate_lib.FUSED.items() if source in VIEWS)
               + tuple(evaluate_lib.FUSED_WITH_MOBILENET))
@@ -137,8 +136,8 @@ def _value(report: dict, entry: str, metric: str, fused: bool):
 
 def _best(report: dict, entries, metric: str, fused: bool = False):
   """(entry, value) of the entry with the highest `metric`, or None."""
-  scored = [(_value(report, entry, metric, fused), entry) for entry in entries
-            if _value(report, entry, metric, fused) is not None]
+  values = [(_value(report, entry, metric, fused), entry) for entry in entries]
+  scored = [(value, entry) for value, entry in values if value is not None]
   if not scored:
     return None
   value, entry = max(scored, key=lambda pair: pair[0])
@@ -159,7 +158,7 @@ def what_item_adds(report: dict) -> dict:
   adds = {}
   for metric in ADDS_METRICS:
     for kind, item_entries, other_entries in (
-        ("alone", ITEM_ALONE, OTHERS_ALONE),
+        ("alone", VIEWS, OTHERS_ALONE),
         ("fused", ITEM_FUSED, OTHERS_FUSED)):
       fused = kind == "fused"
       item = _best(report, item_entries, metric, fused)
