@@ -26,6 +26,10 @@ def test_demo_trains_both_recipes_on_the_hard_split_and_names_the_recommended(
   for row in ("best ITEm", "best without ITEm", "ITEm's margin",
               "macro R@10, embedding alone", "macro R@10, fused with the words"):
     assert row in adds, row
+  # ... and the job's command for its best hybrid, on the demo's catalogue.
+  assert (f"item-jax neighbours --workdir {workdir / 'train'} --catalogue "
+          f"{workdir / 'catalogue' / 'catalogue.csv'} --images "
+          f"{workdir / 'catalogue' / 'images'} --modality ") in adds
   # The photo anchor, at the demo's resolution, wherever its weights are.
   from item_jax.model.mobilenet import weights_path
   import importlib.util

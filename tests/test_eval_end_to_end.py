@@ -14,7 +14,8 @@ from item_jax.eval.evaluate import (FUSED, FUSED_WITH_MOBILENET, RRF_METRICS, SC
                                     VIEWS, PeriodicRetrieval, colour_histograms)
 from item_jax.errors import UserError
 from item_jax.eval.fusion import FUSION_WEIGHTS
-from item_jax.eval.report import adds_table, entry_label, eval_command, what_item_adds
+from item_jax.eval.report import (adds_table, entry_label, eval_command, job_hint,
+                                  what_item_adds)
 from item_jax.train.loop import train
 
 IN_UNIT_RANGE = ("macro_recall@10", "map@10", "knn_accuracy", "probe_accuracy",
@@ -112,6 +113,9 @@ def test_eval_writes_the_report(run, capsys):
             "image_baseline", "mobilenet") if "unavailable" not in report[entry]))
   assert "## What ITEm adds" in markdown and adds_table(report) in markdown
   assert "What ITEm adds" in printed
+  # ... and how to run the best hybrid in the job (a weight was fitted here).
+  assert job_hint(report) in markdown
+  assert job_hint(report, markdown=False) in printed
   for plot in ("headline.png", "recall_at_k.png"):
     assert (workdir / "eval" / plot).read_bytes()[:4] == b"\x89PNG"
   written = tensorboard_scalars(workdir / "eval", "eval/tfidf/map@10")
@@ -345,3 +349,31 @@ def test_what_item_adds_sets_each_sides_best_entry_against_the_other():
       name: {"probe_accuracy": 0.5} for name in ("concat", "tfidf")}})
   assert "probe accuracy (micro), embedding alone" in adds_table({"meta": {}, **{
       name: {"probe_accuracy": 0.5} for name in ("concat", "tfidf")}})
+
+
+def test_job_hint_names_the_view_fitted_best_on_validation_not_on_test():
+  row = lambda recall, weight: {"macro_recall@10": recall, "macro_map@10": recall - 0.2,
+                                "fusion_weight": weight}
+  tried = lambda best, weight: {f"{0.1 * i:.1f}": (best if round(0.1 * i, 1) == weight
+                                                  else best - 0.05) for i in range(11)}
+  report = {
+      "meta": {"workdir": "runs/w", "lexical": "char_wb:3-3",
+               "fusion_validation_macro_recall@10": {
+                   "both+tfidf": tried(0.80, 0.7), "image+tfidf": tried(0.82, 0.8),
+                   "concat+tfidf": tried(0.81, 0.6)}},
+      # The test split prefers the joint view; the job's view is chosen on
+      # validation, as the weights are.
+      "both+tfidf": row(0.90, 0.7), "image+tfidf": row(0.86, 0.8),
+      "concat+tfidf": row(0.85, 0.6)}
+  hint = job_hint(report, "shop.csv", "photos", markdown=False)
+  assert ("item-jax neighbours --workdir runs/w --catalogue shop.csv --images photos "
+          "--modality image --rank-by hybrid") in hint
+  assert "macro R@10 0.820 there" in hint and "test split 0.860" in hint
+  assert "w = 0.8 and the lexical side char_wb:3-3" in hint
+  assert "fitted higher" not in hint
+  assert "```bash\nitem-jax neighbours" in job_hint(report)
+  # A three-way entry that fitted higher is named: the job cannot run it.
+  report["meta"]["fusion_validation_macro_recall@10"]["image+mobilenet+tfidf"] = tried(0.85, 0.2)
+  assert "image only + MobileNetV2 + TF-IDF fitted higher on validation (0.850)" in job_hint(report)
+  # No fitted weight (no product ids, or a report without fusion): no hint.
+  assert job_hint({"meta": {}, "both+tfidf": {"probe_accuracy": 0.9}}) is None

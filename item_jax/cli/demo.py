@@ -21,7 +21,7 @@ def _demo(args, overrides):
   at_least(args, num_products=1, seed=0)
   output_folder("--workdir", args.workdir)
   from item_jax.demo import RECIPES, run_demo
-  from item_jax.eval.report import adds_table, recipes_table
+  from item_jax.eval.report import adds_table, job_hint, recipes_table
   from item_jax.train.config import load_config
   for _, config_file, _ in RECIPES:  # a bad --config.* fails now, not after prepare
     load_config(str(config_file), overrides)
@@ -47,6 +47,11 @@ def _demo(args, overrides):
   print(f"\nWhat ITEm adds ({name} recipe; each side's best row above; macro: "
         "over leaf categories, micro: over test listings)")
   print(adds_table(report, markdown=False))
+  catalogue = pathlib.Path(summary["workdir"]) / "catalogue"
+  hint = job_hint(report, str(catalogue / "catalogue.csv"), str(catalogue / "images"),
+                  markdown=False)
+  if hint:
+    print("\n" + hint)
   for name, recipe in summary["recipes"].items():
     print(f"report ({name}): {recipe['eval'].get('markdown')}")
   print(f"TensorBoard: tensorboard --logdir {summary['workdir']}")

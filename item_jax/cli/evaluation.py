@@ -102,7 +102,7 @@ def _eval(args):
            mobilenet_image_size=32)
   from item_jax.eval.evaluate import BASELINES, EvalOptions
   from item_jax.eval.report import (adds_table, compare_table, eval_command,
-                                    headline_table, unavailable_lines)
+                                    headline_table, job_hint, unavailable_lines)
   baselines = BASELINES if args.baselines == "all" else tuple(
       name.strip() for name in args.baselines.split(",") if name.strip())
   # A bad value fails here, before any model is loaded.
@@ -125,6 +125,8 @@ def _eval(args):
   print("\nWhat ITEm adds (each side's best entry, alone and fused; macro: "
         "over leaf categories, micro: over test listings)")
   print(adds_table(report, markdown=False))
+  if job_hint(report):
+    print("\n" + job_hint(report, markdown=False))
   if compared:
     print("\n" + compare_table(compared, markdown=False))
   if paths:

@@ -189,6 +189,47 @@ def adds_table(report: dict, markdown: bool = True) -> str:
                       rows, markdown)
 
 
+def job_hint(report: dict, catalogue: str = "CATALOGUE", images: str | None = None,
+             markdown: bool = True) -> str | None:
+  """How to rank `catalogue` with the report's best ITEm hybrid in
+  `item-jax neighbours` (one embedding fused with the words: VIEW + TF-IDF),
+  the view chosen by its validation macro R@10 at the fitted weight, as the
+  weight was (never on the test split); None where no such entry was
+  fitted. Where an ITEm + MobileNetV2 + TF-IDF entry fitted higher on
+  validation it says so: the job fuses one embedding with the words."""
+  validation = report.get("meta", {}).get("fusion_validation_macro_recall@10") or {}
+
+  def fitted(entry):
+    weight = report.get(entry, {}).get("fusion_weight")
+    tried = validation.get(entry, {})
+    if weight is None or f"{weight:.1f}" not in tried:
+      return None
+    return tried[f"{weight:.1f}"], entry
+
+  runnable = [found for found in (fitted(f"{view}+tfidf") for view in VIEWS) if found]
+  if not runnable:
+    return None
+  recall, entry = max(runnable)
+  view, meta, test = evaluate_lib.FUSED[entry], report["meta"], report[entry]
+  command = (f"item-jax neighbours --workdir {meta.get('workdir', 'WORKDIR')} "
+             f"--catalogue {catalogue}{f' --images {images}' if images else ''} "
+             f"--modality {view} --rank-by hybrid --k 10 --output neighbours.csv")
+  lines = [f"To rank a catalogue with the best ITEm hybrid of the validation "
+           f"split ({LABELS[entry]}: macro R@10 {recall:.3f} there; on the test "
+           f"split {test['macro_recall@10']:.3f}, macro MAP@10 "
+           f"{test['macro_map@10']:.3f}):",
+           f"```bash\n{command}\n```" if markdown else f"  {command}",
+           f"(w = {test['fusion_weight']:.1f} and the lexical side "
+           f"{meta.get('lexical', LEXICAL)} are read from this report.)"]
+  three = [(max(validation[name].values()), name)
+           for name in evaluate_lib.FUSED_WITH_MOBILENET if validation.get(name)]
+  if three and max(three)[0] > recall:
+    lines.append(f"{LABELS[max(three)[1]]} fitted higher on validation "
+                 f"({max(three)[0]:.3f}); the job fuses one embedding with the "
+                 "words.")
+  return "\n".join(lines)
+
+
 def unavailable_lines(report: dict) -> list[str]:
   """One line per entry the report could not compute, with the reason."""
   return [f"{LABELS[entry]}: not scored ({report[entry]['unavailable']})"
@@ -289,6 +330,7 @@ def format_markdown(report: dict, plots: list[str], compare: dict | None) -> str
       "as theirs is). Macro: mean of each leaf category's mean; micro: over "
       "the test listings.",
       adds_table(report),
+      *filter(None, [job_hint(report)]),
       "## Where [CLS] looks (last block, mean over heads and test listings)",
       "Share of [CLS] attention on image patches, beside the patches' share "
       "of the attended tokens (what uniform attention would give).",
