@@ -370,10 +370,16 @@ def test_job_hint_names_the_view_fitted_best_on_validation_not_on_test():
           "--modality image --rank-by hybrid") in hint
   assert "macro R@10 0.820 there" in hint and "test split 0.860" in hint
   assert "w = 0.8 and the lexical side char_wb:3-3" in hint
-  assert "fitted higher" not in hint
   assert "```bash\nitem-jax neighbours" in job_hint(report)
-  # A three-way entry that fitted higher is named: the job cannot run it.
-  report["meta"]["fusion_validation_macro_recall@10"]["image+mobilenet+tfidf"] = tried(0.85, 0.2)
-  assert "image only + MobileNetV2 + TF-IDF fitted higher on validation (0.850)" in job_hint(report)
+  # A three-way entry that fitted higher is the one: the job fuses the photo
+  # model too.
+  report["meta"]["fusion_validation_macro_recall@10"]["concat+mobilenet+tfidf"] = tried(0.85, 0.2)
+  report["concat+mobilenet+tfidf"] = {**row(0.84, None), "fusion_weights": {
+      "item": 0.2, "mobilenet": 0.48, "tfidf": 0.32}}
+  hint = job_hint(report, markdown=False)
+  assert ("--catalogue CATALOGUE --modality concat --rank-by hybrid --with-mobilenet "
+          "--k 10") in hint
+  assert "macro R@10 0.850 there" in hint and "test split 0.840" in hint
+  assert "w = 0.20 / 0.48 / 0.32 (embedding / photos / words)" in hint
   # No fitted weight (no product ids, or a report without fusion): no hint.
   assert job_hint({"meta": {}, "both+tfidf": {"probe_accuracy": 0.9}}) is None

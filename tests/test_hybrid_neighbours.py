@@ -294,3 +294,118 @@ def test_the_python_index_ranks_by_rrf_without_a_weight():
     expected_scores, expected_rows = _reference_rrf(dense[row], words[row], 5, 12)
     assert list(rows[row]) == expected_rows
     np.testing.assert_allclose(scores[row], expected_scores, rtol=1e-6)
+
+
+def _photos(rows: int, seed: int, missing=(5,)):
+  """Unit photo features (another model's, another width); zero rows for
+  listings without a photo."""
+  photos = np.random.default_rng(seed).normal(size=(rows, 12)).astype(np.float32)
+  photos /= np.linalg.norm(photos, axis=1, keepdims=True)
+  photos[list(missing)] = 0.0
+  return photos
+
+
+@pytest.mark.parametrize("self_search", [True, False])
+def test_blocks_with_photo_features_are_the_exact_three_way_top_k(self_search):
+  weights = (0.2, 0.5, 0.3)
+  queries, query_titles = _listings(41, 4)
+  query_photos = _photos(41, 5)
+  index, index_titles, index_photos = ((None, None, None) if self_search else
+                                       (*_listings(29, 6), _photos(29, 7, (0, 9))))
+  words = _reference_scores(queries, query_titles, index, index_titles, 0.0)
+  dense = lambda a, b: a.astype(np.float64) @ b.astype(np.float64).T
+  reference = (weights[0] * dense(queries, queries if self_search else index)
+               + weights[1] * dense(query_photos, query_photos if self_search else index_photos)
+               + weights[2] * words)
+  k, rows = 4, 0
+  for first, scores, indices in hybrid_blocks(
+      queries, query_titles, index, index_titles, k, None, block_rows=8,
+      query_photos=query_photos, index_photos=index_photos, weights=weights):
+    for row in range(scores.shape[0]):
+      np.testing.assert_allclose(scores[row], np.sort(reference[first + row])[::-1][:k],
+                                 atol=1e-5)
+      np.testing.assert_allclose(reference[first + row, indices[row]], scores[row],
+                                 atol=1e-5)
+    rows += scores.shape[0]
+  assert rows == 41
+  with pytest.raises(ValueError, match="photo rows need the three weights"):
+    next(hybrid_blocks(queries, query_titles, None, None, k, 0.5, block_rows=8,
+                       query_photos=query_photos))
+
+
+def test_the_command_fuses_the_photo_features_with_the_weights_eval_fitted(files, capsys):
+  tmp = files["tmp"]
+  output, by_hand = str(tmp / "three.csv"), str(tmp / "by_hand.csv")
+  command = ["neighbours", "--embeddings", files["path"], "--k", "3",
+             "--rank-by", "hybrid", "--with-mobilenet", "--output", output]
+  # No report: what to run first is named.
+  with pytest.raises(SystemExit) as raised:
+    main(command)
+  assert raised.value.code == 2
+  assert "run `item-jax eval` of the run with --baselines tfidf,mobilenet" in (
+      capsys.readouterr().err)
+  (tmp / "run" / "eval").mkdir(parents=True)
+  (tmp / "run" / "eval" / "report.json").write_text(json.dumps({
+      "both+tfidf": {"fusion_weight": 0.3},
+      "both+mobilenet+tfidf": {"fusion_weights": {"item": 0.1, "mobilenet": 0.5,
+                                                  "tfidf": 0.4}},
+      "meta": {"mobilenet_image_size": 64, "lexical": "char_wb:3-3"}}))
+  # The embeddings lack the photo features: `embed --with-mobilenet` is named.
+  with pytest.raises(SystemExit) as raised:
+    main(command)
+  assert raised.value.code == 2
+  assert "--with-mobilenet --mobilenet-image-size 64" in capsys.readouterr().err
+  np.save(f"{files['path']}.mobilenet.npy", _photos(61, 8))
+  ids = json.loads((tmp / "listings.ids.json").read_text())
+  (tmp / "listings.ids.json").write_text(json.dumps({**ids, "mobilenet_image_size": 128}))
+  with pytest.raises(SystemExit) as raised:   # photos of another size
+    main(command)
+  assert "needs MobileNetV2's photo features at 64 px" in capsys.readouterr().err
+  (tmp / "listings.ids.json").write_text(json.dumps({**ids, "mobilenet_image_size": 64}))
+  main(command)
+  assert ("with MobileNetV2 (w = embedding / photos / words 0.1 / 0.5 / 0.4), "
+          "lexical side char_wb:3-3") in capsys.readouterr().out
+  result = neighbours_command(files["path"], by_hand, k=3, rank_by="hybrid",
+                              fusion_weights=(0.1, 0.5, 0.4), lexical="char_wb:3-3")
+  assert result["fusion_weights"] == (0.1, 0.5, 0.4)
+  assert open(output).read() == open(by_hand).read()
+  # Resumable: the three weights are part of what a resumed run shares.
+  neighbours_command(files["path"], by_hand, k=3, rank_by="hybrid", block_rows=9,
+                     fusion_weights=(0.1, 0.5, 0.4), lexical="char_wb:3-3", max_blocks=2)
+  other = neighbours_command(files["path"], by_hand, k=3, rank_by="hybrid",
+                             block_rows=9, fusion_weights=(0.2, 0.4, 0.4),
+                             lexical="char_wb:3-3", max_blocks=1)
+  assert other["resumed_at"] == 0
+  neighbours_command(files["path"], by_hand, k=3, rank_by="hybrid", block_rows=9,
+                     fusion_weights=(0.1, 0.5, 0.4), lexical="char_wb:3-3", max_blocks=2)
+  last = neighbours_command(files["path"], by_hand, k=3, rank_by="hybrid",
+                            block_rows=7, fusion_weights=(0.1, 0.5, 0.4),
+                            lexical="char_wb:3-3")
+  assert last["resumed_at"] == 18
+  assert open(output).read() == open(by_hand).read()
+  # The photos change the table.
+  neighbours_command(files["path"], by_hand, k=3, rank_by="hybrid",
+                     fusion_weight=0.3, lexical="char_wb:3-3")
+  assert open(output).read() != open(by_hand).read()
+  for flags, message in ((["--fusion-weight", "0.3"], "takes its three weights"),):
+    with pytest.raises(SystemExit):
+      main(command + flags)
+    assert message in capsys.readouterr().err
+  with pytest.raises(SystemExit):
+    main(["neighbours", "--embeddings", files["path"], "--with-mobilenet",
+          "--output", output])
+  assert "--with-mobilenet needs --rank-by hybrid" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("arguments, message", [
+    (dict(rank_by="rrf", fusion_weights=(0.2, 0.3, 0.5)), "need --rank-by hybrid"),
+    (dict(rank_by="hybrid", fusion_weight=0.2, fusion_weights=(0.2, 0.3, 0.5)),
+     "not both"),
+    (dict(rank_by="hybrid", fusion_weights=(0.2, 0.3, 0.6)), "summing to 1"),
+    (dict(rank_by="hybrid", fusion_weights=(0.5, 0.5)), "expected three weights"),
+    (dict(rank_by="hybrid", fusion_weights=(0.2, 0.3, 0.5)),
+     "has no MobileNetV2 photo features beside it"),
+])
+def test_bad_three_way_rankings_are_named(files, arguments, message):
+  with pytest.raises(UserError, match=message):
+    neighbours_command(files["path"], str(files["tmp"] / "out.csv"), **arguments)

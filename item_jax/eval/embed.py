@@ -23,9 +23,11 @@ from etils import epath
 from flax import nnx
 
 from item_jax.data import pipeline
-from item_jax.errors import MissingInputError, UserError, no_training_run
+from item_jax.errors import (MissingDependencyError, MissingInputError, UserError,
+                             no_training_run)
 from item_jax.eval.search import fetch_global, progress_line, put_global
 from item_jax.model import ItemModel
+from item_jax.model.mobilenet import FEATURE_DIM as MOBILENET_DIM
 from item_jax.train import image_stem
 from item_jax.train import checkpoint as checkpoint_lib
 from item_jax.train import sharding
@@ -364,6 +366,23 @@ def embed_split(batches, runs: dict, host_features: dict | None = None,
       texts=list(text(joined["text"])) if "text" in joined else [""] * len(joined["item_id"]))
 
 
+def on_images(features, dim: int):
+  """A host feature of a batch's valid listings that have an image (`dim`
+  columns); zero rows for the others (evaluation leaves them out), and for
+  a whole batch without an image."""
+
+  def compute(batch):
+    valid = batch["valid"]
+    has_image = batch.get("has_image", np.ones_like(valid))[valid]
+    images = batch["image"][valid]
+    out = np.zeros((len(images), dim), np.float32)
+    if has_image.any():
+      out[has_image] = features(images[has_image])
+    return out
+
+  return compute
+
+
 def eval_batch_size(embedder: Embedder, requested: int | None = None,
                     per_device: int = 64) -> int:
   """`requested` (default `per_device` per batch shard) rounded up to split
@@ -392,24 +411,56 @@ def write_embeddings(output: str, embeddings: np.ndarray, split: SplitEmbeddings
 
 def embed_command(workdir: str, data_dir: str, split: str, output: str,
                   step: int | None = None, view: str = "both",
-                  batch_size: int | None = None) -> dict:
+                  batch_size: int | None = None,
+                  mobilenet_image_size: int | None = None) -> dict:
   """`item-jax embed`: one view's embeddings of every listing of `split` that
-  has the view's inputs ("both": every listing, with what it has)."""
+  has the view's inputs ("both": every listing, with what it has); with
+  `mobilenet_image_size`, ImageNet MobileNetV2's photo features too
+  (`embed_to_files`)."""
   loaded = load_model(workdir, step, data_dir)
   return embed_to_files(loaded, data_dir, split, output, view, batch_size,
-                        {"workdir": str(workdir), "split": split})
+                        {"workdir": str(workdir), "split": split},
+                        mobilenet_image_size)
+
+
+def photos_path(output: str) -> str:
+  """OUTPUT.mobilenet.npy: the photo features `embed_to_files` writes beside
+  OUTPUT.npy when asked."""
+  return str(output).removesuffix(".npy") + ".mobilenet.npy"
+
+
+def load_photo_model(image_size: int):
+  """ImageNet MobileNetV2 at `image_size`, as `item-jax eval`'s baseline
+  runs it; a MissingDependencyError naming what to install without it."""
+  from item_jax.eval.mobilenet import load_mobilenet
+  model, why = load_mobilenet(image_size=image_size)
+  if model is None:
+    raise MissingDependencyError(f"MobileNetV2's photo features: {why}")
+  return model
 
 
 def embed_to_files(loaded: LoadedModel, data_dir: str, split: str, output: str,
                    view: str = "both", batch_size: int | None = None,
-                   meta: dict | None = None) -> dict:
+                   meta: dict | None = None,
+                   mobilenet_image_size: int | None = None) -> dict:
   """`loaded`'s `view` embeddings of `split` of `data_dir` written as
   `write_embeddings` does (process 0 writes), `meta` added to the ids file;
-  returns embed_command's summary."""
+  returns embed_command's summary.
+
+  With `mobilenet_image_size`, the same batches also go through ImageNet
+  MobileNetV2 at that size, exactly as `item-jax eval`'s baseline (and so
+  its fused "VIEW + MobileNetV2 + TF-IDF" entries) reads them, into
+  OUTPUT.mobilenet.npy (`photos_path`): one unit row per embedding row, a
+  zero row for a listing without a photo. The model loads before any
+  listing is read."""
+  photo_model = (None if mobilenet_image_size is None
+                 else load_photo_model(mobilenet_image_size))
   embedder = Embedder.of(loaded, views=(view,))
   batches = read_split(data_dir, split, loaded.settings,
                        eval_batch_size(embedder, batch_size))
-  result = embed_split(batches, {"model": (embedder, loaded.params)},
+  host_features = ({} if photo_model is None else
+                   {("mobilenet", "image"): on_images(photo_model.embed, MOBILENET_DIM)})
+  result = embed_split(batches, {"model": (embedder, loaded.params)}, host_features,
                        total=split_count(data_dir, split))
   kinds = result.kinds()
   keep = result.has(view)
@@ -420,13 +471,19 @@ def embed_to_files(loaded: LoadedModel, data_dir: str, split: str, output: str,
     result = _rows(result, keep)
   embeddings = result.outputs[("model", view)]
   paths = ()
+  photo_meta = ({} if photo_model is None else
+                {"mobilenet_image_size": int(mobilenet_image_size)})
   if jax.process_index() == 0:
     paths = write_embeddings(output, embeddings, result, {
         **(meta or {}), "step": loaded.step, "modality": view, "listings": kinds,
-        "left_out": int((~keep).sum())})
+        "left_out": int((~keep).sum()), **photo_meta})
+    if photo_model is not None:
+      with epath.Path(photos_path(output)).open("wb") as file:
+        np.save(file, np.asarray(result.outputs[("mobilenet", "image")], np.float32))
+      paths = (*paths, photos_path(output))
   return {"count": len(embeddings), "dim": int(embeddings.shape[1]),
           "step": loaded.step, "paths": list(paths), "listings": kinds,
-          "left_out": int((~keep).sum())}
+          "left_out": int((~keep).sum()), **photo_meta}
 
 
 def _rows(split: SplitEmbeddings, keep: np.ndarray) -> SplitEmbeddings:

@@ -25,14 +25,15 @@ import scipy.sparse
 
 from item_jax.errors import MissingInputError, UserError
 from item_jax.eval.embed import (ATTENTION_OUTPUTS, VIEWS, Embedder, embed_split,
-                                 eval_batch_size, load_model, own_products,
-                                 read_split, split_count)
+                                 eval_batch_size, load_model, on_images,
+                                 own_products, read_split, split_count)
 from item_jax.eval.fusion import (LEXICAL, fit_added_weight, fit_weight, fuse,
                                   fuse_blocks, lexical_name, rrf_retrieval,
                                   tfidf_features)
 from item_jax.eval.metrics import (classification_metrics, fit_balanced_probe,
                                    knn_predict, linear_probe, retrieval_queries,
                                    same_product_retrieval)
+from item_jax.model.mobilenet import FEATURE_DIM as MOBILENET_DIM
 
 BASELINES = ("tfidf", "minilm", "image_baseline", "mobilenet", "random_init")
 # Each embedding fused with TF-IDF (`item_jax.eval.fusion`): the weight is
@@ -157,9 +158,9 @@ def evaluate(workdir: str, data_dir: str, options: EvalOptions = EvalOptions()
                                      options.mobilenet_image_size)
   host_features = {}
   if "image_baseline" in options.baselines:
-    host_features[("image_baseline", "image")] = _on_images(colour_histograms)
+    host_features[("image_baseline", "image")] = on_images(colour_histograms, HISTOGRAM_BINS ** 3)
   if "mobilenet" in pretrained:
-    host_features[("mobilenet", "image")] = _on_images(pretrained["mobilenet"].embed)
+    host_features[("mobilenet", "image")] = on_images(pretrained["mobilenet"].embed, MOBILENET_DIM)
   batch_size = eval_batch_size(embedder, options.batch_size)
   fusion = options.fusion and "tfidf" in options.baselines
   has_validation = split_count(data_dir, "validation") > 0
@@ -276,23 +277,6 @@ def _pretrained_baselines(baselines, mesh, unavailable: dict,
     else:
       loaded[name] = model
   return loaded
-
-
-def _on_images(features):
-  """A host feature of a batch's valid listings that have an image; zero
-  rows for the others (evaluation leaves them out)."""
-
-  def compute(batch):
-    valid = batch["valid"]
-    has_image = batch.get("has_image", np.ones_like(valid))[valid]
-    images = batch["image"][valid]
-    rows = features(images[has_image]) if has_image.any() else None
-    out = np.zeros((len(images), rows.shape[1] if rows is not None else 1), np.float32)
-    if rows is not None:
-      out[has_image] = rows
-    return out
-
-  return compute
 
 
 def _rows(rows, mask: np.ndarray):

@@ -207,7 +207,8 @@ def fuse_blocks(dense_blocks, sparse, weights) -> scipy.sparse.csr_matrix:
 def hybrid_blocks(query_vectors: np.ndarray, query_titles: list[str],
                   index_vectors: np.ndarray | None, index_titles: list[str] | None,
                   k: int, weight: float, *, block_rows: int, start_row: int = 0,
-                  lexical: str = LEXICAL):
+                  lexical: str = LEXICAL, query_photos: np.ndarray | None = None,
+                  index_photos: np.ndarray | None = None, weights=None):
   """(first query row, scores, indices) of each block of `block_rows` query
   rows from `start_row` on, ranked by the fused score (`fuse`; weight 0 is
   TF-IDF alone), exactly: every candidate is scored. The arrays are as
@@ -216,17 +217,34 @@ def hybrid_blocks(query_vectors: np.ndarray, query_titles: list[str],
   `index_vectors=None` searches the queries against themselves, each row's
   own excluded.
 
+  With `query_photos` (and `index_photos` beside an index), a second
+  embedding of the same listings (an off-the-shelf photo model's; zero rows
+  for listings without a photo) joins the score: `weights` (the embedding's,
+  the photos', the words'; they sum to 1) replace `weight`, as `fuse_blocks`
+  takes them.
+
   TF-IDF (the lexical side `lexical`, "ANALYZER:LOW-HIGH") is fitted on
   the queries' and the index's titles together; both
-  sides' fused rows are held in memory (the embedding as float32, the
+  sides' fused rows are held in memory (the embeddings as float32, the
   n-grams sparse), the candidates prepared once for every block
   (`SparseCandidates`).
   """
   tfidf = _paired_tfidf(query_vectors, query_titles, index_vectors, index_titles,
                         lexical)
-  queries = fuse(np.asarray(query_vectors, np.float32), tfidf["queries"], weight)
-  candidates = queries if index_vectors is None else fuse(
-      np.asarray(index_vectors, np.float32), tfidf["index"], weight)
+  if (query_photos is None) != (weights is None) or (
+      query_photos is not None and index_vectors is not None and index_photos is None):
+    raise ValueError("photo rows need the three weights, and the index's photo "
+                     "rows beside the queries'")
+
+  def rows(vectors, photos, words):
+    if photos is None:
+      return fuse(np.asarray(vectors, np.float32), words, weight)
+    return fuse_blocks([np.asarray(vectors, np.float32), np.asarray(photos, np.float32)],
+                       words, weights)
+
+  queries = rows(query_vectors, query_photos, tfidf["queries"])
+  candidates = queries if index_vectors is None else rows(
+      index_vectors, index_photos, tfidf["index"])
   prepared = SparseCandidates(candidates)
   for first in range(start_row, queries.shape[0], block_rows):
     block = queries[first:first + block_rows]

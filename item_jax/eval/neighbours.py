@@ -3,7 +3,9 @@ streamed from disk in blocks and written as a resumable CSV (or Parquet).
 
 Input: an embeddings file pair as `write_embeddings` writes it, OUTPUT.npy
 (float rows, L2-normalised, so the inner product is the cosine score) and
-OUTPUT.ids.json (`item_id`: one id per row). The queries are one such file;
+OUTPUT.ids.json (`item_id`: one id per row; `title`, for the lexical side),
+and OUTPUT.mobilenet.npy where `embed --with-mobilenet` wrote it (a photo
+model's rows, for the three-way hybrid). The queries are one such file;
 the index is the same file (each listing's own row is then excluded, by
 global row id) or another one.
 
@@ -68,6 +70,7 @@ from item_jax.errors import MissingDependencyError, MissingInputError, UserError
 from item_jax.eval import search as search_lib
 from item_jax.eval.fusion import (LEXICAL, RRF_CONSTANT, RRF_DEPTH, hybrid_blocks,
                                   lexical_name, rrf_blocks)
+from item_jax.eval.embed import photos_path
 from item_jax.eval.search import NO_NEIGHBOUR
 
 CSV_HEADER = "query_item_id,rank,item_id,score\n"
@@ -86,6 +89,10 @@ class EmbeddingsFile:
   item_ids: list[str]
   titles: list[str] | None = None   # each row's title, where the file has them
   meta: dict | None = None          # the ids file's other fields (workdir, modality, ...)
+  # OUTPUT.mobilenet.npy, memory-mapped, where `embed --with-mobilenet` wrote it:
+  # ImageNet MobileNetV2's photo features of the same rows.
+  photos: np.ndarray | None = None
+  photos_path: str | None = None
 
   @property
   def rows(self) -> int:
@@ -134,9 +141,21 @@ def open_embeddings(path: str) -> EmbeddingsFile:
                              or len(titles) != len(item_ids)):
     raise UserError(f"{ids_path}: `title` must list one title per row")
   meta = {key: value for key, value in ids.items() if not isinstance(value, list)}
+  photos, photos_file = None, photos_path(array_path)
+  if os.path.isfile(photos_file):
+    try:
+      photos = np.load(photos_file, mmap_mode="r", allow_pickle=False)
+    except (ValueError, OSError) as error:
+      raise UserError(f"{photos_file} is not a readable .npy array: {error}") from None
+    if photos.ndim != 2 or photos.shape[0] != vectors.shape[0] or not np.issubdtype(
+        photos.dtype, np.floating):
+      raise UserError(f"{photos_file} holds a {photos.dtype} array of shape "
+                      f"{photos.shape}; expected {vectors.shape[0]} float rows, one "
+                      f"per row of {array_path}")
   return EmbeddingsFile(array_path, ids_path, vectors,
                         [str(item) for item in item_ids],
-                        None if titles is None else [str(t) for t in titles], meta)
+                        None if titles is None else [str(t) for t in titles], meta,
+                        photos, photos_file if photos is not None else None)
 
 
 def merge_top_k(first: tuple[np.ndarray, np.ndarray],
@@ -280,10 +299,13 @@ def csv_rows(query_ids: list[str], scores: np.ndarray, indices: np.ndarray,
 
 def _fingerprint(queries: EmbeddingsFile, index: EmbeddingsFile | None, k: int,
                  min_score: float | None, rank_by: str = "embedding",
-                 weight: float | None = None, lexical: str = LEXICAL) -> dict:
+                 weight: float | None = None, lexical: str = LEXICAL,
+                 weights: tuple | None = None) -> dict:
   """What a resumed run must share with the interrupted one."""
   def identity(file: EmbeddingsFile) -> dict:
-    stats = [os.stat(path) for path in (file.array_path, file.ids_path)]
+    paths = (file.array_path, file.ids_path) + (
+        (file.photos_path,) if weights is not None else ())
+    stats = [os.stat(path) for path in paths]
     return {"path": os.path.realpath(file.array_path), "rows": file.rows,
             "dim": file.dim,
             "files": [[stat.st_size, stat.st_mtime_ns] for stat in stats]}
@@ -294,7 +316,8 @@ def _fingerprint(queries: EmbeddingsFile, index: EmbeddingsFile | None, k: int,
              {"rank_by": rank_by, "fusion_weight": weight}),
           **({} if rank_by == "embedding" or lexical == LEXICAL else
              {"lexical": lexical}),
-          **({"rrf": [RRF_DEPTH, RRF_CONSTANT]} if rank_by == "rrf" else {})}
+          **({"rrf": [RRF_DEPTH, RRF_CONSTANT]} if rank_by == "rrf" else {}),
+          **({} if weights is None else {"fusion_weights": list(weights)})}
 
 
 def _write_json_atomically(path: str, value: dict) -> None:
@@ -347,7 +370,8 @@ def neighbours_command(queries: str, output: str, index: str | None = None,
                        mesh: Mesh | None = None, max_blocks: int | None = None,
                        log_every_blocks: int = 8, rank_by: str = "embedding",
                        fusion_weight: float | None = None,
-                       lexical: str = LEXICAL) -> dict:
+                       lexical: str = LEXICAL,
+                       fusion_weights: tuple | None = None) -> dict:
   """`item-jax neighbours`: the k nearest index listings of every query
   listing, as a CSV (or Parquet) at `output`; see the module docstring for
   the files, resuming and several processes.
@@ -377,6 +401,10 @@ def neighbours_command(queries: str, output: str, index: str | None = None,
     lexical: the lexical side's n-grams, "ANALYZER:LOW-HIGH"
       (`item_jax.eval.fusion.lexical_side`; the one the weight was fitted
       with, see `fitted_lexical`).
+    fusion_weights: with rank_by "hybrid", instead of `fusion_weight`: the
+      weights of the embedding, of MobileNetV2's photo features and of
+      TF-IDF (>= 0, summing to 1; see `fitted_fusion_weights`), for files
+      that hold the photo features (`embed --with-mobilenet`).
 
   Returns:
     a summary: query and index rows, dim, k, pairs written (counted on
@@ -396,7 +424,10 @@ def neighbours_command(queries: str, output: str, index: str | None = None,
   if index_file is not None and index_file.dim != query_file.dim:
     raise UserError(f"{query_file.array_path} has {query_file.dim} dimensions "
                     f"but the index {index_file.array_path} has {index_file.dim}")
-  weight = _check_ranking(rank_by, fusion_weight, query_file, index_file)
+  weight = _check_ranking(rank_by, fusion_weight, query_file, index_file,
+                          three=fusion_weights is not None)
+  weights = _check_three_weights(rank_by, fusion_weight, fusion_weights,
+                                 query_file, index_file)
   try:
     lexical = lexical_name(lexical)
   except ValueError as error:
@@ -416,7 +447,7 @@ def neighbours_command(queries: str, output: str, index: str | None = None,
   output = os.fspath(output)
   partial, progress_path = output + ".partial", output + ".progress.json"
   fingerprint = _fingerprint(query_file, index_file, k, min_score, rank_by, weight,
-                             lexical)
+                             lexical, weights)
   writer = jax.process_index() == 0
   start, length, pairs, file = 0, 0, 0, None
   if writer:
@@ -487,7 +518,10 @@ def neighbours_command(queries: str, output: str, index: str | None = None,
         query_file.vectors, query_file.titles,
         None if index_file is None else index_file.vectors,
         None if index_file is None else index_file.titles, search_k, weight,
-        block_rows=block_rows, start_row=start, lexical=lexical)
+        block_rows=block_rows, start_row=start, lexical=lexical,
+        query_photos=None if weights is None else query_file.photos,
+        index_photos=None if weights is None or index_file is None else index_file.photos,
+        weights=weights)
   try:
     for first, scores, indices in searched:
       done = first + scores.shape[0]
@@ -520,6 +554,7 @@ def neighbours_command(queries: str, output: str, index: str | None = None,
     os.remove(progress_path)
   return {"queries": total, "index_rows": index_rows, "dim": query_file.dim,
           "k": k, "rank_by": rank_by, "fusion_weight": weight,
+          "fusion_weights": weights,
           "lexical": None if rank_by == "embedding" else lexical, "pairs": pairs,
           "resumed_at": start, "complete": complete,
           "path": output if complete else partial,
@@ -531,7 +566,8 @@ RANK_BY = ("embedding", "lexical", "hybrid", "rrf")
 
 def _check_ranking(rank_by: str, fusion_weight: float | None,
                    query_file: EmbeddingsFile,
-                   index_file: EmbeddingsFile | None) -> float | None:
+                   index_file: EmbeddingsFile | None,
+                   three: bool = False) -> float | None:
   """The fusion weight the ranking uses (None: the embedding alone; 0.0:
   TF-IDF alone); a bad choice or a file without titles is a UserError."""
   if rank_by not in RANK_BY:
@@ -547,8 +583,8 @@ def _check_ranking(rank_by: str, fusion_weight: float | None,
                       "`item-jax embed` writes them)")
   if rank_by == "lexical":
     return 0.0
-  if rank_by == "rrf":
-    return None
+  if rank_by == "rrf" or (three and fusion_weight is None):
+    return None   # rrf has none; three weights are checked by _check_three_weights
   if fusion_weight is None:
     raise UserError("--rank-by hybrid needs a fusion weight: --fusion-weight W, "
                     "or `item-jax eval` of the run (it fits one on the "
@@ -587,3 +623,51 @@ def fitted_fusion_weight(workdir: str, view: str) -> float | None:
     return None
   weight = entry.get("fusion_weight") if isinstance(entry, dict) else None
   return None if weight is None else float(weight)
+
+
+def _check_three_weights(rank_by: str, fusion_weight: float | None, fusion_weights,
+                         query_file: EmbeddingsFile,
+                         index_file: EmbeddingsFile | None) -> tuple | None:
+  """The (embedding, photos, words) weights of a three-way hybrid, checked
+  with the files' photo features (None: not asked for)."""
+  if fusion_weights is None:
+    return None
+  if rank_by != "hybrid":
+    raise UserError("the three fusion weights (the embedding, MobileNetV2's "
+                    "photo features, the words) need --rank-by hybrid")
+  if fusion_weight is not None:
+    raise UserError("give one fusion weight (the embedding and the words) or "
+                    "the three (with MobileNetV2's photo features), not both")
+  weights = tuple(float(w) for w in fusion_weights)
+  if len(weights) != 3 or min(weights) < 0.0 or abs(sum(weights) - 1.0) > 1e-6:
+    raise UserError(f"fusion weights {weights}: expected three weights >= 0 "
+                    "(the embedding, the photos, the words) summing to 1")
+  sizes = set()
+  for file in (query_file, index_file):
+    if file is None:
+      continue
+    if file.photos is None:
+      raise UserError(f"{file.array_path} has no MobileNetV2 photo features "
+                      f"beside it ({photos_path(file.array_path)}): embed with "
+                      "--with-mobilenet")
+    sizes.add((file.meta or {}).get("mobilenet_image_size"))
+  if len(sizes) > 1:
+    raise UserError(f"the queries' and the index's photo features were computed "
+                    f"at different sizes ({sorted(map(str, sizes))}): embed both "
+                    "at one --mobilenet-image-size")
+  return weights
+
+
+def fitted_fusion_weights(workdir: str, view: str) -> tuple[tuple, int] | None:
+  """((embedding, MobileNetV2, TF-IDF) weights, MobileNetV2's image size)
+  that `item-jax eval` fitted for `view` + MobileNetV2 + TF-IDF on the
+  validation split (WORKDIR/eval/report.json), or None."""
+  path = os.path.join(os.fspath(workdir), "eval", "report.json")
+  try:
+    with open(path, encoding="utf-8") as file:
+      report = json.load(file)
+    weights = report[f"{view}+mobilenet+tfidf"]["fusion_weights"]
+    size = int(report["meta"]["mobilenet_image_size"])
+    return tuple(float(weights[name]) for name in ("item", "mobilenet", "tfidf")), size
+  except (OSError, ValueError, KeyError, TypeError):
+    return None

@@ -192,42 +192,42 @@ def adds_table(report: dict, markdown: bool = True) -> str:
 def job_hint(report: dict, catalogue: str = "CATALOGUE", images: str | None = None,
              markdown: bool = True) -> str | None:
   """How to rank `catalogue` with the report's best ITEm hybrid in
-  `item-jax neighbours` (one embedding fused with the words: VIEW + TF-IDF),
-  the view chosen by its validation macro R@10 at the fitted weight, as the
-  weight was (never on the test split); None where no such entry was
-  fitted. Where an ITEm + MobileNetV2 + TF-IDF entry fitted higher on
-  validation it says so: the job fuses one embedding with the words."""
+  `item-jax neighbours`: a view fused with the words (VIEW + TF-IDF), or
+  with MobileNetV2's photo features and the words (`--with-mobilenet`),
+  the entry chosen by its validation macro R@10 at the fitted weights, as
+  the weights were (never on the test split); None where no ITEm hybrid was
+  fitted."""
   validation = report.get("meta", {}).get("fusion_validation_macro_recall@10") or {}
-
-  def fitted(entry):
-    weight = report.get(entry, {}).get("fusion_weight")
-    tried = validation.get(entry, {})
-    if weight is None or f"{weight:.1f}" not in tried:
-      return None
-    return tried[f"{weight:.1f}"], entry
-
-  runnable = [found for found in (fitted(f"{view}+tfidf") for view in VIEWS) if found]
-  if not runnable:
+  fitted = []
+  for view in VIEWS:
+    two, three = f"{view}+tfidf", f"{view}+mobilenet+tfidf"
+    weight = report.get(two, {}).get("fusion_weight")
+    if weight is not None and f"{weight:.1f}" in validation.get(two, {}):
+      fitted.append((validation[two][f"{weight:.1f}"], two))
+    if "fusion_weights" in report.get(three, {}) and validation.get(three):
+      # The fit keeps the share with the highest validation R@10.
+      fitted.append((max(validation[three].values()), three))
+  if not fitted:
     return None
-  recall, entry = max(runnable)
-  view, meta, test = evaluate_lib.FUSED[entry], report["meta"], report[entry]
+  recall, entry = max(fitted)
+  meta, test = report["meta"], report[entry]
+  three = entry in evaluate_lib.FUSED_WITH_MOBILENET
+  view = (evaluate_lib.FUSED_WITH_MOBILENET if three else evaluate_lib.FUSED)[entry]
   command = (f"item-jax neighbours --workdir {meta.get('workdir', 'WORKDIR')} "
              f"--catalogue {catalogue}{f' --images {images}' if images else ''} "
-             f"--modality {view} --rank-by hybrid --k 10 --output neighbours.csv")
-  lines = [f"To rank a catalogue with the best ITEm hybrid of the validation "
-           f"split ({LABELS[entry]}: macro R@10 {recall:.3f} there; on the test "
-           f"split {test['macro_recall@10']:.3f}, macro MAP@10 "
-           f"{test['macro_map@10']:.3f}):",
-           f"```bash\n{command}\n```" if markdown else f"  {command}",
-           f"(w = {test['fusion_weight']:.1f} and the lexical side "
-           f"{meta.get('lexical', LEXICAL)} are read from this report.)"]
-  three = [(max(validation[name].values()), name)
-           for name in evaluate_lib.FUSED_WITH_MOBILENET if validation.get(name)]
-  if three and max(three)[0] > recall:
-    lines.append(f"{LABELS[max(three)[1]]} fitted higher on validation "
-                 f"({max(three)[0]:.3f}); the job fuses one embedding with the "
-                 "words.")
-  return "\n".join(lines)
+             f"--modality {view} --rank-by hybrid"
+             f"{' --with-mobilenet' if three else ''} --k 10 --output neighbours.csv")
+  weights = (" / ".join(f"{w:.2f}" for w in test["fusion_weights"].values())
+             + " (embedding / photos / words)" if three
+             else f"{test['fusion_weight']:.1f}")
+  return "\n".join([
+      f"To rank a catalogue with the ITEm hybrid that fitted best on the "
+      f"validation split ({LABELS[entry]}: macro R@10 {recall:.3f} there; on "
+      f"the test split {test['macro_recall@10']:.3f}, macro MAP@10 "
+      f"{test['macro_map@10']:.3f}):",
+      f"```bash\n{command}\n```" if markdown else f"  {command}",
+      f"(w = {weights} and the lexical side {meta.get('lexical', LEXICAL)} are "
+      "read from this report.)"])
 
 
 def unavailable_lines(report: dict) -> list[str]:

@@ -36,7 +36,7 @@ from item_jax.data import prepare as prepare_lib
 from item_jax.data import tokenizer as tokenizer_lib
 from item_jax.errors import MissingInputError, UserError, no_training_run
 from item_jax.eval.embed import (VIEWS, Embedder, LoadedModel, embed_to_files,
-                                 eval_batch_size, load_model)
+                                 eval_batch_size, load_model, photos_path)
 
 # What a listing of a catalogue file must have to be embedded: "any" keeps
 # title-only and image-only listings (each embedded with what it has), so
@@ -102,7 +102,8 @@ def output_paths(output: str) -> dict:
 
 
 def catalogue_source(workdir: str, catalogue: str, images: str, view: str,
-                     modalities: str, columns: dict | None) -> dict:
+                     modalities: str, columns: dict | None,
+                     mobilenet_image_size: int | None = None) -> dict:
   """What embeddings of a catalogue were made from (kept in OUTPUT.ids.json):
   a rerun with the same source and checkpoint step may reuse them."""
   local = "://" not in str(catalogue)
@@ -112,14 +113,17 @@ def catalogue_source(workdir: str, catalogue: str, images: str, view: str,
           "catalogue_bytes": stat.st_size if stat else None,
           "catalogue_mtime_ns": stat.st_mtime_ns if stat else None,
           "images": real(images), "modality": view, "modalities": modalities,
-          "columns": dict(columns or {})}
+          "columns": dict(columns or {}),
+          **({} if mobilenet_image_size is None else
+             {"mobilenet_image_size": int(mobilenet_image_size)})}
 
 
 def embed_catalogue(workdir: str, catalogue: str, output: str,
                     images: str | None = None, step: int | None = None,
                     view: str = "both", modalities: str = DEFAULT_MODALITIES,
                     columns: dict | None = None, batch_size: int | None = None,
-                    num_workers: int | None = None) -> dict:
+                    num_workers: int | None = None,
+                    mobilenet_image_size: int | None = None) -> dict:
   """`item-jax embed --catalogue`: `view` embeddings of every usable row of a
   catalogue CSV/JSONL file (images relative to `images`, default the file's
   folder), read and checked by `prepare` with the run's tokenizer.
@@ -130,6 +134,8 @@ def embed_catalogue(workdir: str, catalogue: str, output: str,
   refused (`without_image`, with `modalities="any"`). The model is restored
   before any image is read, so a workdir without a checkpoint fails at once.
   `num_workers` image processes as in `prepare` (0: this process).
+  With `mobilenet_image_size`, MobileNetV2's photo features of the same
+  listings too (OUTPUT.mobilenet.npy; `embed.embed_to_files`).
   """
   if view not in VIEWS:
     raise UserError(f"modality must be one of {VIEWS}, got {view!r}")
@@ -151,11 +157,11 @@ def embed_catalogue(workdir: str, catalogue: str, output: str,
         max_image_side=inputs.max_image_side, num_workers=num_workers,
         modalities=modalities)
     source = catalogue_source(workdir, catalogue, images, view, modalities,
-                              columns)
+                              columns, mobilenet_image_size)
     summary = embed_to_files(loaded, prepared, "test", output, view, batch_size, {
         "workdir": str(workdir), "catalogue": str(catalogue),
         "images": str(images), "modalities": modalities,
-        "skipped": info["num_skipped"], "source": source})
+        "skipped": info["num_skipped"], "source": source}, mobilenet_image_size)
     reports = {name: list(prepare_lib.report_rows(prepared, name))
                for name in ("skipped", "without_image")}
   finally:
@@ -192,6 +198,8 @@ def reusable_embeddings(output: str, source: dict, step: int | None) -> bool:
   """Whether OUTPUT's files were made from `source` at checkpoint `step`
   (default: the workdir's latest), so that a rerun may keep them."""
   paths = output_paths(output)
+  if "mobilenet_image_size" in source:
+    paths["photos"] = photos_path(output)
   if not all(os.path.isfile(path) for path in paths.values()):
     return False
   step = latest_step(source["workdir"]) if step is None else step
@@ -210,14 +218,16 @@ def embed_catalogue_once(workdir: str, catalogue: str, output: str,
                          modalities: str = DEFAULT_MODALITIES,
                          columns: dict | None = None,
                          batch_size: int | None = None,
-                         num_workers: int | None = None) -> dict:
+                         num_workers: int | None = None,
+                         mobilenet_image_size: int | None = None) -> dict:
   """`embed_catalogue`, unless OUTPUT already holds embeddings of the same
   catalogue file (path, size, modification time), images folder, flags and
   checkpoint step: then those are kept (`reused`), so that a neighbour
   search over them can resume. Several processes follow process 0's
   decision and read its files, so OUTPUT's folder must be shared."""
   images = images or os.path.dirname(os.path.abspath(catalogue))
-  source = catalogue_source(workdir, catalogue, images, view, modalities, columns)
+  source = catalogue_source(workdir, catalogue, images, view, modalities, columns,
+                            mobilenet_image_size)
   reuse = reusable_embeddings(output, source, step)
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils
@@ -230,7 +240,8 @@ def embed_catalogue_once(workdir: str, catalogue: str, output: str,
             "paths": list(output_paths(output).values()),
             "skipped": ids.get("skipped"), "reused": True}
   summary = embed_catalogue(workdir, catalogue, output, images, step, view,
-                            modalities, columns, batch_size, num_workers)
+                            modalities, columns, batch_size, num_workers,
+                            mobilenet_image_size)
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils
     multihost_utils.sync_global_devices("item-jax embed: files written")
