@@ -223,6 +223,21 @@ def test_the_python_index_ranks_new_listings_by_the_fused_score():
   scores, rows = index.search(queries, query_titles, k=4)
   np.testing.assert_allclose(scores, np.sort(reference, axis=1)[:, ::-1][:, :4],
                              atol=1e-5)
+  # With a photo model's rows: the three weights, as `fuse_blocks` takes them.
+  index_photos, query_photos = _photos(len(index_vectors), 11), _photos(len(queries), 12)
+  three = HybridIndex(index_vectors, index_titles, weight=(0.3, 0.3, 0.4),
+                      lexical="char_wb:3-4", photos=index_photos)
+  reference = (0.3 * queries.astype(np.float64) @ index_vectors.T
+               + 0.3 * query_photos.astype(np.float64) @ index_photos.T + 0.4 * words)
+  scores, rows = three.search(queries, query_titles, k=4, photos=query_photos)
+  np.testing.assert_allclose(scores, np.sort(reference, axis=1)[:, ::-1][:, :4],
+                             atol=1e-5)
+  np.testing.assert_allclose(np.take_along_axis(reference, rows, axis=1), scores,
+                             atol=1e-5)
+  with pytest.raises(ValueError, match="need photo rows exactly when"):
+    three.search(queries, query_titles, k=4)
+  with pytest.raises(ValueError, match="photo rows go with three weights"):
+    HybridIndex(index_vectors, index_titles, weight=0.3, photos=index_photos)
 
 
 def _reference_rrf(dense: np.ndarray, words: np.ndarray, k: int, depth: int,

@@ -314,21 +314,37 @@ class HybridIndex:
   query, or -1) leaves a row out, e.g. each listing itself when the queries
   are the index. `lexical` is the lexical side ("ANALYZER:LOW-HIGH",
   `lexical_side`), the one the weight was fitted with.
+
+  With a photo model's rows too (`eval`'s VIEW + MobileNetV2 + TF-IDF
+  entries), give `photos` (one row per listing, zero without a photo) here
+  and to `search`, and `weight` as its three weights (the embedding, the
+  photos, the words; `fuse_blocks`).
   """
 
-  def __init__(self, embeddings: np.ndarray, titles, weight: float | None,
-               depth: int = RRF_DEPTH, lexical: str = LEXICAL):
-    self.weight = None if weight is None else float(weight)
+  def __init__(self, embeddings: np.ndarray, titles, weight, depth: int = RRF_DEPTH,
+               lexical: str = LEXICAL, photos: np.ndarray | None = None):
+    three = photos is not None
+    if three != isinstance(weight, (tuple, list)):
+      raise ValueError("photo rows go with three weights (the embedding, the "
+                       "photos, the words), and three weights with photo rows")
+    self.weight = (None if weight is None else tuple(map(float, weight)) if three
+                   else float(weight))
     self.vectorizer = lexical_vectorizer(lexical)
+    if three:
+      self.candidates = SparseCandidates(self._rows(embeddings, titles, True, photos))
+      return
     if self.weight is None:
       self.candidates = _RankedSides(*self._sides(embeddings, titles, fit=True), depth)
     else:
       self.candidates = SparseCandidates(self._rows(embeddings, titles, fit=True))
 
-  def search(self, embeddings: np.ndarray, titles, k: int, exclude=None):
+  def search(self, embeddings: np.ndarray, titles, k: int, exclude=None,
+             photos: np.ndarray | None = None):
+    if (photos is not None) != isinstance(self.weight, tuple):
+      raise ValueError("the queries need photo rows exactly when the index has them")
     if self.weight is None:
       return self.candidates.search(*self._sides(embeddings, titles), k, exclude)
-    return self.candidates.search(self._rows(embeddings, titles), k,
+    return self.candidates.search(self._rows(embeddings, titles, photos=photos), k,
                                   exclude=exclude)
 
   def _sides(self, embeddings: np.ndarray, titles, fit: bool = False):
@@ -340,10 +356,14 @@ class HybridIndex:
              else self.vectorizer.transform(titles))
     return unit_rows(np.asarray(embeddings, np.float32)), words
 
-  def _rows(self, embeddings: np.ndarray, titles, fit: bool = False):
+  def _rows(self, embeddings: np.ndarray, titles, fit: bool = False, photos=None):
     """Fused rows of listings."""
     dense, words = self._sides(embeddings, titles, fit)
-    return fuse(dense, words, self.weight)
+    if photos is None:
+      return fuse(dense, words, self.weight)
+    if len(photos) != len(dense):
+      raise ValueError(f"{len(dense)} embeddings but {len(photos)} photo rows")
+    return fuse_blocks([dense, np.asarray(photos, np.float32)], words, self.weight)
 
 
 def reciprocal_rank_fusion(rankings, k: int, constant: int = RRF_CONSTANT):
