@@ -11,7 +11,8 @@ import scipy.sparse.linalg
 from flax import nnx
 
 from helpers import tiny_batch, tiny_model
-from item_jax.eval.embed import image_attention_share, last_layer_cls_attention
+from item_jax.eval.embed import (image_attention_share, last_layer_cls_attention,
+                                 on_images)
 from item_jax.eval.evaluate import colour_histograms
 from item_jax.eval.fusion import tfidf_features, tfidf_vectorizer
 
@@ -92,6 +93,21 @@ def test_colour_histogram_of_a_two_colour_image():
   assert np.flatnonzero(histogram[0]).tolist() == sorted([red, grey])
   assert histogram[0, grey] / histogram[0, red] == pytest.approx(math.sqrt(3))
   assert np.linalg.norm(histogram[0]) == pytest.approx(1.0)
+
+
+def test_image_features_of_batches_with_and_without_photos_have_one_width():
+  """Zero rows for listings without a photo, and for a whole batch of them:
+  the batches' features stack into one array."""
+  features = on_images(colour_histograms, 8 ** 3)
+  images = np.random.default_rng(0).uniform(-1, 1, (4, 8, 8, 3)).astype(np.float32)
+  valid = np.array([True, True, True, False])
+  some = features({"image": images, "valid": valid,
+                   "has_image": np.array([True, False, True, True])})
+  none = features({"image": images, "valid": valid, "has_image": np.zeros(4, bool)})
+  assert some.shape == none.shape == (3, 512)
+  np.testing.assert_allclose(some[[0, 2]], colour_histograms(images[[0, 2]]), atol=1e-6)
+  assert not some[1].any() and not none.any()
+  assert np.concatenate([some, none]).shape == (6, 512)
 
 
 def test_recomputed_cls_attention_reproduces_the_fused_attention():
