@@ -370,6 +370,7 @@ def test_job_hint_names_the_view_fitted_best_on_validation_not_on_test():
           "--modality image --rank-by hybrid") in hint
   assert "macro R@10 0.820 there" in hint and "test split 0.860" in hint
   assert "w = 0.8 and the lexical side char_wb:3-3" in hint
+  assert "The job's image view leaves out listings without a photo" in hint
   assert "```bash\nitem-jax neighbours" in job_hint(report)
   # A three-way entry that fitted higher is the one: the job fuses the photo
   # model too.
@@ -381,5 +382,13 @@ def test_job_hint_names_the_view_fitted_best_on_validation_not_on_test():
           "--k 10") in hint
   assert "macro R@10 0.850 there" in hint and "test split 0.840" in hint
   assert "w = 0.20 / 0.48 / 0.32 (embedding / photos / words)" in hint
+  assert "leaves out listings without" not in hint   # the concat view reads both
+  # A draw goes to the two-way entry; a zero ITEm share is said.
+  report["meta"]["fusion_validation_macro_recall@10"]["concat+tfidf"] = tried(0.85, 0.6)
+  hint = job_hint(report, markdown=False)
+  assert "--modality concat --rank-by hybrid --k 10" in hint
+  report["concat+tfidf"]["fusion_weight"] = 0.0
+  report["meta"]["fusion_validation_macro_recall@10"]["concat+tfidf"] = tried(0.86, 0.0)
+  assert "ITEm's fitted share is 0 here: this ranks by the words alone" in job_hint(report)
   # No fitted weight (no product ids, or a report without fusion): no hint.
   assert job_hint({"meta": {}, "both+tfidf": {"probe_accuracy": 0.9}}) is None

@@ -402,10 +402,27 @@ def test_the_command_fuses_the_photo_features_with_the_weights_eval_fitted(files
   neighbours_command(files["path"], by_hand, k=3, rank_by="hybrid",
                      fusion_weight=0.3, lexical="char_wb:3-3")
   assert open(output).read() != open(by_hand).read()
-  for flags, message in ((["--fusion-weight", "0.3"], "takes its three weights"),):
-    with pytest.raises(SystemExit):
+  other_index = _write(tmp / "other", *_listings(20, 9), workdir=str(tmp / "run"),
+                       modality="both")
+  for flags, message in (
+      (["--fusion-weight", "0.3"], "takes its three weights"),
+      # The weights go with their lexical side; no single weight to give instead.
+      (["--lexical", "char:2-4"], "fitted the fusion weights 0.1 / 0.5 / 0.4 with the "
+       "lexical side char_wb:3-3; evaluate again with --lexical char:2-4"),
+      # The index needs the photo features too, checked before any search.
+      (["--index", other_index], f"--index {other_index}.npy needs MobileNetV2's "
+       "photo features at 64 px")):
+    with pytest.raises(SystemExit) as raised:
       main(command + flags)
+    assert raised.value.code == 2
     assert message in capsys.readouterr().err
+  # eval fuses MobileNetV2 with the joint, image and concat views only.
+  title = _write(tmp / "titles", *_listings(10, 10), workdir=str(tmp / "run"),
+                 modality="title")
+  with pytest.raises(SystemExit):
+    main(["neighbours", "--embeddings", title, "--rank-by", "hybrid",
+          "--with-mobilenet", "--output", output])
+  assert "not the title view" in capsys.readouterr().err
   with pytest.raises(SystemExit):
     main(["neighbours", "--embeddings", files["path"], "--with-mobilenet",
           "--output", output])

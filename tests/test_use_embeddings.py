@@ -276,6 +276,10 @@ def test_neighbours_with_the_photo_model_reads_the_catalogue_once(workdir, raw, 
   main(["embed", "--workdir", str(run), "--catalogue", str(path), "--with-mobilenet",
         "--output", str(tmp_path / "again"), "--workers", "0"])
   np.testing.assert_allclose(np.load(tmp_path / "again.mobilenet.npy"), photos, atol=1e-6)
+  # Embedded again without them, the output keeps no photo file of before.
+  main(["embed", "--workdir", str(run), "--catalogue", str(path),
+        "--output", str(tmp_path / "again"), "--workers", "0"])
+  assert not (tmp_path / "again.mobilenet.npy").exists()
   # The table is the exact three-way search of those files.
   neighbours_command(str(found), str(tmp_path / "by_hand.csv"), k=K, rank_by="hybrid",
                      fusion_weights=(0.3, 0.3, 0.4))

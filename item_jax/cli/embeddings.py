@@ -240,12 +240,13 @@ def _neighbours(args):
     fitted_weight, fitted_lexical = _fitted(args, queries)
     if args.rank_by == "hybrid" and weight is None and (three or fitted_weight is not None):
       weight = None if three else fitted_weight
-      shown = " / ".join(f"{w:g}" for w in three[0]) if three else f"{weight:g}"
       if lexical is not None and lexical != fitted_lexical:
+        shown = (f"weights {' / '.join(f'{w:g}' for w in three[0])}" if three
+                 else f"weight {weight:g}")
         raise UserError(f"--lexical {lexical}: `item-jax eval` fitted the fusion "
-                        f"weight {shown} with the lexical side {fitted_lexical}; "
-                        "give --fusion-weight with this side, or evaluate again "
-                        f"with --lexical {lexical}")
+                        f"{shown} with the lexical side {fitted_lexical}; "
+                        + ("" if three else "give --fusion-weight with this side, or ")
+                        + f"evaluate again with --lexical {lexical}")
     lexical = lexical or fitted_lexical
   lexical = lexical or LEXICAL
   result = neighbours_command(queries, args.output, index=args.index, k=args.k,
@@ -275,24 +276,36 @@ def _neighbours(args):
 def _three_weights(args) -> tuple[tuple, int]:
   """((embedding, MobileNetV2, TF-IDF) weights, MobileNetV2's image size)
   that `item-jax eval` fitted for the run and view (--with-mobilenet),
-  checked against --embeddings' photo features; a UserError saying what to
-  run where there are none."""
+  checked against the photo features of --embeddings and --index; a
+  UserError saying what to run where there are none."""
+  from item_jax.eval.evaluate import FUSED_WITH_MOBILENET
   from item_jax.eval.neighbours import fitted_fusion_weights, open_embeddings
-  workdir, view, photos = args.workdir, args.modality or "both", None
+  workdir, view, files = args.workdir, args.modality or "both", {}
   if args.embeddings is not None:
-    file = open_embeddings(args.embeddings)
-    meta = file.meta or {}
+    files["--embeddings"] = open_embeddings(args.embeddings)
+    meta = files["--embeddings"].meta or {}
     workdir, view = meta.get("workdir"), meta.get("modality") or "both"
-    photos = (file.photos is not None, meta.get("mobilenet_image_size"))
-  fitted = None if workdir is None else fitted_fusion_weights(workdir, view)
+  if args.index is not None:
+    files["--index"] = open_embeddings(args.index)
+  if view not in FUSED_WITH_MOBILENET.values():
+    raise UserError(f"--with-mobilenet: `item-jax eval` fuses MobileNetV2 with "
+                    f"the {', '.join(FUSED_WITH_MOBILENET.values())} views, not "
+                    f"the {view} view")
+  if workdir is None:
+    raise UserError(f"--with-mobilenet: {args.embeddings} does not name the run "
+                    "it was embedded with; embed it again with `item-jax embed`")
+  fitted = fitted_fusion_weights(workdir, view)
   if fitted is None:
     raise UserError(f"--with-mobilenet: no fitted {view} + MobileNetV2 + TF-IDF "
                     f"weights in {os.path.join(str(workdir), 'eval', 'report.json')}; "
                     "run `item-jax eval` of the run with --baselines "
                     "tfidf,mobilenet (and a validation split with product ids) first")
-  if photos is not None and photos != (True, fitted[1]):
-    raise UserError(f"--with-mobilenet: {args.embeddings} needs MobileNetV2's "
-                    f"photo features at {fitted[1]} px, as the report fitted "
-                    f"its weights with (it has {'none' if not photos[0] else photos[1]}): "
-                    f"`item-jax embed --with-mobilenet --mobilenet-image-size {fitted[1]}`")
+  for flag, file in files.items():
+    size = (file.meta or {}).get("mobilenet_image_size") if file.photos is not None else None
+    if size != fitted[1]:
+      raise UserError(f"--with-mobilenet: {flag} {file.array_path} needs "
+                      f"MobileNetV2's photo features at {fitted[1]} px, as the "
+                      f"report fitted its weights with (it has "
+                      f"{'none' if size is None else f'them at {size} px'}): "
+                      f"`item-jax embed --with-mobilenet --mobilenet-image-size {fitted[1]}`")
   return fitted

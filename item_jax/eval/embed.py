@@ -25,6 +25,7 @@ from flax import nnx
 from item_jax.data import pipeline
 from item_jax.errors import (MissingDependencyError, MissingInputError, UserError,
                              no_training_run)
+from item_jax.eval.outputs import photos_path
 from item_jax.eval.search import fetch_global, progress_line, put_global
 from item_jax.model import ItemModel
 from item_jax.model.mobilenet import FEATURE_DIM as MOBILENET_DIM
@@ -423,12 +424,6 @@ def embed_command(workdir: str, data_dir: str, split: str, output: str,
                         mobilenet_image_size)
 
 
-def photos_path(output: str) -> str:
-  """OUTPUT.mobilenet.npy: the photo features `embed_to_files` writes beside
-  OUTPUT.npy when asked."""
-  return str(output).removesuffix(".npy") + ".mobilenet.npy"
-
-
 def load_photo_model(image_size: int):
   """ImageNet MobileNetV2 at `image_size`, as `item-jax eval`'s baseline
   runs it; a MissingDependencyError naming what to install without it."""
@@ -453,12 +448,15 @@ def embed_to_files(loaded: LoadedModel, data_dir: str, split: str, output: str,
   OUTPUT.mobilenet.npy (`photos_path`): one unit row per embedding row, a
   zero row for a listing without a photo. The model loads before any
   listing is read."""
+  # Every process loads it (a missing one fails them all alike); process 0,
+  # the one that writes, runs it.
   photo_model = (None if mobilenet_image_size is None
                  else load_photo_model(mobilenet_image_size))
+  writer = jax.process_index() == 0
   embedder = Embedder.of(loaded, views=(view,))
   batches = read_split(data_dir, split, loaded.settings,
                        eval_batch_size(embedder, batch_size))
-  host_features = ({} if photo_model is None else
+  host_features = ({} if photo_model is None or not writer else
                    {("mobilenet", "image"): on_images(photo_model.embed, MOBILENET_DIM)})
   result = embed_split(batches, {"model": (embedder, loaded.params)}, host_features,
                        total=split_count(data_dir, split))
@@ -473,14 +471,21 @@ def embed_to_files(loaded: LoadedModel, data_dir: str, split: str, output: str,
   paths = ()
   photo_meta = ({} if photo_model is None else
                 {"mobilenet_image_size": int(mobilenet_image_size)})
-  if jax.process_index() == 0:
+  if writer:
+    # The photo features first, the ids file last: an ids file names only
+    # what is complete, and an earlier run's photo file never outlives it.
+    photos = epath.Path(photos_path(output))
+    if photo_model is not None:
+      photos.parent.mkdir(parents=True, exist_ok=True)
+      with photos.open("wb") as file:
+        np.save(file, np.asarray(result.outputs[("mobilenet", "image")], np.float32))
+    elif photos.exists():
+      photos.unlink()
     paths = write_embeddings(output, embeddings, result, {
         **(meta or {}), "step": loaded.step, "modality": view, "listings": kinds,
         "left_out": int((~keep).sum()), **photo_meta})
     if photo_model is not None:
-      with epath.Path(photos_path(output)).open("wb") as file:
-        np.save(file, np.asarray(result.outputs[("mobilenet", "image")], np.float32))
-      paths = (*paths, photos_path(output))
+      paths = (*paths, str(photos))
   return {"count": len(embeddings), "dim": int(embeddings.shape[1]),
           "step": loaded.step, "paths": list(paths), "listings": kinds,
           "left_out": int((~keep).sum()), **photo_meta}

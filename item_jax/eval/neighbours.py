@@ -70,7 +70,7 @@ from item_jax.errors import MissingDependencyError, MissingInputError, UserError
 from item_jax.eval import search as search_lib
 from item_jax.eval.fusion import (LEXICAL, RRF_CONSTANT, RRF_DEPTH, hybrid_blocks,
                                   lexical_name, rrf_blocks)
-from item_jax.eval.embed import photos_path
+from item_jax.eval.outputs import photos_path
 from item_jax.eval.search import NO_NEIGHBOUR
 
 CSV_HEADER = "query_item_id,rank,item_id,score\n"
@@ -92,7 +92,7 @@ class EmbeddingsFile:
   # OUTPUT.mobilenet.npy, memory-mapped, where `embed --with-mobilenet` wrote it:
   # ImageNet MobileNetV2's photo features of the same rows.
   photos: np.ndarray | None = None
-  photos_path: str | None = None
+  photos_file: str | None = None
 
   @property
   def rows(self) -> int:
@@ -142,7 +142,11 @@ def open_embeddings(path: str) -> EmbeddingsFile:
     raise UserError(f"{ids_path}: `title` must list one title per row")
   meta = {key: value for key, value in ids.items() if not isinstance(value, list)}
   photos, photos_file = None, photos_path(array_path)
-  if os.path.isfile(photos_file):
+  # Only where the ids file says they were written with these rows.
+  if "mobilenet_image_size" in meta:
+    if not os.path.isfile(photos_file):
+      raise UserError(f"{ids_path} names MobileNetV2's photo features, but "
+                      f"{photos_file} is missing: embed again")
     try:
       photos = np.load(photos_file, mmap_mode="r", allow_pickle=False)
     except (ValueError, OSError) as error:
@@ -304,7 +308,7 @@ def _fingerprint(queries: EmbeddingsFile, index: EmbeddingsFile | None, k: int,
   """What a resumed run must share with the interrupted one."""
   def identity(file: EmbeddingsFile) -> dict:
     paths = (file.array_path, file.ids_path) + (
-        (file.photos_path,) if weights is not None else ())
+        (file.photos_file,) if weights is not None else ())
     stats = [os.stat(path) for path in paths]
     return {"path": os.path.realpath(file.array_path), "rows": file.rows,
             "dim": file.dim,

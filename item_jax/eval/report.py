@@ -189,6 +189,9 @@ def adds_table(report: dict, markdown: bool = True) -> str:
                       rows, markdown)
 
 
+NEEDS = {"image": "a photo", "title": "a title"}
+
+
 def job_hint(report: dict, catalogue: str = "CATALOGUE", images: str | None = None,
              markdown: bool = True) -> str | None:
   """How to rank `catalogue` with the report's best ITEm hybrid in
@@ -209,10 +212,15 @@ def job_hint(report: dict, catalogue: str = "CATALOGUE", images: str | None = No
       fitted.append((max(validation[three].values()), three))
   if not fitted:
     return None
-  recall, entry = max(fitted)
+  view_of = {**evaluate_lib.FUSED, **evaluate_lib.FUSED_WITH_MOBILENET}
+  # A draw goes to the two-way entry (one model fewer), then to VIEWS' order.
+  recall, entry = max(fitted, key=lambda found: (
+      found[0], found[1] not in evaluate_lib.FUSED_WITH_MOBILENET,
+      -VIEWS.index(view_of[found[1]])))
   meta, test = report["meta"], report[entry]
   three = entry in evaluate_lib.FUSED_WITH_MOBILENET
-  view = (evaluate_lib.FUSED_WITH_MOBILENET if three else evaluate_lib.FUSED)[entry]
+  view = view_of[entry]
+  share = test["fusion_weights"]["item"] if three else test["fusion_weight"]
   command = (f"item-jax neighbours --workdir {meta.get('workdir', 'WORKDIR')} "
              f"--catalogue {catalogue}{f' --images {images}' if images else ''} "
              f"--modality {view} --rank-by hybrid"
@@ -227,7 +235,12 @@ def job_hint(report: dict, catalogue: str = "CATALOGUE", images: str | None = No
       f"{test['macro_map@10']:.3f}):",
       f"```bash\n{command}\n```" if markdown else f"  {command}",
       f"(w = {weights} and the lexical side {meta.get('lexical', LEXICAL)} are "
-      "read from this report.)"])
+      "read from this report.)",
+      *([f"ITEm's fitted share is 0 here: this ranks by "
+         f"{'MobileNetV2 and ' if three else ''}the words alone."] if share == 0 else []),
+      *([f"The job's {view} view leaves out listings without {NEEDS[view]}; "
+         "the report's row ranks them by what else they have."]
+        if view in NEEDS else [])])
 
 
 def unavailable_lines(report: dict) -> list[str]:

@@ -36,7 +36,9 @@ from item_jax.data import prepare as prepare_lib
 from item_jax.data import tokenizer as tokenizer_lib
 from item_jax.errors import MissingInputError, UserError, no_training_run
 from item_jax.eval.embed import (VIEWS, Embedder, LoadedModel, embed_to_files,
-                                 eval_batch_size, load_model, photos_path)
+                                 eval_batch_size, load_model,
+                                 load_photo_model)
+from item_jax.eval.outputs import photos_path
 
 # What a listing of a catalogue file must have to be embedded: "any" keeps
 # title-only and image-only listings (each embedded with what it has), so
@@ -141,6 +143,8 @@ def embed_catalogue(workdir: str, catalogue: str, output: str,
     raise UserError(f"modality must be one of {VIEWS}, got {view!r}")
   images = images or os.path.dirname(os.path.abspath(catalogue))
   loaded, inputs, _ = load_for_embedding(workdir, step)
+  if mobilenet_image_size is not None:   # missing weights fail before any image is read
+    load_photo_model(mobilenet_image_size)
   paths = output_paths(output)
   parent = os.path.dirname(os.path.abspath(paths["array"]))
   if "://" not in str(output):
