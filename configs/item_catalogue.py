@@ -26,8 +26,9 @@ ImageNet's 224 px on this machine: `convert --image-size 224 --patch-size
 32` (7 x 7 cells of the stem's 1,280 final channels) and train with
 `--config.data.stem_cells=cached` (the frozen stem's cells computed once per
 listing, then read as data). On fashion_224 that lifts the image view to
-MobileNetV2's own 224 px features (k-NN 0.859 against 0.849, probe 0.850
-against 0.849; 0.776 / 0.791 at 64 px) and the title view's k-NN to 0.951;
+MobileNetV2's own 224 px features (three seeds: k-NN 0.851 +- 0.007
+against 0.849, probe 0.849 +- 0.004 against 0.849; 0.776 / 0.791 at 64
+px) and the title view's k-NN to 0.951;
 the joint view still trails its title view (BENCHMARKS.md, "224 px on this
 machine"; the `concat` view, the title and image passes side by side,
 reaches the title view's k-NN, 0.951, not its probe: "Two passes side by
