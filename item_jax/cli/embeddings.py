@@ -1,7 +1,6 @@
 """`item-jax embed` (a prepared split or a raw catalogue file -> embedding
 files) and `item-jax neighbours` (their exact top k -> a resumable table)."""
 
-import json
 import os
 
 from item_jax.cli.common import (CATALOGUE_FLAGS, CATALOGUE_MODALITIES,
@@ -119,17 +118,10 @@ def _photo_size(args) -> int | None:
     return None
   if args.mobilenet_image_size is not None:
     return args.mobilenet_image_size
-  fitted = _report_meta(args.workdir).get("mobilenet_image_size")
+  from item_jax.eval.neighbours import eval_report
+  meta = (eval_report(args.workdir) or {}).get("meta")
+  fitted = meta.get("mobilenet_image_size") if isinstance(meta, dict) else None
   return int(fitted) if isinstance(fitted, int) else 224
-
-
-def _report_meta(workdir: str) -> dict:
-  try:
-    with open(os.path.join(workdir, "eval", "report.json"), encoding="utf-8") as file:
-      meta = json.load(file).get("meta", {})
-  except (OSError, ValueError, AttributeError):
-    return {}
-  return meta if isinstance(meta, dict) else {}
 
 
 def _embed(args):

@@ -125,8 +125,9 @@ def _eval(args):
   print("\nWhat ITEm adds (each side's best entry, alone and fused; macro: "
         "over leaf categories, micro: over test listings)")
   print(adds_table(report, markdown=False))
-  if job_hint(report):
-    print("\n" + job_hint(report, markdown=False))
+  hint = job_hint(report, markdown=False)
+  if hint:
+    print("\n" + hint)
   if compared:
     print("\n" + compare_table(compared, markdown=False))
   if paths:

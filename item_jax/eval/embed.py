@@ -418,10 +418,11 @@ def embed_command(workdir: str, data_dir: str, split: str, output: str,
   has the view's inputs ("both": every listing, with what it has); with
   `mobilenet_image_size`, ImageNet MobileNetV2's photo features too
   (`embed_to_files`)."""
+  photo_model = (None if mobilenet_image_size is None
+                 else load_photo_model(mobilenet_image_size))
   loaded = load_model(workdir, step, data_dir)
   return embed_to_files(loaded, data_dir, split, output, view, batch_size,
-                        {"workdir": str(workdir), "split": split},
-                        mobilenet_image_size)
+                        {"workdir": str(workdir), "split": split}, photo_model)
 
 
 def load_photo_model(image_size: int):
@@ -436,22 +437,18 @@ def load_photo_model(image_size: int):
 
 def embed_to_files(loaded: LoadedModel, data_dir: str, split: str, output: str,
                    view: str = "both", batch_size: int | None = None,
-                   meta: dict | None = None,
-                   mobilenet_image_size: int | None = None) -> dict:
+                   meta: dict | None = None, photo_model=None) -> dict:
   """`loaded`'s `view` embeddings of `split` of `data_dir` written as
   `write_embeddings` does (process 0 writes), `meta` added to the ids file;
   returns embed_command's summary.
 
-  With `mobilenet_image_size`, the same batches also go through ImageNet
-  MobileNetV2 at that size, exactly as `item-jax eval`'s baseline (and so
-  its fused "VIEW + MobileNetV2 + TF-IDF" entries) reads them, into
+  With `photo_model` (`load_photo_model`: every process loads it, before
+  any listing is read, so a missing one fails them all alike), the same
+  batches also go through ImageNet MobileNetV2 at its size, exactly as
+  `item-jax eval`'s baseline (and so its fused "VIEW + MobileNetV2 +
+  TF-IDF" entries) reads them, on process 0, the one that writes, into
   OUTPUT.mobilenet.npy (`photos_path`): one unit row per embedding row, a
-  zero row for a listing without a photo. The model loads before any
-  listing is read."""
-  # Every process loads it (a missing one fails them all alike); process 0,
-  # the one that writes, runs it.
-  photo_model = (None if mobilenet_image_size is None
-                 else load_photo_model(mobilenet_image_size))
+  zero row for a listing without a photo."""
   writer = jax.process_index() == 0
   embedder = Embedder.of(loaded, views=(view,))
   batches = read_split(data_dir, split, loaded.settings,
@@ -470,7 +467,7 @@ def embed_to_files(loaded: LoadedModel, data_dir: str, split: str, output: str,
   embeddings = result.outputs[("model", view)]
   paths = ()
   photo_meta = ({} if photo_model is None else
-                {"mobilenet_image_size": int(mobilenet_image_size)})
+                {"mobilenet_image_size": int(photo_model.image_size)})
   if writer:
     # The photo features first, the ids file last: an ids file names only
     # what is complete, and an earlier run's photo file never outlives it.

@@ -330,13 +330,11 @@ class HybridIndex:
     self.weight = (None if weight is None else tuple(map(float, weight)) if three
                    else float(weight))
     self.vectorizer = lexical_vectorizer(lexical)
-    if three:
-      self.candidates = SparseCandidates(self._rows(embeddings, titles, True, photos))
-      return
     if self.weight is None:
       self.candidates = _RankedSides(*self._sides(embeddings, titles, fit=True), depth)
     else:
-      self.candidates = SparseCandidates(self._rows(embeddings, titles, fit=True))
+      self.candidates = SparseCandidates(self._rows(embeddings, titles, fit=True,
+                                                    photos=photos))
 
   def search(self, embeddings: np.ndarray, titles, k: int, exclude=None,
              photos: np.ndarray | None = None):

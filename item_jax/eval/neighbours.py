@@ -599,16 +599,26 @@ def _check_ranking(rank_by: str, fusion_weight: float | None,
   return float(fusion_weight)
 
 
-def fitted_lexical(workdir: str) -> str | None:
-  """The lexical side `item-jax eval` of the run fitted its weights with
-  (WORKDIR/eval/report.json; reports before the choice used LEXICAL), or
-  None without a report."""
+def eval_report(workdir: str) -> dict | None:
+  """WORKDIR/eval/report.json, the report `item-jax eval` wrote for the run,
+  or None where there is none (or it is no JSON object)."""
   path = os.path.join(os.fspath(workdir), "eval", "report.json")
   try:
     with open(path, encoding="utf-8") as file:
-      meta = json.load(file).get("meta", {})
-  except (OSError, ValueError, AttributeError):   # AttributeError: not an object
+      report = json.load(file)
+  except (OSError, ValueError):
     return None
+  return report if isinstance(report, dict) else None
+
+
+def fitted_lexical(workdir: str) -> str | None:
+  """The lexical side `item-jax eval` of the run fitted its weights with
+  (`eval_report`; reports before the choice used LEXICAL), or None without
+  a report."""
+  report = eval_report(workdir)
+  if report is None:
+    return None
+  meta = report.get("meta", {})
   side = str(meta.get("lexical", LEXICAL)) if isinstance(meta, dict) else LEXICAL
   try:
     return lexical_name(side)
@@ -618,15 +628,23 @@ def fitted_lexical(workdir: str) -> str | None:
 
 def fitted_fusion_weight(workdir: str, view: str) -> float | None:
   """The weight `item-jax eval` fitted for `view` fused with TF-IDF on the
-  validation split (WORKDIR/eval/report.json), or None."""
-  path = os.path.join(os.fspath(workdir), "eval", "report.json")
-  try:
-    with open(path, encoding="utf-8") as file:
-      entry = json.load(file).get(f"{view}+tfidf", {})
-  except (OSError, ValueError):
-    return None
+  validation split (`eval_report`), or None."""
+  entry = (eval_report(workdir) or {}).get(f"{view}+tfidf", {})
   weight = entry.get("fusion_weight") if isinstance(entry, dict) else None
   return None if weight is None else float(weight)
+
+
+def fitted_fusion_weights(workdir: str, view: str) -> tuple[tuple, int] | None:
+  """((embedding, MobileNetV2, TF-IDF) weights, MobileNetV2's image size)
+  that `item-jax eval` fitted for `view` + MobileNetV2 + TF-IDF on the
+  validation split (`eval_report`), or None."""
+  report = eval_report(workdir) or {}
+  try:
+    weights = report[f"{view}+mobilenet+tfidf"]["fusion_weights"]
+    size = int(report["meta"]["mobilenet_image_size"])
+    return tuple(float(weights[name]) for name in ("item", "mobilenet", "tfidf")), size
+  except (KeyError, TypeError, ValueError):
+    return None
 
 
 def _check_three_weights(rank_by: str, fusion_weight: float | None, fusion_weights,
@@ -660,18 +678,3 @@ def _check_three_weights(rank_by: str, fusion_weight: float | None, fusion_weigh
                     f"at different sizes ({sorted(map(str, sizes))}): embed both "
                     "at one --mobilenet-image-size")
   return weights
-
-
-def fitted_fusion_weights(workdir: str, view: str) -> tuple[tuple, int] | None:
-  """((embedding, MobileNetV2, TF-IDF) weights, MobileNetV2's image size)
-  that `item-jax eval` fitted for `view` + MobileNetV2 + TF-IDF on the
-  validation split (WORKDIR/eval/report.json), or None."""
-  path = os.path.join(os.fspath(workdir), "eval", "report.json")
-  try:
-    with open(path, encoding="utf-8") as file:
-      report = json.load(file)
-    weights = report[f"{view}+mobilenet+tfidf"]["fusion_weights"]
-    size = int(report["meta"]["mobilenet_image_size"])
-    return tuple(float(weights[name]) for name in ("item", "mobilenet", "tfidf")), size
-  except (OSError, ValueError, KeyError, TypeError):
-    return None

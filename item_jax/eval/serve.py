@@ -143,8 +143,9 @@ def embed_catalogue(workdir: str, catalogue: str, output: str,
     raise UserError(f"modality must be one of {VIEWS}, got {view!r}")
   images = images or os.path.dirname(os.path.abspath(catalogue))
   loaded, inputs, _ = load_for_embedding(workdir, step)
-  if mobilenet_image_size is not None:   # missing weights fail before any image is read
-    load_photo_model(mobilenet_image_size)
+  # Missing weights fail before any image is read.
+  photo_model = (None if mobilenet_image_size is None
+                 else load_photo_model(mobilenet_image_size))
   paths = output_paths(output)
   parent = os.path.dirname(os.path.abspath(paths["array"]))
   if "://" not in str(output):
@@ -165,7 +166,7 @@ def embed_catalogue(workdir: str, catalogue: str, output: str,
     summary = embed_to_files(loaded, prepared, "test", output, view, batch_size, {
         "workdir": str(workdir), "catalogue": str(catalogue),
         "images": str(images), "modalities": modalities,
-        "skipped": info["num_skipped"], "source": source}, mobilenet_image_size)
+        "skipped": info["num_skipped"], "source": source}, photo_model)
     reports = {name: list(prepare_lib.report_rows(prepared, name))
                for name in ("skipped", "without_image")}
   finally:
